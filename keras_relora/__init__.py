@@ -1,6 +1,28 @@
-"""keras_relora: Resource-Efficient Low-Rank Adaptation for Keras 3."""
+"""keras_relora: Resource-Efficient Low-Rank Adaptation for Keras 3.
 
+Importing the package adds `enable_relora` to every `keras.Model`.
+"""
+
+import keras
+
+from keras_relora.enable_relora import enable_relora
+from keras_relora.enable_relora import get_state
+from keras_relora.enable_relora import report
 from keras_relora.relora_dense import ReloraDense
+from keras_relora.report import ReloraReport
+from keras_relora.report import budget
 from keras_relora.shared_lora_a import SharedLoraA
+from keras_relora.variants import VARIANTS
 
 __version__ = "0.1.0"
+
+
+def _install_model_methods():
+    def enable(self, rank=16, experts=4, **kwargs):
+        return enable_relora(self, rank, experts, **kwargs)
+
+    enable.__doc__ = enable_relora.__doc__
+    keras.Model.enable_relora = enable
+
+
+_install_model_methods()

@@ -179,13 +179,23 @@ class ReloraDense(keras.layers.Layer):
         if layer.built:
             self.build()
 
+    @staticmethod
+    def axes_of(layer):
+        """The `EinsumAxes` of a built Dense or EinsumDense layer."""
+        equation = getattr(layer, "equation", "...a,ab->...b")
+        return EinsumAxes(equation, tuple(layer.kernel.shape))
+
+    @staticmethod
+    def input_size(layer):
+        """`d_in` of a built Dense or EinsumDense layer."""
+        return ReloraDense.axes_of(layer).d_in
+
     def build(self, input_shape=None):
         layer = self._base_layer
         if not layer.built:
             layer.build(input_shape)
         kernel_shape = tuple(layer.kernel.shape)
-        equation = getattr(layer, "equation", "...a,ab->...b")
-        self.axes = EinsumAxes(equation, kernel_shape)
+        self.axes = self.axes_of(layer)
         if self.shared_a.input_dim != self.axes.d_in:
             raise ValueError(
                 f"`shared_a.input_dim`={self.shared_a.input_dim} does not "

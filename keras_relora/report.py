@@ -1,0 +1,144 @@
+"""`ReloraReport` (what `enable_relora` returns) and `budget`."""
+
+import keras
+
+
+def _size(variable):
+    n = 1
+    for d in variable.shape:
+        n *= int(d)
+    return n
+
+
+class ReloraReport:
+    """Parameter counts of an adapted model, per role and per kind.
+
+    Attributes:
+        trainable_params: int. Parameters the optimizer updates.
+        total_params: int. All parameters, base and adapters.
+        base_params: int. Parameters of the model before adaptation.
+        adapter_params: int. Parameters `enable_relora` added.
+        trainable_percent: float. `100 * trainable_params / base_params`,
+            the figure the LoRA papers report.
+        roles: dict. Role -> dict with `layers`, `a`, `b`, `router`
+            (parameter counts; a shared A counted once).
+        settings: dict. The `enable_relora` settings.
+        num_blocks: int. Blocks the adapters sit in.
+    """
+
+    def __init__(self, *, trainable_params, total_params, base_params,
+                 roles, settings, num_blocks):
+        self.trainable_params = trainable_params
+        self.total_params = total_params
+        self.base_params = base_params
+        self.adapter_params = total_params - base_params
+        self.trainable_percent = 100.0 * trainable_params / max(base_params, 1)
+        self.roles = roles
+        self.settings = settings
+        self.num_blocks = num_blocks
+
+    @classmethod
+    def from_model(cls, model, state, base_params=None):
+        roles = {}
+        seen = set()
+        adapter_params = 0
+        for adapter in state.adapters.values():
+            row = roles.setdefault(
+                adapter.role, {"layers": 0, "a": 0, "b": 0, "router": 0}
+            )
+            row["layers"] += 1
+            kernel = adapter.shared_a.kernel
+            if id(kernel) not in seen:
+                seen.add(id(kernel))
+                row["a"] += _size(kernel)
+            for kind, variable in (
+                ("b", adapter.b_kernel),
+                ("router", adapter.router_kernel),
+            ):
+                if variable is not None:
+                    row[kind] += _size(variable)
+        for row in roles.values():
+            adapter_params += row["a"] + row["b"] + row["router"]
+        total = sum(_size(v) for v in model.weights)
+        if base_params is None:
+            # Only adapter weights (and the non-trainable suppression
+            # scalars) were added by enable_relora.
+            base_params = total - adapter_params - len(state.adapters)
+        return cls(
+            trainable_params=sum(_size(v) for v in model.trainable_weights),
+            total_params=total,
+            base_params=base_params,
+            roles=roles,
+            settings=dict(state.settings),
+            num_blocks=state.num_blocks,
+        )
+
+    def as_dict(self):
+        return {
+            "trainable_params": self.trainable_params,
+            "total_params": self.total_params,
+            "base_params": self.base_params,
+            "adapter_params": self.adapter_params,
+            "trainable_percent": self.trainable_percent,
+            "roles": self.roles,
+            "num_blocks": self.num_blocks,
+        }
+
+    def __str__(self):
+        s = self.settings
+        head = (
+            f"ReLoRA rank={s['rank']} experts={s['experts']} "
+            f"share_a={s['share_a']!r} train_a={s['train_a']}: "
+            f"{sum(r['layers'] for r in self.roles.values())} layers in "
+            f"{self.num_blocks} blocks"
+        )
+        lines = [head, f"{'role':<8}{'layers':>8}{'A':>14}{'B':>14}"
+                 f"{'router':>12}{'total':>14}"]
+        for role, r in self.roles.items():
+            total = r["a"] + r["b"] + r["router"]
+            lines.append(
+                f"{role:<8}{r['layers']:>8}{r['a']:>14,}{r['b']:>14,}"
+                f"{r['router']:>12,}{total:>14,}"
+            )
+        lines.append(
+            f"trainable params: {self.trainable_params:,} || all params: "
+            f"{self.total_params:,} || trainable%: "
+            f"{self.trainable_percent:.4f} (of {self.base_params:,} base)"
+        )
+        return "\n".join(lines)
+
+    __repr__ = __str__
+
+
+def budget(backbone_cls, config, **enable_kwargs):
+    """The `ReloraReport` of a backbone config, without allocating weights.
+
+    The backbone is built inside a `keras.StatelessScope`, where Keras
+    defers variable initialisation, so only shapes exist: planning a
+    Llama-3-8B adapter takes seconds and no memory for its weights.
+
+    Args:
+        backbone_cls: A keras-hub backbone class (or any `keras.Model`
+            class built by its constructor), e.g.
+            `keras_hub.models.Llama3Backbone`.
+        config: dict. Constructor arguments of `backbone_cls`.
+        **enable_kwargs: Arguments of `enable_relora` (`rank`, `experts`,
+            `targets`, `share_a`, ...).
+
+    Returns:
+        A `ReloraReport`, the same `enable_relora` returns on a real model.
+
+    Example:
+
+    ```python
+    report = keras_relora.budget(
+        keras_hub.models.Llama3Backbone, llama3_8b_config, rank=16,
+        **keras_relora.VARIANTS["lora"],
+    )
+    ```
+    """
+    from keras_relora.enable_relora import enable_relora
+
+    with keras.StatelessScope():
+        model = backbone_cls(**config)
+        return enable_relora(model, **enable_kwargs)

@@ -1,0 +1,177 @@
+"""Tiny random configs of every model family the package supports.
+
+No downloads: every model here is built from a config small enough to train
+a few steps on CPU in a second or two.
+"""
+
+import keras
+import keras_hub
+import numpy as np
+
+VOCAB = 64
+
+
+def llama3_backbone(num_layers=2, dtype=None):
+    return keras_hub.models.Llama3Backbone(
+        vocabulary_size=VOCAB,
+        num_layers=num_layers,
+        num_query_heads=2,
+        num_key_value_heads=1,
+        hidden_dim=8,
+        intermediate_dim=16,
+        dtype=dtype,
+    )
+
+
+def llama3_causal_lm(num_layers=2, dtype=None):
+    return keras_hub.models.Llama3CausalLM(
+        backbone=llama3_backbone(num_layers, dtype=dtype), preprocessor=None
+    )
+
+
+def token_batch(batch=4, seq=6, seed=0):
+    rng = np.random.default_rng(seed)
+    return {
+        "token_ids": rng.integers(1, VOCAB, (batch, seq)).astype("int32"),
+        "padding_mask": np.ones((batch, seq), "int32"),
+    }
+
+
+def lm_data(batch=4, seq=6, seed=0):
+    """(x, y, sample_weight) for a CausalLM fit on random tokens."""
+    x = token_batch(batch, seq, seed)
+    y = np.roll(x["token_ids"], -1, axis=1)
+    return x, y, np.ones_like(y, dtype="float32")
+
+
+def paligemma_backbone():
+    return keras_hub.models.PaliGemmaBackbone(
+        vocabulary_size=VOCAB,
+        image_size=16,
+        num_layers=2,
+        num_query_heads=2,
+        num_key_value_heads=1,
+        hidden_dim=8,
+        intermediate_dim=16,
+        head_dim=4,
+        vit_patch_size=4,
+        vit_num_heads=2,
+        vit_hidden_dim=8,
+        vit_num_layers=2,
+        vit_intermediate_dim=16,
+    )
+
+
+def paligemma_data(batch=2, seq=6, seed=0):
+    rng = np.random.default_rng(seed)
+    x = token_batch(batch, seq, seed)
+    x["images"] = rng.uniform(-1, 1, (batch, 16, 16, 3)).astype("float32")
+    x["response_mask"] = np.ones((batch, seq), "int32")
+    y = np.roll(x["token_ids"], -1, axis=1)
+    return x, y
+
+
+def bert_backbone():
+    return keras_hub.models.BertBackbone(
+        vocabulary_size=VOCAB,
+        num_layers=2,
+        num_heads=2,
+        hidden_dim=8,
+        intermediate_dim=16,
+        max_sequence_length=16,
+    )
+
+
+def bert_data(batch=4, seq=6, seed=0):
+    x = token_batch(batch, seq, seed)
+    x["segment_ids"] = np.zeros((batch, seq), "int32")
+    return x
+
+
+def clip_text_encoder(name=None, hidden_dim=8):
+    return keras_hub.models.CLIPTextEncoder(
+        vocabulary_size=VOCAB,
+        embedding_dim=hidden_dim,
+        hidden_dim=hidden_dim,
+        num_layers=2,
+        num_heads=2,
+        intermediate_dim=16,
+        intermediate_activation="quick_gelu",
+        intermediate_output_index=0,
+        name=name,
+    )
+
+
+def stable_diffusion3_backbone(image_size=16):
+    vae = _vae()
+    return keras_hub.models.StableDiffusion3Backbone(
+        mmdit_patch_size=2,
+        mmdit_hidden_dim=16,
+        mmdit_num_layers=2,
+        mmdit_num_heads=2,
+        mmdit_position_size=16,
+        mmdit_qk_norm=None,
+        mmdit_dual_attention_indices=None,
+        vae=vae,
+        clip_l=clip_text_encoder("clip_l", hidden_dim=8),
+        clip_g=clip_text_encoder("clip_g", hidden_dim=8),
+        latent_channels=4,
+        image_shape=(image_size, image_size, 3),
+    )
+
+
+def _vae():
+    # VAEBackbone is not exported in keras_hub.models (DESIGN.md §7).
+    from keras_hub.src.models.vae.vae_backbone import VAEBackbone
+
+    return VAEBackbone(
+        encoder_num_filters=[32, 32],
+        encoder_num_blocks=[1, 1],
+        decoder_num_filters=[32, 32],
+        decoder_num_blocks=[1, 1],
+        sampler_method="mode",
+        input_channels=3,
+        sample_channels=8,
+        output_channels=3,
+    )
+
+
+def functional_model():
+    inputs = keras.Input((6,))
+    x = keras.layers.Dense(12, activation="relu", name="hidden")(inputs)
+    x = keras.layers.Dense(12, activation="relu", name="hidden_2")(x)
+    outputs = keras.layers.Dense(3, name="head")(x)
+    return keras.Model(inputs, outputs)
+
+
+class TwoBlockMLP(keras.Model):
+    """A subclassed model with two residual blocks of two Dense layers."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.blocks = [
+            [
+                keras.layers.Dense(16, activation="relu", name=f"up_{i}"),
+                keras.layers.Dense(6, name=f"down_{i}"),
+            ]
+            for i in range(2)
+        ]
+        self.head = keras.layers.Dense(3, name="head")
+
+    def call(self, x):
+        for up, down in self.blocks:
+            x = x + down(up(x))
+        return self.head(x)
+
+
+def subclassed_model():
+    model = TwoBlockMLP()
+    model(np.zeros((1, 6), "float32"))
+    return model
+
+
+def dense_data(batch=8, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(batch, 6)).astype("float32")
+    y = rng.normal(size=(batch, 3)).astype("float32")
+    return x, y
