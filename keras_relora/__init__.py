@@ -8,6 +8,8 @@ import keras
 from keras_relora.enable_relora import enable_relora
 from keras_relora.enable_relora import get_state
 from keras_relora.enable_relora import report
+from keras_relora.prune import prune
+from keras_relora.reducer_callback import ReducerCallback
 from keras_relora.relora_dense import ReloraDense
 from keras_relora.report import ReloraReport
 from keras_relora.report import budget

@@ -1,0 +1,193 @@
+"""Exact per-block freezing of B inside the compiled optimizer step.
+
+Keras fixes the trainable variables at `compile()`, and flipping
+`trainable` during `fit` breaks JAX and TensorFlow (DESIGN.md §7). A zeroed
+gradient is not a freeze either: Adam's moments and weight decay still move
+the weight. So `MaskedUpdate` wraps the `apply` method of one optimizer
+instance:
+
+```
+mask  = update_mask(scores, seed, optimizer.iterations, k)    # (L,) bool
+old   = [B, slots of B for every adapter]                     # snapshot
+apply(grads)                                                  # as before
+B     = where(mask[block], B_new, B_old)    (same for every slot of B)
+```
+
+for every B kernel and each of its optimizer slots (Adam/AdamW moments, SGD
+momentum, ...), so that an unsampled block's B and slots are bitwise what
+they were. Everything the step reads lives in optimizer variables
+(`relora_scores`, `relora_control` = `[seed, k, enabled]`, and the
+optimizer's own `iterations`): inside the JAX optimizer step the model's
+non-trainable variables are stale, the optimizer's are not. The mask is a
+function of those variables, so the train function is traced once for the
+whole `fit` on JAX and TensorFlow.
+
+`apply` is replaced on the instance: JAX's `stateless_apply` and
+TensorFlow's `apply_gradients` call `self.apply`, and torch's trainer calls
+`apply` directly, so one wrapper serves every backend.
+"""
+
+import numpy as np
+from keras import ops
+
+from keras_relora import block_sampling
+
+_ATTRIBUTE = "_relora_masked_update"
+# Optimizer slots that are not state of the update rule: gradient
+# accumulators must keep accumulating (and reset) for frozen blocks too.
+_NOT_RESTORED = ("_gradient_accumulator",)
+
+
+def _size(variable):
+    n = 1
+    for d in variable.shape:
+        n *= int(d)
+    return n
+
+
+def core_optimizer(optimizer):
+    """The optimizer that updates variables (inside a `LossScaleOptimizer`)."""
+    return getattr(optimizer, "inner_optimizer", None) or optimizer
+
+
+class MaskedUpdate:
+    """Per-block update masks for the B kernels, on one optimizer instance.
+
+    Use `MaskedUpdate.install(model, adapters, num_blocks)`; it is idempotent
+    for the same optimizer and adapters.
+
+    Attributes:
+        optimizer: The optimizer whose `apply` is wrapped.
+        scores: Optimizer variable, float32 `(L,)`: the scores the step
+            samples from (pruned blocks hold a huge score: never drawn).
+        control: Optimizer variable, int32 `(3,)`: `[seed, k, enabled]`.
+        groups: list of `(block, [B, slot, ...])`.
+    """
+
+    def __init__(self, optimizer, groups, num_blocks):
+        self.optimizer = optimizer
+        self.groups = groups
+        self.num_blocks = num_blocks
+        self.scores = optimizer.add_variable(
+            shape=(num_blocks,), initializer="zeros", dtype="float32",
+            name="relora_scores",
+        )
+        self.control = optimizer.add_variable(
+            shape=(3,), initializer="zeros", dtype="int32",
+            name="relora_control",
+        )
+        self._original_apply = optimizer.apply
+        object.__setattr__(optimizer, "apply", self._apply)
+
+    @classmethod
+    def install(cls, model, adapters, num_blocks):
+        """Wraps `model.optimizer` (building it first if needed).
+
+        Args:
+            model: A compiled `keras.Model`.
+            adapters: iterable of `ReloraDense`.
+            num_blocks: int. `L`.
+
+        Returns:
+            `(masked_update, installed)`: the `MaskedUpdate`, and whether it
+            was installed now (False when the optimizer already had one for
+            the same B kernels).
+        """
+        optimizer = core_optimizer(model.optimizer)
+        kernels = [
+            a.b_kernel for a in adapters if getattr(a, "b_kernel", None)
+            is not None
+        ]
+        existing = optimizer.__dict__.get(_ATTRIBUTE)
+        if existing is not None:
+            known = {id(v) for _, vs in existing.groups for v in vs[:1]}
+            if known == {id(v) for v in kernels}:
+                return existing, False
+            raise ValueError(
+                "This optimizer already masks a different set of B kernels "
+                "(the adapters changed, e.g. after `keras_relora.prune`). "
+                "Compile the model again with a new optimizer instance, e.g. "
+                "`model.compile(optimizer=keras.optimizers.AdamW(...), ...)`."
+            )
+        if not model.optimizer.built:
+            _build(model)
+        trainable = {id(v) for v in model.trainable_variables}
+        by_name = {}
+        for variable in optimizer.variables:
+            by_name.setdefault(variable.name, []).append(variable)
+        groups = []
+        for adapter in adapters:
+            kernel = getattr(adapter, "b_kernel", None)
+            if kernel is None or id(kernel) not in trainable:
+                continue
+            groups.append(
+                (adapter.block, [kernel] + _slots(optimizer, kernel))
+            )
+        masked = cls(optimizer, groups, num_blocks)
+        object.__setattr__(optimizer, _ATTRIBUTE, masked)
+        return masked, True
+
+    def set_state(self, scores, active, seed, k, enabled=True):
+        """Mirrors the Reducer's state into the optimizer variables.
+
+        On JAX, sync the model's state (read `callback.model`) first.
+        """
+        self.scores.assign(block_sampling.active_scores(scores, active))
+        self.control.assign(
+            np.array([seed, k, int(enabled)], dtype="int32")
+        )
+
+    def set_enabled(self, enabled):
+        control = ops.convert_to_numpy(self.control).copy()
+        control[2] = int(enabled)
+        self.control.assign(control)
+
+    def mask(self):
+        """The mask of the current step, bool `(L,)` (all True if off)."""
+        control = ops.convert_to_tensor(self.control)
+        mask = block_sampling.update_mask(
+            ops.convert_to_tensor(self.scores),
+            control[0],
+            self.optimizer.iterations,
+            control[1],
+        )
+        return ops.logical_or(mask, ops.equal(control[2], 0))
+
+    def _apply(self, grads, trainable_variables=None):
+        mask = self.mask()  # from the iteration before the increment
+        # `copy`: torch updates variables in place.
+        old = [
+            [ops.copy(ops.convert_to_tensor(v)) for v in variables]
+            for _, variables in self.groups
+        ]
+        result = self._original_apply(grads, trainable_variables)
+        for (block, variables), values in zip(self.groups, old):
+            keep = mask[block]
+            for variable, value in zip(variables, values):
+                variable.assign(
+                    ops.where(keep, ops.convert_to_tensor(variable), value)
+                )
+        return result
+
+
+def _slots(optimizer, kernel):
+    """The optimizer variables made for `kernel` (`add_variable_from_
+    reference` names them `{kernel.path with _}_{slot}`, shaped like it)."""
+    prefix = kernel.path.replace("/", "_") + "_"
+    return [
+        v
+        for v in optimizer.variables
+        if v.name.startswith(prefix)
+        and tuple(v.shape) == tuple(kernel.shape)
+        and not v.name.endswith(_NOT_RESTORED)
+    ]
+
+
+def _build(model):
+    optimizer = model.optimizer
+    strategy = getattr(model, "distribute_strategy", None)
+    if strategy is not None:
+        with strategy.scope():
+            optimizer.build(model.trainable_variables)
+    else:
+        optimizer.build(model.trainable_variables)

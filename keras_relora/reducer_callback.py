@@ -1,0 +1,491 @@
+"""`ReducerCallback`: the paper's Reducer (§3.2), as a Keras callback."""
+
+import warnings
+
+import keras
+import numpy as np
+from keras import ops
+
+from keras_relora import block_sampling
+from keras_relora.enable_relora import adapted_model
+from keras_relora.enable_relora import require_state
+from keras_relora.masked_update import MaskedUpdate
+
+STATE_ATTRIBUTE = "relora_reducer"
+_DEFAULT_PROBE_BATCH = 32
+
+
+class _ReducerState(keras.layers.Layer):
+    """The Reducer's model-side state: block scores and the sampling seed.
+
+    Kept on the adapted model (untracked by its layer list, so the model's
+    variables and train step do not change) under the attribute
+    `relora_reducer`, where `save_weights` finds it, and registered in the
+    model's `ReloraState.extra_variables`, which adapter checkpoints carry.
+    """
+
+    def __init__(self, num_blocks, **kwargs):
+        super().__init__(**kwargs)
+        self.num_blocks = num_blocks
+        self.scores = self.add_weight(
+            name="scores", shape=(num_blocks,), initializer="zeros",
+            dtype="float32", trainable=False,
+        )
+        self.seed = self.add_weight(
+            name="seed", shape=(), initializer="zeros", dtype="int32",
+            trainable=False,
+        )
+        self.built = True
+
+
+def reducer_state(model, create_seed=None):
+    """The model's Reducer state layer; created with `create_seed` if missing."""
+    state = require_state(model, "`ReducerCallback`")
+    root = adapted_model(model)
+    reducer = root.__dict__.get(STATE_ATTRIBUTE)
+    if reducer is None and create_seed is not None:
+        reducer = _ReducerState(state.num_blocks, name=STATE_ATTRIBUTE)
+        reducer.seed.assign(np.int32(create_seed))
+        # A plain attribute: `save_weights` walks attributes, while the
+        # model's variable lists (and so its compiled step) stay as they are.
+        object.__setattr__(root, STATE_ATTRIBUTE, reducer)
+        for variable in reducer.weights:
+            state.extra_variables[variable.path] = variable
+    return reducer
+
+
+def _check_count(name, value):
+    if value is not None and (
+        not isinstance(value, (int, np.integer))
+        or isinstance(value, bool)
+        or value < 1
+    ):
+        raise ValueError(
+            f"`{name}` must be None (the default fraction of the blocks) or "
+            f"an int >= 1. Received: {name}={value!r}"
+        )
+
+
+class ReducerCallback(keras.callbacks.Callback):
+    """Learns block importance and updates only `K` blocks' B each step.
+
+    The Reducer of ReLoRA ("Less is more: resource-efficient low-rank
+    adaptation", §3.2), with IST's score rule (Yao et al. 2024). The units
+    are the `L` blocks of a model adapted by `enable_relora`; `scores` (L,)
+    start at zero and a high score means "suppressing this block barely
+    hurt". Users see `importance = -scores`.
+
+    Every step, `K = update_layers` blocks are sampled without replacement
+    with probability proportional to `sigmoid(-scores)`; only their B
+    experts change. The other blocks' B kernels and their optimizer slots
+    (Adam/AdamW moments, momentum) are bitwise unchanged; A and routers keep
+    training. The mask is computed inside the compiled train step from the
+    optimizer's step counter, a seed and the scores, so the train function
+    is traced once for the whole `fit`.
+
+    Every `interval` steps, the probe runs `trials` rounds: it samples
+    `suppress_layers` blocks with probability proportional to
+    `sigmoid(scores)`, scales their adapters' outputs by
+    `suppression_factor`, computes the loss on the probe batch, and with
+    `p = sigmoid(scores)`, rewards `r_k = exp(-loss_k)` centred over the
+    trials, adds `score_lr * r̂_k * p_l * (1 - p_l)` to the score of every
+    block `l` suppressed in round `k`.
+
+    The scores and the seed live in variables on the model (a small layer
+    at the attribute `relora_reducer` of the adapted model), so
+    `save_weights` and adapter checkpoints carry them;
+    with the optimizer's variables (its step counter and moments), a run
+    resumed from a checkpoint takes the same decisions as an uninterrupted
+    one. To resume, call `callback.set_model(model)` on the compiled model
+    before loading the weights, so that the variables exist to be loaded.
+
+    Args:
+        update_layers: int. `K`, the blocks whose B is updated each step.
+            Defaults to `max(1, L // 4)`.
+        suppress_layers: int. Blocks suppressed in each probe trial.
+            Defaults to `max(1, L // 2)`.
+        interval: int. Training steps between probes. Defaults to `10`.
+        trials: int. Probe trials per probe, at least 2 (the rewards are
+            centred over them). Defaults to `3`.
+        suppression_factor: float in `[0, 1)`. Scale of a suppressed
+            block's adapter outputs. Defaults to `0.25`.
+        score_lr: float. Step size of the score update. Defaults to `10.0`.
+        probe_data: The probe batch: a tuple `(x, y)` or
+            `(x, y, sample_weight)`, or a dataset whose first batch is used,
+            in the form `fit` takes (a keras-hub task's preprocessor is
+            applied). Defaults to the first batch of the data of the latest
+            `fit` call.
+        seed: int. Seed of the sampling, stored with the model's Reducer
+            state when that state is created; a model that already has one
+            (an earlier `fit`, a loaded checkpoint) keeps its seed. Defaults
+            to a random seed.
+        log_importance: bool. Add `relora_importance_{l}` to the epoch logs
+            (so `History` and a `TensorBoard` callback placed after this one
+            record them). Defaults to `True`.
+        verbose: int. `1` prints each probe's losses and importance.
+            Defaults to `0`.
+
+    Attributes:
+        importance: numpy array `(L,)`, `-scores`: higher is more important.
+        importance_history: `(steps, importance)`: int array `(T,)` and
+            float array `(T, L)`, one row per probe (and the start).
+
+    Example:
+
+    ```python
+    lm.enable_relora(rank=16, experts=4)
+    lm.compile(optimizer=keras.optimizers.AdamW(2e-4), loss=...)
+    reducer = keras_relora.ReducerCallback(update_layers=8)
+    lm.fit(data, epochs=1, callbacks=[reducer])
+    print(reducer.importance)
+    reducer.plot("importance.png")
+    ```
+    """
+
+    def __init__(
+        self,
+        update_layers=None,
+        *,
+        suppress_layers=None,
+        interval=10,
+        trials=3,
+        suppression_factor=0.25,
+        score_lr=10.0,
+        probe_data=None,
+        seed=None,
+        log_importance=True,
+        verbose=0,
+    ):
+        super().__init__()
+        _check_count("update_layers", update_layers)
+        _check_count("suppress_layers", suppress_layers)
+        if (
+            not isinstance(interval, (int, np.integer))
+            or isinstance(interval, bool)
+            or interval < 1
+        ):
+            raise ValueError(
+                "`interval` must be an int >= 1 (training steps between "
+                f"probes). Received: interval={interval!r}"
+            )
+        if (
+            not isinstance(trials, (int, np.integer))
+            or isinstance(trials, bool)
+            or trials < 2
+        ):
+            raise ValueError(
+                "`trials` must be an int >= 2: the rewards are centred over "
+                "the trials, so a single trial never changes a score. "
+                f"Received: trials={trials!r}"
+            )
+        if not 0.0 <= suppression_factor < 1.0:
+            raise ValueError(
+                "`suppression_factor` must be in [0, 1) (1 would not "
+                "suppress anything). "
+                f"Received: suppression_factor={suppression_factor!r}"
+            )
+        if not score_lr > 0:
+            raise ValueError(
+                "`score_lr` must be a positive float. "
+                f"Received: score_lr={score_lr!r}"
+            )
+        if seed is not None and (
+            not isinstance(seed, (int, np.integer))
+            or isinstance(seed, bool)
+            or not 0 <= seed < 2**31
+        ):
+            raise ValueError(
+                "`seed` must be None or an int in [0, 2**31). "
+                f"Received: seed={seed!r}"
+            )
+        if isinstance(probe_data, (list, tuple)) and not (
+            2 <= len(probe_data) <= 3
+        ):
+            raise ValueError(
+                "`probe_data` must be `(x, y)`, `(x, y, sample_weight)` or a "
+                f"dataset. Received: probe_data of length {len(probe_data)}"
+            )
+        self.update_layers = update_layers
+        self.suppress_layers = suppress_layers
+        self.interval = int(interval)
+        self.trials = int(trials)
+        self.suppression_factor = float(suppression_factor)
+        self.score_lr = float(score_lr)
+        self.probe_data = probe_data
+        self.seed = seed
+        self.log_importance = log_importance
+        self.verbose = verbose
+        self._scores = None
+        self._steps = []
+        self._history = []
+        self._masked = None
+        self._probe = None
+        self._step = 0
+        self._batch_begin = 0
+
+    # -- setup ---------------------------------------------------------------
+
+    def set_model(self, model):
+        super().set_model(model)
+        state = require_state(model, "`ReducerCallback`")
+        if getattr(model, "optimizer", None) is None:
+            raise ValueError(
+                "`ReducerCallback` needs a compiled model: call "
+                "`model.compile(optimizer=..., loss=...)` first."
+            )
+        num_blocks = state.num_blocks
+        self.num_blocks = num_blocks
+        self._k = self._resolve("update_layers", self.update_layers,
+                                max(1, num_blocks // 4), num_blocks)
+        self._m = self._resolve("suppress_layers", self.suppress_layers,
+                                max(1, num_blocks // 2), num_blocks)
+        self._adapters = list(state.adapters.values())
+        self._active = np.zeros(num_blocks, dtype=bool)
+        for adapter in self._adapters:
+            if getattr(adapter, "b_kernel", None) is not None:
+                self._active[adapter.block] = True
+        if self._k > self._active.sum():
+            warnings.warn(
+                f"`update_layers`={self._k} is not less than the "
+                f"{int(self._active.sum())} blocks that still have B "
+                "experts (the others were pruned): every block updates "
+                "every step.",
+                stacklevel=2,
+            )
+        seed = self.seed
+        if seed is None:
+            seed = int(np.random.default_rng().integers(2**31 - 1))
+        self._state = reducer_state(model, create_seed=seed)
+        self._scores = ops.convert_to_numpy(self._state.scores).copy()
+        masked, installed = MaskedUpdate.install(
+            model, self._adapters, num_blocks
+        )
+        self._masked = masked
+        if installed:
+            # A train function made before the optimizer was wrapped (e.g.
+            # by an earlier `fit` without this callback) would not mask.
+            model.train_function = None
+
+    def _resolve(self, name, value, default, num_blocks):
+        if value is None:
+            return default
+        if value > num_blocks:
+            raise ValueError(
+                f"`{name}` cannot exceed the number of blocks of the model, "
+                f"L={num_blocks}. Pass `{name}` <= {num_blocks}, or None for "
+                f"the default. Received: {name}={value}"
+            )
+        return int(value)
+
+    def on_train_begin(self, logs=None):
+        model = self.model  # On JAX, reading `self.model` syncs its state.
+        self._scores = ops.convert_to_numpy(self._state.scores).copy()
+        self._seed = int(ops.convert_to_numpy(self._state.seed))
+        self._masked.set_state(self._scores, self._active, self._seed,
+                               self._k, enabled=True)
+        self._step = int(ops.convert_to_numpy(model.optimizer.iterations))
+        self._probe = self._probe_batch(model)
+        if not self._steps:
+            self._record()
+
+    def on_train_end(self, logs=None):
+        _ = self.model  # On JAX, syncs the state before assigning.
+        # Without the callback, later fits of the model train every block.
+        self._masked.set_enabled(False)
+
+    # -- per step ------------------------------------------------------------
+
+    def on_train_batch_begin(self, batch, logs=None):
+        self._batch_begin = batch
+
+    def on_train_batch_end(self, batch, logs=None):
+        # Steps run since `on_train_batch_begin` (`steps_per_execution`).
+        previous = self._step
+        self._step += batch - self._batch_begin + 1
+        if self._step // self.interval > previous // self.interval:
+            self._run_probe()
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self.log_importance and logs is not None:
+            for block, value in enumerate(self.importance):
+                logs[f"relora_importance_{block}"] = float(value)
+
+    # -- the probe -----------------------------------------------------------
+
+    def _run_probe(self):
+        model = self.model  # Sync the JAX state before assigning.
+        rng = np.random.default_rng([self._seed, self._step])
+        suppressed = block_sampling.suppressed_blocks(
+            self._scores, self._m, self.trials, rng, self._active
+        )
+        metrics = [ops.convert_to_numpy(v) for v in model.metrics_variables]
+        x, y, sample_weight = self._probe
+        losses = []
+        try:
+            for blocks in suppressed:
+                chosen = {int(b) for b in blocks}
+                for adapter in self._adapters:
+                    if adapter.block in chosen:
+                        adapter.suppression.assign(self.suppression_factor)
+                logs = model.test_on_batch(
+                    x, y, sample_weight, return_dict=True
+                )
+                losses.append(float(logs["loss"]))
+                for adapter in self._adapters:
+                    if adapter.block in chosen:
+                        adapter.suppression.assign(1.0)
+        finally:
+            for adapter in self._adapters:
+                adapter.suppression.assign(1.0)
+            for variable, value in zip(model.metrics_variables, metrics):
+                variable.assign(value)
+        self._scores = block_sampling.update_scores(
+            self._scores, suppressed, losses, self.score_lr
+        )
+        self._state.scores.assign(self._scores)
+        self._masked.set_state(self._scores, self._active, self._seed,
+                               self._k, enabled=True)
+        self._record()
+        if self.verbose:
+            print(
+                f"Reducer step {self._step}: probe losses "
+                f"{np.round(losses, 4).tolist()}, importance "
+                f"{np.round(self.importance, 4).tolist()}"
+            )
+
+    def _probe_batch(self, model):
+        if self.probe_data is not None:
+            data, batch_size = self.probe_data, None
+            if isinstance(data, (list, tuple)):
+                batch = tuple(data) + (None,) * (3 - len(data))
+            else:
+                batch = _first_batch(data, "probe_data")
+        else:
+            state = require_state(model, "`ReducerCallback`")
+            fit_data = state.fit_data
+            if fit_data is None or fit_data["x"] is None:
+                raise ValueError(
+                    "`ReducerCallback` found no training data to hold a "
+                    "probe batch from. Pass `probe_data=(x, y)`."
+                )
+            batch_size = fit_data["batch_size"] or _DEFAULT_PROBE_BATCH
+            x = fit_data["x"]
+            if _is_array_like(x):
+                batch = tuple(
+                    None if part is None else keras.tree.map_structure(
+                        lambda a: a[:batch_size], part
+                    )
+                    for part in (x, fit_data["y"], fit_data["sample_weight"])
+                )
+            else:
+                batch = _first_batch(x, "the training data")
+        preprocessor = getattr(model, "preprocessor", None)
+        if preprocessor is not None:
+            batch = keras.utils.unpack_x_y_sample_weight(
+                preprocessor(*batch)
+            )
+            batch = tuple(batch) + (None,) * (3 - len(batch))
+        return tuple(
+            None if part is None else keras.tree.map_structure(_host, part)
+            for part in batch
+        )
+
+    # -- results -------------------------------------------------------------
+
+    def _record(self):
+        self._steps.append(self._step)
+        self._history.append(self.importance)
+
+    @property
+    def importance(self):
+        if self._scores is None:
+            return None
+        return -np.asarray(self._scores, dtype="float32")
+
+    @property
+    def importance_history(self):
+        return (
+            np.asarray(self._steps, dtype="int64"),
+            np.asarray(self._history, dtype="float32").reshape(
+                len(self._steps), -1
+            ),
+        )
+
+    def plot(self, path):
+        """Writes a heat map of the importance (block x step) to `path`.
+
+        Needs matplotlib (`pip install keras-relora[plot]`).
+
+        Args:
+            path: str. The image file to write, e.g. `"importance.png"`.
+
+        Returns:
+            The matplotlib `Figure`.
+        """
+        try:
+            from matplotlib.figure import Figure
+        except ImportError:
+            raise ImportError(
+                "`ReducerCallback.plot` needs matplotlib: "
+                "`pip install matplotlib`."
+            ) from None
+        steps, importance = self.importance_history
+        if not len(steps):
+            raise ValueError(
+                "No importance recorded yet: `plot` works after `fit` with "
+                "this callback."
+            )
+        figure = Figure(figsize=(max(4, len(steps) * 0.3 + 2), 3 + 0.15 *
+                                 importance.shape[1]))
+        axes = figure.subplots()
+        image = axes.imshow(
+            importance.T, aspect="auto", origin="lower",
+            cmap="viridis", interpolation="nearest",
+        )
+        ticks = np.linspace(0, len(steps) - 1, min(len(steps), 8)).round()
+        axes.set_xticks(ticks)
+        axes.set_xticklabels([str(steps[int(t)]) for t in ticks])
+        axes.set_xlabel("training step")
+        axes.set_ylabel("block")
+        axes.set_title("ReLoRA block importance (-scores)")
+        figure.colorbar(image, ax=axes)
+        figure.tight_layout()
+        figure.savefig(path)
+        return figure
+
+
+def _is_array_like(x):
+    leaves = keras.tree.flatten(x)
+    return bool(leaves) and all(hasattr(leaf, "shape") for leaf in leaves)
+
+
+def _first_batch(data, what):
+    """The first batch of a dataset, without consuming a user's iterator."""
+    if hasattr(data, "take") and hasattr(data, "element_spec"):  # tf.data
+        batch = next(iter(data.take(1)))
+    elif isinstance(data, keras.utils.PyDataset):
+        batch = data[0]
+    elif hasattr(data, "__next__"):
+        raise ValueError(
+            f"`ReducerCallback` cannot hold a probe batch from {what}: it is "
+            "an iterator (a generator), and taking a batch would take it "
+            "from training. Pass `probe_data=(x, y)`. "
+            f"Received: {type(data).__name__}"
+        )
+    elif hasattr(data, "__iter__"):  # e.g. a torch DataLoader
+        batch = next(iter(data))
+    else:
+        raise ValueError(
+            f"`ReducerCallback` cannot hold a probe batch from {what}. Pass "
+            "`probe_data=(x, y)` or `(x, y, sample_weight)`. "
+            f"Received: {type(data).__name__}"
+        )
+    batch = keras.utils.unpack_x_y_sample_weight(batch)
+    return tuple(batch) + (None,) * (3 - len(batch))
+
+
+def _host(value):
+    """A numpy copy of a tensor from any framework (TF tensors included)."""
+    if type(value).__module__.startswith("tensorflow"):
+        return np.asarray(value)
+    return ops.convert_to_numpy(value)
