@@ -1,0 +1,244 @@
+"""`ReducerCallback`: one trace, exact resume, logs, plot and arguments."""
+
+import keras
+import numpy as np
+import pytest
+from keras import ops
+
+import keras_relora
+
+NUM_BLOCKS = 4
+
+
+def mlp_model(num_blocks=NUM_BLOCKS):
+    """A functional MLP whose Dense layers `layer_<i>` are blocks."""
+    inputs = keras.Input((6,))
+    x = inputs
+    for i in range(num_blocks):
+        x = keras.layers.Dense(6, activation="tanh", name=f"layer_{i}")(x)
+    outputs = keras.layers.Dense(3, name="head")(x)
+    return keras.Model(inputs, outputs)
+
+
+def mlp_data(rows=80, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(rows, 6)).astype("float32")
+    y = rng.normal(size=(rows, 3)).astype("float32")
+    return x, y
+
+
+def adapted_mlp(optimizer=None, metrics=None):
+    keras.utils.set_random_seed(0)
+    model = mlp_model()
+    model.enable_relora(rank=2, experts=2, targets=r"layer_\d")
+    model.compile(
+        optimizer=optimizer or keras.optimizers.AdamW(0.05, weight_decay=0.1),
+        loss="mse",
+        metrics=metrics,
+    )
+    return model
+
+
+def count_traces(model):
+    """Counts python executions of `train_step` and `test_step`.
+
+    On JAX and TensorFlow these run once per trace of the compiled
+    function; on torch, once per step.
+    """
+    counts = {"train": 0, "test": 0}
+    for kind in counts:
+        original = getattr(model, f"{kind}_step")
+
+        def counting(*args, _original=original, _kind=kind, **kwargs):
+            counts[_kind] += 1
+            return _original(*args, **kwargs)
+
+        object.__setattr__(model, f"{kind}_step", counting)
+    return counts
+
+
+def _numpy(variables):
+    return [ops.convert_to_numpy(v).copy() for v in variables]
+
+
+def test_one_trace_for_a_30_step_fit():
+    model = adapted_mlp()
+    counts = count_traces(model)
+    reducer = keras_relora.ReducerCallback(update_layers=1, seed=0)
+    x, y = mlp_data(rows=240)
+    model.fit(x, y, batch_size=8, epochs=1, verbose=0, callbacks=[reducer])
+    steps, _ = reducer.importance_history
+    np.testing.assert_array_equal(steps, [0, 10, 20, 30])  # 3 probes
+    if keras.config.backend() in ("jax", "tensorflow"):
+        assert counts == {"train": 1, "test": 1}
+    else:  # torch runs eagerly: one call per step, one per probe trial.
+        assert counts == {"train": 30, "test": 9}
+
+
+def test_resume_from_checkpoint_is_exact(tmp_path):
+    x, y = mlp_data()  # 10 steps per epoch at batch size 8.
+
+    def reducer(seed):
+        return keras_relora.ReducerCallback(
+            update_layers=1, interval=4, seed=seed
+        )
+
+    straight = adapted_mlp()
+    straight.fit(x, y, batch_size=8, epochs=2, shuffle=False, verbose=0,
+                 callbacks=[reducer(3)])
+
+    first = adapted_mlp()
+    first.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0,
+              callbacks=[reducer(3)])
+    path = str(tmp_path / "half.weights.h5")
+    first.save_weights(path)  # Weights, Reducer state, optimizer state.
+
+    resumed = adapted_mlp()
+    callback = reducer(None)  # The seed comes from the checkpoint.
+    callback.set_model(resumed)  # Creates the variables to load into.
+    resumed.load_weights(path)
+    resumed.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0,
+                callbacks=[callback])
+
+    assert int(ops.convert_to_numpy(resumed.optimizer.iterations)) == 20
+    for a, b in zip(_numpy(straight.weights), _numpy(resumed.weights)):
+        np.testing.assert_array_equal(a, b)
+    for a, b in zip(
+        _numpy(straight.optimizer.variables),
+        _numpy(resumed.optimizer.variables),
+    ):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(
+        ops.convert_to_numpy(straight.relora_reducer.scores),
+        ops.convert_to_numpy(resumed.relora_reducer.scores),
+    )
+    np.testing.assert_array_equal(
+        -ops.convert_to_numpy(resumed.relora_reducer.scores),
+        callback.importance,
+    )
+    assert np.any(callback.importance != 0)
+
+
+def test_scores_are_registered_for_checkpoints():
+    model = adapted_mlp()
+    reducer = keras_relora.ReducerCallback(seed=5)
+    reducer.set_model(model)
+    extra = keras_relora.get_state(model).extra_variables
+    assert sorted(extra) == ["relora_reducer/scores", "relora_reducer/seed"]
+    assert int(ops.convert_to_numpy(extra["relora_reducer/seed"])) == 5
+    # The model's own variables (and so its train step) are unchanged.
+    assert not any("relora_reducer" in v.path for v in model.weights)
+
+
+def test_probes_do_not_change_training_logs():
+    # With K = L every block updates every step, so training is the same
+    # with or without probes: the logged loss and metric must be too.
+    x, y = mlp_data(rows=48)
+    histories = []
+    for interval in (1, 1000):
+        model = adapted_mlp(metrics=["mae"])
+        reducer = keras_relora.ReducerCallback(
+            update_layers=NUM_BLOCKS, interval=interval, seed=0,
+            log_importance=False,
+        )
+        history = model.fit(x, y, batch_size=8, epochs=2, shuffle=False,
+                            verbose=0, callbacks=[reducer])
+        histories.append(history.history)
+    assert histories[0] == histories[1]
+
+
+def test_importance_history_logs_and_plot(tmp_path):
+    model = adapted_mlp()
+    reducer = keras_relora.ReducerCallback(update_layers=2, interval=2,
+                                           seed=1)
+    x, y = mlp_data(rows=48)
+    history = model.fit(x, y, batch_size=8, epochs=2, verbose=0,
+                        callbacks=[reducer])
+    importance = reducer.importance
+    assert importance.shape == (NUM_BLOCKS,)
+    np.testing.assert_array_equal(
+        importance, -ops.convert_to_numpy(model.relora_reducer.scores)
+    )
+    steps, table = reducer.importance_history
+    np.testing.assert_array_equal(steps, [0, 2, 4, 6, 8, 10, 12])
+    assert table.shape == (7, NUM_BLOCKS)
+    np.testing.assert_array_equal(table[0], 0)
+    np.testing.assert_array_equal(table[-1], importance)
+    for block in range(NUM_BLOCKS):
+        logged = history.history[f"relora_importance_{block}"]
+        assert len(logged) == 2
+        assert logged[-1] == pytest.approx(float(importance[block]))
+    pytest.importorskip("matplotlib")
+    path = tmp_path / "importance.png"
+    reducer.plot(str(path))
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_probe_data_argument_and_default_batch():
+    model = adapted_mlp()
+    x, y = mlp_data(rows=48)
+    held = keras_relora.ReducerCallback(seed=0)
+    model.fit(x, y, batch_size=8, epochs=1, verbose=0, callbacks=[held])
+    np.testing.assert_array_equal(held._probe[0], x[:8])
+    np.testing.assert_array_equal(held._probe[1], y[:8])
+    probe = (x[-4:], y[-4:])
+    given = keras_relora.ReducerCallback(seed=0, probe_data=probe)
+    model.fit(x, y, batch_size=8, epochs=1, verbose=0, callbacks=[given])
+    np.testing.assert_array_equal(given._probe[0], x[-4:])
+
+
+def test_generator_data_needs_probe_data():
+    model = adapted_mlp()
+    x, y = mlp_data(rows=16)
+
+    def batches():
+        while True:
+            yield x[:8], y[:8]
+
+    reducer = keras_relora.ReducerCallback(seed=0)
+    with pytest.raises(ValueError, match="Pass `probe_data=\\(x, y\\)`"):
+        model.fit(batches(), steps_per_epoch=2, epochs=1, verbose=0,
+                  callbacks=[reducer])
+    reducer = keras_relora.ReducerCallback(seed=0, probe_data=(x, y))
+    model.fit(batches(), steps_per_epoch=2, epochs=1, verbose=0,
+              callbacks=[reducer])
+
+
+@pytest.mark.parametrize(
+    "kwargs, received",
+    [
+        ({"update_layers": 0}, "update_layers=0"),
+        ({"update_layers": 2.5}, "update_layers=2.5"),
+        ({"suppress_layers": -1}, "suppress_layers=-1"),
+        ({"interval": 0}, "interval=0"),
+        ({"trials": 1}, "trials=1"),
+        ({"suppression_factor": 1.0}, "suppression_factor=1.0"),
+        ({"score_lr": 0.0}, "score_lr=0.0"),
+        ({"seed": -3}, "seed=-3"),
+        ({"probe_data": (1,)}, "probe_data of length 1"),
+    ],
+)
+def test_constructor_argument_errors(kwargs, received):
+    with pytest.raises(ValueError, match=f"Received: {received}"):
+        keras_relora.ReducerCallback(**kwargs)
+
+
+def test_fit_start_argument_errors():
+    x, y = mlp_data(rows=16)
+    model = adapted_mlp()
+    too_many = keras_relora.ReducerCallback(update_layers=NUM_BLOCKS + 1)
+    with pytest.raises(ValueError, match="number of blocks of the model, L=4"):
+        model.fit(x, y, epochs=1, verbose=0, callbacks=[too_many])
+    with pytest.raises(ValueError, match="Received: suppress_layers=9"):
+        keras_relora.ReducerCallback(suppress_layers=9).set_model(model)
+
+    plain = mlp_model()
+    plain.compile(optimizer="adam", loss="mse")
+    with pytest.raises(ValueError, match="enable_relora"):
+        plain.fit(x, y, epochs=1, verbose=0,
+                  callbacks=[keras_relora.ReducerCallback()])
+
+    uncompiled = mlp_model()
+    uncompiled.enable_relora(rank=2, experts=1, targets=r"layer_\d")
+    with pytest.raises(ValueError, match="model.compile"):
+        keras_relora.ReducerCallback().set_model(uncompiled)
