@@ -139,6 +139,6 @@ def budget(backbone_cls, config, **enable_kwargs):
     """
     from keras_relora.enable_relora import enable_relora
 
-    with keras.StatelessScope():
+    with keras.StatelessScope(initialize_variables=False):
         model = backbone_cls(**config)
         return enable_relora(model, **enable_kwargs)
