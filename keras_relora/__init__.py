@@ -5,9 +5,14 @@ Importing the package adds `enable_relora` to every `keras.Model`.
 
 import keras
 
+from keras_relora.checkpoint import load_relora_weights
+from keras_relora.checkpoint import save_relora_weights
 from keras_relora.enable_relora import enable_relora
 from keras_relora.enable_relora import get_state
 from keras_relora.enable_relora import report
+from keras_relora.merge import merge_relora
+from keras_relora.merge import unload
+from keras_relora.model_saving import ReloraModel
 from keras_relora.prune import prune
 from keras_relora.reducer_callback import ReducerCallback
 from keras_relora.relora_dense import ReloraDense
@@ -25,6 +30,17 @@ def _install_model_methods():
 
     enable.__doc__ = enable_relora.__doc__
     keras.Model.enable_relora = enable
+
+    def save_weights(self, filepath):
+        return save_relora_weights(self, filepath)
+
+    def load_weights(self, filepath, *, check_base=True):
+        return load_relora_weights(self, filepath, check_base=check_base)
+
+    save_weights.__doc__ = save_relora_weights.__doc__
+    load_weights.__doc__ = load_relora_weights.__doc__
+    keras.Model.save_relora_weights = save_weights
+    keras.Model.load_relora_weights = load_weights
 
 
 _install_model_methods()

@@ -238,6 +238,10 @@ def enable_relora(
     state = ReloraState(settings, adapters, shared, blocks, frozen)
     _set_state(model, state)
     _record_fit_data(model, state)
+    # Lazy import: model_saving imports this module.
+    from keras_relora import model_saving
+
+    model_saving.attach(model)  # `.keras` files keep the adapters.
     return report(model, base_params=base_params)
 
 

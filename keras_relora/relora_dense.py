@@ -179,6 +179,12 @@ class ReloraDense(keras.layers.Layer):
         if layer.built:
             self.build()
 
+    def __dir__(self):
+        # Keras's weight loading walks `dir()` and marks a layer visited
+        # only after its children: the back-reference to the base layer
+        # (which owns this adapter when injected) would loop forever.
+        return [name for name in super().__dir__() if name != "_base_layer"]
+
     @staticmethod
     def axes_of(layer):
         """The `EinsumAxes` of a built Dense or EinsumDense layer."""

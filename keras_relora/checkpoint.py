@@ -1,0 +1,461 @@
+"""Adapter-only checkpoints: `save_relora_weights`, `load_relora_weights`.
+
+One small file holds the ReLoRA settings and the adapter variables, keyed
+by layer path (not by position), so it loads into any instance of the same
+base model, adapted or not.
+
+The file is safetensors: loading it runs no code (no pickle, unlike
+`torch.save` or `np.load(allow_pickle=True)`), the same file is read on the
+three backends through numpy, its JSON header holds the settings next to the
+tensors, and its header and offsets are checked on load, so a truncated
+file is caught. The tensors carry a SHA-256 digest in the header, so changed
+bytes are caught too. It is also readable by other tools (`safetensors`,
+Hugging Face) without Keras.
+
+Layout:
+
+* tensors `shared_a/<group>/kernel` (one per shared A; `<group>` is
+  `<role>:<d_in>` with `share_a="role"`, the layer path with `"layer"`),
+  `adapters/<layer path>/<variable>` (`b_kernel`, `router_kernel`,
+  `suppression`) and `extra/<variable path>` (e.g. the Reducer's scores);
+* metadata `format`, `version`, `relora` (JSON: the `enable_relora`
+  settings, targets as layer paths, pruned adapters, each adapter's A
+  group), `base` (JSON: the base class, each target's kernel shape and a
+  few of its values, to recognise another base model), `sha256`.
+"""
+
+import hashlib
+import json
+import os
+import warnings
+
+import keras
+import numpy as np
+from keras import ops
+
+from keras_relora import model_saving
+from keras_relora import targets as targets_lib
+from keras_relora.enable_relora import adapted_model
+from keras_relora.enable_relora import get_state
+from keras_relora.enable_relora import require_state
+
+FORMAT = "keras_relora.adapters"
+VERSION = "1"
+SUFFIX = ".safetensors"
+# Settings that change the variables or the outputs: they must match.
+_STRICT = ("rank", "experts", "alpha", "share_a", "router_input", "top_k")
+# Training-only settings: the model's own are kept (a warning says so).
+_TRAINING = ("train_a", "dropout", "balance_loss")
+_FINGERPRINT_SIZE = 8
+
+
+def save_relora_weights(model, filepath):
+    """Saves the ReLoRA settings and adapter variables of `model`.
+
+    Writes one safetensors file (see the module docstring for why) with the
+    `enable_relora` settings, the pruned adapters, and every adapter
+    variable keyed by layer path. The file is written next to its
+    destination and moved into place, so an interrupted save never leaves a
+    half-written checkpoint. Does not change `model`.
+
+    Args:
+        model: A `keras.Model` with ReLoRA adapters.
+        filepath: str or `os.PathLike`. Path ending in `.safetensors`.
+
+    Example:
+
+    ```python
+    backbone.enable_relora(rank=8, experts=4)
+    backbone.fit(...)
+    backbone.save_relora_weights("adapters.safetensors")
+    ```
+    """
+    state = require_state(model, "`save_relora_weights`")
+    filepath = _check_path(filepath)
+    tensors = {
+        key: _to_numpy(variable)
+        for key, variable in _variables(state).items()
+    }
+    metadata = {
+        "format": FORMAT,
+        "version": VERSION,
+        "relora": json.dumps(_relora_description(model, state)),
+        "base": json.dumps(_base_description(model, state)),
+        "sha256": _digest(tensors),
+    }
+    safetensors_numpy = _safetensors_numpy()
+    data = safetensors_numpy.save(tensors, metadata=metadata)
+    partial = f"{filepath}.partial-{os.getpid()}"
+    try:
+        with open(partial, "wb") as f:
+            f.write(data)
+        os.replace(partial, filepath)
+    finally:
+        if os.path.exists(partial):
+            os.remove(partial)
+
+
+def load_relora_weights(model, filepath, *, check_base=True):
+    """Loads adapters saved by `save_relora_weights` into `model`.
+
+    If `model` has no adapters, they are first enabled with the settings
+    stored in the file (rank, experts, targets, ...), as
+    `model.enable_relora(...)` would. If it has adapters, their settings,
+    targets and variable shapes must match the file's.
+
+    Everything is checked before anything is assigned: on any difference
+    (rank, experts, alpha, share_a, router options, targets, missing
+    layers, shapes, pruned adapters, another base model) or a truncated or
+    corrupted file, a `ValueError` lists what differs and `model` is left
+    as it was (adapters enabled for the load are removed again). Changes
+    `model` in place otherwise; compile it again afterwards if it was
+    compiled without adapters.
+
+    Args:
+        model: A built `keras.Model` (or keras-hub Task), with or without
+            ReLoRA adapters.
+        filepath: str or `os.PathLike`. A file written by
+            `save_relora_weights`.
+        check_base: bool. Also compare a few kernel values of each target
+            layer with those recorded at save time, to refuse adapters
+            trained on another base model of the same architecture. Pass
+            `False` to load onto a changed base (e.g. further fine-tuned).
+            Int8-quantized layers are not compared. Defaults to `True`.
+
+    Returns:
+        `model`.
+
+    Example:
+
+    ```python
+    backbone = keras_hub.models.Llama3Backbone.from_preset("llama3_8b_en")
+    backbone.load_relora_weights("adapters.safetensors")  # enables, loads
+    ```
+    """
+    if not isinstance(model, keras.Model):
+        raise TypeError(
+            "`model` must be a `keras.Model`. "
+            f"Received: model of type {type(model).__name__}"
+        )
+    content = _read(filepath)
+    relora, base, _ = content
+    state = get_state(model)
+    if state is None:
+        _refuse(model, filepath, _check_fresh(model, relora, base,
+                                              check_base))
+        try:
+            state = model_saving.enable_from_config(model, relora)
+            _refuse(model, filepath, _check(model, state, content,
+                                            check_base))
+            _assign(model, state, content)
+        except BaseException:
+            from keras_relora.merge import unload
+
+            if get_state(model) is not None:
+                unload(model)
+            raise
+        return model
+    _refuse(model, filepath, _check(model, state, content, check_base))
+    _warn_training_settings(state, relora)
+    _assign(model, state, content)
+    return model
+
+
+def _check_path(filepath):
+    filepath = os.fspath(filepath)
+    if not str(filepath).endswith(SUFFIX):
+        raise ValueError(
+            f"`filepath` must end in `{SUFFIX}` (a safetensors file). "
+            f"Received: filepath={filepath!r}"
+        )
+    return filepath
+
+
+def _safetensors_numpy():
+    try:
+        import safetensors.numpy
+    except ImportError:
+        raise ImportError(
+            "Adapter checkpoints need the `safetensors` package: "
+            "`pip install safetensors`."
+        ) from None
+    return safetensors.numpy
+
+
+def _to_numpy(variable):
+    value = np.asarray(ops.convert_to_numpy(variable))
+    if value.dtype.kind not in "fiub" or value.dtype.itemsize > 8:
+        value = value.astype("float32")  # e.g. bfloat16 from ml_dtypes.
+    return np.array(value, order="C", copy=True)  # 0-d stays 0-d.
+
+
+def _variables(state):
+    """`{file key: variable}` of every adapter variable, in a fixed order."""
+    found = {}
+    shared_ids = set()
+    for group, shared in state.shared_a.items():
+        for variable in shared.weights:
+            found[f"shared_a/{group}/{variable.name}"] = variable
+            shared_ids.add(id(variable))
+    for path, adapter in state.adapters.items():
+        for variable in adapter.weights:
+            if id(variable) not in shared_ids:
+                found[f"adapters/{path}/{variable.name}"] = variable
+    for path, variable in state.extra_variables.items():
+        found[f"extra/{path}"] = variable
+    return found
+
+
+def _groups(state):
+    by_id = {id(shared): group for group, shared in state.shared_a.items()}
+    return {
+        path: by_id.get(id(adapter.shared_a))
+        for path, adapter in state.adapters.items()
+    }
+
+
+def _relora_description(model, state):
+    description = model_saving.relora_state_config(state, model)
+    description["groups"] = _groups(state)
+    return description
+
+
+def _base_description(model, state):
+    root = adapted_model(model)
+    kernels = {}
+    fingerprint = {}
+    for path, adapter in state.adapters.items():
+        layer = adapter._base_layer
+        kernels[path] = [int(d) for d in adapter.axes.kernel_shape]
+        fingerprint[path] = _fingerprint(layer)
+    return {
+        "class": model_saving.base_class(root).__name__,
+        "kernel_shapes": kernels,
+        "fingerprint": fingerprint,
+    }
+
+
+def _fingerprint(layer):
+    """A few kernel values at fixed positions; None for a quantized one."""
+    if getattr(layer.dtype_policy, "quantization_mode", None) is not None:
+        return None
+    kernel = layer.kernel
+    size = int(np.prod(kernel.shape))
+    index = np.linspace(0, size - 1, _FINGERPRINT_SIZE).astype("int32")
+    values = ops.take(ops.reshape(kernel, (-1,)), index)
+    return ops.convert_to_numpy(ops.cast(values, "float32")).tolist()
+
+
+def _digest(tensors):
+    sha = hashlib.sha256()
+    for key in sorted(tensors):
+        value = tensors[key]
+        sha.update(f"{key}|{value.dtype.str}|{value.shape}|".encode())
+        sha.update(value.tobytes())
+    return sha.hexdigest()
+
+
+def _read(filepath):
+    """`(relora, base, tensors)` of a checked adapter file."""
+    filepath = _check_path(filepath)
+    with open(filepath, "rb") as f:
+        data = f.read()
+
+    def invalid(reason):
+        return ValueError(
+            f"{filepath!r} is not a valid keras_relora adapter file: "
+            f"{reason}. It may be truncated or corrupted, or not written "
+            "by `save_relora_weights`; nothing was loaded."
+        )
+
+    if len(data) < 8:
+        raise invalid(f"it has only {len(data)} bytes")
+    size = int.from_bytes(data[:8], "little")
+    if 8 + size > len(data):
+        raise invalid(
+            f"its header needs {size} bytes but the file has "
+            f"{len(data) - 8} after the length field"
+        )
+    try:
+        header = json.loads(data[8 : 8 + size])
+        metadata = header.get("__metadata__") or {}
+    except (ValueError, AttributeError) as error:
+        raise invalid(f"its header is not valid JSON ({error})") from None
+    if metadata.get("format") != FORMAT:
+        raise invalid(
+            f"its format is {metadata.get('format')!r}, not {FORMAT!r}"
+        )
+    if metadata.get("version") != VERSION:
+        raise invalid(
+            f"its version is {metadata.get('version')!r}; this "
+            f"keras_relora reads version {VERSION}"
+        )
+    safetensors_numpy = _safetensors_numpy()
+    try:
+        tensors = safetensors_numpy.load(data)
+    except Exception as error:  # SafetensorError is not importable alone.
+        raise invalid(f"safetensors could not read it ({error})") from None
+    if _digest(tensors) != metadata.get("sha256"):
+        raise invalid("its tensor data does not match its SHA-256 digest")
+    try:
+        relora = json.loads(metadata["relora"])
+        base = json.loads(metadata["base"])
+    except (KeyError, ValueError) as error:
+        raise invalid(f"its settings cannot be read ({error})") from None
+    return relora, base, tensors
+
+
+def _refuse(model, filepath, problems):
+    if problems:
+        lines = "\n".join(f"  - {p}" for p in problems)
+        raise ValueError(
+            f"Cannot load ReLoRA adapters from {os.fspath(filepath)!r} into "
+            f"model {model.name!r}; nothing was loaded. Differences:\n"
+            f"{lines}\nLoad into the base model the adapters were trained "
+            "on, with the same settings, or into a model without adapters "
+            "(they are then enabled with the file's settings)."
+        )
+
+
+def _check_fresh(model, relora, base, check_base):
+    """Differences found before enabling adapters on a plain `model`."""
+    root = adapted_model(model)
+    found = targets_lib.candidates(root)
+    problems = []
+    name = model_saving.base_class(root).__name__
+    if base["class"] != name:
+        problems.append(f"base model: file {base['class']}, model {name}")
+    missing = [p for p in relora["settings"]["targets"] if p not in found]
+    if missing:
+        problems.append(f"target layers missing in the model: {missing}")
+    problems += _base_differences(
+        {p: layer for p, (layer, _) in found.items()}, base, check_base
+    )
+    return problems
+
+
+def _base_differences(layers, base, check_base):
+    problems = []
+    for path, shape in base["kernel_shapes"].items():
+        layer = layers.get(path)
+        if layer is None:
+            continue
+        have = [int(d) for d in layer.kernel.shape]
+        if have != shape:
+            problems.append(
+                f"kernel shape of {path}: file {shape}, model {have}"
+            )
+        elif check_base:
+            saved = base["fingerprint"].get(path)
+            current = _fingerprint(layer)
+            if saved is not None and current is not None:
+                saved, current = np.asarray(saved), np.asarray(current)
+                close = np.abs(saved - current) <= 2e-2 * np.maximum(
+                    np.abs(saved), np.abs(current)
+                ) + 1e-6
+                if not close.all():
+                    problems.append(
+                        f"kernel values of {path} differ from the base the "
+                        "adapters were saved on (another base model? pass "
+                        "`check_base=False` to load anyway)"
+                    )
+    return problems
+
+
+def _effective(settings, key):
+    value = settings.get(key)
+    if key == "alpha" and value is None:
+        return float(settings["rank"])
+    if key == "alpha":
+        return float(value)
+    return value
+
+
+def _check(model, state, content, check_base):
+    """Differences between an adapted `model` and a read file."""
+    relora, base, tensors = content
+    saved = relora["settings"]
+    problems = []
+    for key in _STRICT:
+        have, want = _effective(state.settings, key), _effective(saved, key)
+        if have != want:
+            problems.append(f"{key}: file {want!r}, model {have!r}")
+    targets = list(state.adapters)
+    missing = [p for p in saved["targets"] if p not in state.adapters]
+    extra = [p for p in targets if p not in saved["targets"]]
+    if missing:
+        problems.append(f"targets in the file, not adapted: {missing}")
+    if extra:
+        problems.append(f"targets adapted, not in the file: {extra}")
+    pruned = sorted(p for p, a in state.adapters.items() if a.pruned)
+    if sorted(relora.get("pruned", [])) != pruned:
+        problems.append(
+            f"pruned adapters: file {sorted(relora.get('pruned', []))}, "
+            f"model {pruned}"
+        )
+    groups = _groups(state)
+    for path, group in relora.get("groups", {}).items():
+        if path in groups and groups[path] != group:
+            problems.append(
+                f"A group of {path}: file {group!r}, model {groups[path]!r}"
+            )
+    root = adapted_model(model)
+    name = model_saving.base_class(root).__name__
+    if base["class"] != name:
+        problems.append(f"base model: file {base['class']}, model {name}")
+    layers = {p: a._base_layer for p, a in state.adapters.items()}
+    problems += _base_differences(layers, base, check_base)
+    if problems:  # Tensor differences follow from these; list them alone.
+        return problems
+    variables = _variables(state)
+    expected = {k for k in variables if not k.startswith("extra/")}
+    stored = {k for k in tensors if not k.startswith("extra/")}
+    absent = sorted(set(expected) - stored)
+    unknown = sorted(stored - set(expected))
+    if absent:
+        problems.append(f"variables missing in the file: {absent}")
+    if unknown:
+        problems.append(f"variables in the file, not in the model: {unknown}")
+    for key, variable in variables.items():
+        if key in tensors:
+            have = tuple(int(d) for d in variable.shape)
+            if tuple(tensors[key].shape) != have:
+                problems.append(
+                    f"shape of {key}: file {tuple(tensors[key].shape)}, "
+                    f"model {have}"
+                )
+    return problems
+
+
+def _warn_training_settings(state, relora):
+    saved = relora["settings"]
+    differ = [
+        f"{key} (file {saved.get(key)!r}, model {state.settings.get(key)!r})"
+        for key in _TRAINING
+        if key in saved and saved.get(key) != state.settings.get(key)
+    ]
+    if differ:
+        warnings.warn(
+            "Loaded ReLoRA adapters saved with other training settings; "
+            f"the model keeps its own: {', '.join(differ)}.",
+            stacklevel=3,
+        )
+
+
+def _assign(model, state, content):
+    relora, _, tensors = content
+    if relora.get("reducer"):
+        # The file holds the Reducer's scores: give the model their home.
+        model_saving.add_reducer_state(model)
+    variables = _variables(state)
+    for key, variable in variables.items():
+        if key in tensors and tuple(tensors[key].shape) != tuple(
+            int(d) for d in variable.shape
+        ):
+            raise ValueError(
+                f"Cannot load {key}: file shape {tensors[key].shape}, model "
+                f"shape {tuple(variable.shape)}; nothing was loaded."
+            )
+    for key, variable in variables.items():
+        if key in tensors:
+            variable.assign(tensors[key].astype(variable.dtype))

@@ -1,0 +1,308 @@
+"""Whole-model `.keras` saving of models with ReLoRA adapters.
+
+The trap (DESIGN.md §7): Keras rebuilds a model from its constructor
+config, and keras-hub backbones rebuild every sub-layer from theirs. The
+adapters that `enable_relora` injects are in no config, so
+`keras.models.load_model` of an adapted model either raises ("objects could
+not be loaded") or, worse, loads the base alone and gives wrong outputs.
+
+The mechanism: `enable_relora` changes the class of the adapted model to a
+subclass of its own class, made once per class by `attach` (a
+`Llama3Backbone` is still a `Llama3Backbone`, with the same name, methods
+and `isinstance` answers). The subclass changes only serialization:
+
+* `get_config()` returns `{"base": <the model serialized as its own
+  class>, "relora": <the enable_relora settings, pruned adapters>}` under
+  the registered name `keras_relora>ReloraModel`.
+* `ReloraModel.from_config` deserializes the base, calls `enable_relora`
+  with the stored settings (targets as the exact saved layer paths) and
+  prunes the adapters that were pruned. The rebuilt layer tree is then the
+  saved one, so Keras restores every weight into it: base, adapters,
+  optimizer slots.
+
+A model that cannot round-trip through a file refuses to be saved there:
+`model.save("x.h5")` (the legacy format stores weights per layer list, not
+per path) and keras-hub's `save_to_preset` (`from_preset` would rebuild the
+base class without adapters) raise a `ValueError` that says what to use
+instead. `keras_relora.unload` gives the model its own class back.
+
+Why not the alternatives: writing merged kernels on save, as Keras's own
+LoRA does, is exact only for `experts=1` and ends further training; wrapping
+the model in a new registered `keras.Model` would change the user's object
+and break keras-hub's Task API.
+"""
+
+import inspect
+import re
+
+import keras
+import numpy as np
+
+from keras_relora.enable_relora import adapted_model
+from keras_relora.enable_relora import enable_relora
+from keras_relora.enable_relora import get_state
+
+LOADER_NAME = "keras_relora>ReloraModel"
+FORMAT_VERSION = 1
+
+# Original class -> its saving subclass, one per class for the process.
+_SUBCLASSES = {}
+
+
+def attach(model):
+    """Makes `model` (just adapted) save, load and export with its adapters.
+
+    Called by `enable_relora`. Changes the class of `model` in place to a
+    subclass of its own class whose serialization is `ReloraModel`'s, and
+    registers the adapter variables as torch parameters (see
+    `refresh_torch_parameters`).
+    """
+    cls = type(model)
+    if getattr(cls, "_relora_base_class", None) is None:
+        model.__class__ = _subclass_of(cls)
+    refresh_torch_parameters(model)
+
+
+def detach(model):
+    """Gives `model` its own class back (used by `keras_relora.unload`)."""
+    base_cls = getattr(type(model), "_relora_base_class", None)
+    if base_cls is not None:
+        model.__class__ = base_cls
+    refresh_torch_parameters(model)
+
+
+def refresh_torch_parameters(model):
+    """On torch, lists the model's current variables as its parameters.
+
+    A built Keras model registers its variables as torch parameters once,
+    at build time; variables added later (the adapters) are then missing
+    from `model.parameters()`, and `torch.onnx` tracing fails on them
+    ("Cannot insert a Tensor that requires grad as a constant"). Variables
+    removed later (by `unload`) would stay.
+    """
+    if keras.config.backend() != "torch":
+        return
+    for holder in {id(m): m for m in (model, adapted_model(model))}.values():
+        if hasattr(holder, "_track_variables"):
+            holder._track_variables()
+
+
+def base_class(model):
+    """The class `model` had before `enable_relora`."""
+    cls = type(model)
+    return getattr(cls, "_relora_base_class", None) or cls
+
+
+class _SavesRelora:
+    """Mixin of the per-class saving subclasses (see the module doc)."""
+
+    _relora_base_class = None
+
+    def get_config(self):
+        return relora_config(self)
+
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        return ReloraModel.from_config(config)
+
+    def save(self, filepath, *args, **kwargs):
+        if str(filepath).endswith((".h5", ".hdf5")):
+            raise ValueError(
+                f"Cannot save model {self.name!r} with ReLoRA adapters in "
+                "the legacy HDF5 format: it stores weights per layer list, "
+                "so the adapters would not load back reliably. Use "
+                "`model.save('model.keras')`, "
+                "`model.save_relora_weights('adapters.safetensors')`, or "
+                "`keras_relora.merge_relora(model).save(...)`. "
+                f"Received: filepath={filepath!r}"
+            )
+        return super().save(filepath, *args, **kwargs)
+
+
+def _save_to_preset(self, preset_dir, *args, **kwargs):
+    raise ValueError(
+        f"Cannot save model {self.name!r} with ReLoRA adapters as a "
+        "keras-hub preset: `from_preset` rebuilds the base class and would "
+        "drop the adapters. To ship a preset, merge first: "
+        "`keras_relora.merge_relora(model).save_to_preset(dir)`. To keep "
+        "the adapters, use `model.save_relora_weights(path)` with the base "
+        "preset, or `model.save('model.keras')`. "
+        f"Received: preset_dir={preset_dir!r}"
+    )
+
+
+def _subclass_of(cls):
+    sub = _SUBCLASSES.get(cls)
+    if sub is not None:
+        return sub
+    namespace = {
+        "__module__": cls.__module__,
+        "__qualname__": cls.__qualname__,
+        "__doc__": cls.__doc__,
+        "_relora_base_class": cls,
+    }
+    if hasattr(cls, "save_to_preset"):
+        namespace["save_to_preset"] = _save_to_preset
+    sub = type(cls.__name__, (_SavesRelora, cls), namespace)
+    # Serialize instances of `sub` under the loader's registered name, and
+    # keep the name pointing at the loader (registration also maps the name
+    # to the last registered class).
+    keras.saving.register_keras_serializable(
+        package="keras_relora", name="ReloraModel"
+    )(sub)
+    keras.saving.get_custom_objects()[LOADER_NAME] = ReloraModel
+    _SUBCLASSES[cls] = sub
+    return sub
+
+
+def relora_state_config(state, model):
+    """The JSON-able description of `model`'s adapters that rebuilds them."""
+    return {
+        "version": FORMAT_VERSION,
+        "settings": _jsonable(state.settings),
+        "pruned": [
+            path for path, adapter in state.adapters.items() if adapter.pruned
+        ],
+        "reducer": _reducer_of(model) is not None,
+    }
+
+
+def relora_config(model):
+    """`{"base": ..., "relora": ...}`: the config `ReloraModel` loads."""
+    state = get_state(model)
+    if state is None:
+        raise ValueError(
+            f"Model {model.name!r} has the ReLoRA saving class but no ReLoRA "
+            "state. Call `keras_relora.unload(model)` to restore its class."
+        )
+    saving_cls = type(model)
+    model.__class__ = base_class(model)
+    try:
+        base = dict(keras.saving.serialize_keras_object(model))
+    finally:
+        model.__class__ = saving_cls
+    # The outer config carries the compile config; the base is compiled
+    # once, after its adapters exist (its trainable set is then the same).
+    base.pop("compile_config", None)
+    base.pop("shared_object_id", None)
+    return {"base": base, "relora": relora_state_config(state, model)}
+
+
+def _reducer_of(model):
+    from keras_relora import reducer_callback
+
+    attribute = reducer_callback.STATE_ATTRIBUTE
+    return adapted_model(model).__dict__.get(attribute)
+
+
+def add_reducer_state(model):
+    """Creates the Reducer's state (scores, seed) for values to load into."""
+    from keras_relora import reducer_callback
+
+    if _reducer_of(model) is None:
+        reducer_callback.reducer_state(model, create_seed=0)
+
+
+@keras.saving.register_keras_serializable(package="keras_relora")
+class ReloraModel:
+    """Loads a model saved with ReLoRA adapters (a `.keras` file, a config).
+
+    Never instantiated: `keras.models.load_model` finds this class by the
+    registered name `keras_relora>ReloraModel` that adapted models are
+    serialized under, and its `from_config` returns the model itself, of
+    its own class, with live adapters. Its weights are then restored by
+    Keras from the file.
+
+    Example:
+
+    ```python
+    backbone.enable_relora(rank=8, experts=4)
+    backbone.save("adapted.keras")
+    restored = keras.models.load_model("adapted.keras")  # adapters live
+    ```
+    """
+
+    def get_config(self):
+        raise NotImplementedError("`ReloraModel` is a loader only.")
+
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        if not isinstance(config, dict) or not {"base", "relora"} <= set(
+            config
+        ):
+            raise ValueError(
+                "`ReloraModel.from_config` expects the config of a model "
+                "saved with ReLoRA adapters, with keys 'base' and 'relora'. "
+                f"Received: config keys {sorted(config or {})}"
+            )
+        model = keras.saving.deserialize_keras_object(
+            config["base"], custom_objects=custom_objects
+        )
+        if not isinstance(model, keras.Model) or not model.built:
+            raise ValueError(
+                "The saved base model did not rebuild as a built "
+                f"`keras.Model` (got {type(model).__name__}); its adapters "
+                "cannot be restored. Save the adapters alone with "
+                "`model.save_relora_weights(path)` and load them into a "
+                "built base model."
+            )
+        enable_from_config(model, config["relora"])
+        return model
+
+
+def enable_from_config(model, relora):
+    """Enables adapters on `model` exactly as `relora_state_config` says.
+
+    The targets are matched as the exact saved layer paths, so the adapted
+    layers (and the blocks they index) are the saved ones.
+    """
+    version = relora.get("version")
+    if version != FORMAT_VERSION:
+        raise ValueError(
+            f"Unsupported ReLoRA config version {version!r}; this "
+            f"keras_relora reads version {FORMAT_VERSION}. Update "
+            "keras_relora to load this file."
+        )
+    settings = dict(relora["settings"])
+    targets = list(settings["targets"])
+    found = _resolvable_targets(model, targets)
+    missing = [path for path in targets if path not in found]
+    if missing:
+        raise ValueError(
+            f"Cannot restore ReLoRA adapters on model {model.name!r}: the "
+            f"saved target layers {missing} are not in the rebuilt model. "
+            "It differs from the saved one (another config, or layers "
+            "named differently)."
+        )
+    settings["targets"] = exact_targets(targets)
+    accepted = inspect.signature(enable_relora).parameters
+    kwargs = {k: v for k, v in settings.items() if k in accepted}
+    enable_relora(model, **kwargs)
+    state = get_state(model)
+    for path in relora.get("pruned", []):
+        state.adapters[path].prune()
+    if relora.get("reducer"):
+        add_reducer_state(model)  # Its scores load like any weight.
+    return state
+
+
+def exact_targets(paths):
+    """A `targets` regex that matches exactly these layer paths."""
+    return "^(?:" + "|".join(re.escape(p) for p in paths) + ")$"
+
+
+def _resolvable_targets(model, paths):
+    from keras_relora import targets as targets_lib
+
+    found = targets_lib.candidates(adapted_model(model))
+    return [p for p in paths if p in found]
+
+
+def _jsonable(value):
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
