@@ -1,0 +1,76 @@
+"""`ReducerCallback` on a keras-hub task (a tiny Llama 3 causal LM)."""
+
+import keras
+import numpy as np
+from keras import ops
+
+import tiny_models
+
+import keras_relora
+
+
+def test_llama_fit_30_steps_one_trace_and_frozen_blocks():
+    keras.utils.set_random_seed(0)
+    lm = tiny_models.llama3_causal_lm(num_layers=2)
+    lm.enable_relora(rank=2, experts=2)
+    lm.compile(
+        optimizer=keras.optimizers.AdamW(1e-2),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    counts = {"train": 0, "test": 0}
+    for kind in counts:
+        original = getattr(lm, f"{kind}_step")
+
+        def counting(*args, _original=original, _kind=kind, **kwargs):
+            counts[_kind] += 1
+            return _original(*args, **kwargs)
+
+        object.__setattr__(lm, f"{kind}_step", counting)
+
+    state = keras_relora.get_state(lm)
+    assert state.num_blocks == 2
+    kernels = {
+        path: adapter.b_kernel for path, adapter in state.adapters.items()
+    }
+    updated = {path: 0 for path in kernels}
+
+    class CountUpdates(keras.callbacks.Callback):
+        def on_train_batch_begin(self, batch, logs=None):
+            _ = self.model  # Syncs the JAX state.
+            self.before = {
+                p: ops.convert_to_numpy(v).copy() for p, v in kernels.items()
+            }
+
+        def on_train_batch_end(self, batch, logs=None):
+            _ = self.model
+            changed = {
+                p: not np.array_equal(self.before[p], ops.convert_to_numpy(v))
+                for p, v in kernels.items()
+            }
+            blocks = {
+                state.adapters[p].block for p, c in changed.items() if c
+            }
+            assert len(blocks) == 1  # K = 1: one block's B moved.
+            for p, c in changed.items():
+                updated[p] += c
+
+    x, y, sample_weight = tiny_models.lm_data(batch=60, seq=6)
+    reducer = keras_relora.ReducerCallback(update_layers=1, seed=0)
+    lm.fit(x, y, sample_weight=sample_weight, batch_size=2, epochs=1,
+           verbose=0, callbacks=[reducer, CountUpdates()])
+
+    if keras.config.backend() in ("jax", "tensorflow"):
+        assert counts == {"train": 1, "test": 1}
+    steps, table = reducer.importance_history
+    np.testing.assert_array_equal(steps, [0, 10, 20, 30])
+    assert np.any(table[-1] != 0)
+    # The held probe batch is the first training batch.
+    np.testing.assert_array_equal(
+        reducer._probe[0]["token_ids"], x["token_ids"][:2]
+    )
+    # Every layer of a block moved exactly when its block was sampled.
+    by_block = {}
+    for path, count in updated.items():
+        by_block.setdefault(state.adapters[path].block, set()).add(count)
+    assert all(len(counts) == 1 for counts in by_block.values())
+    assert sum(next(iter(c)) for c in by_block.values()) == 30
