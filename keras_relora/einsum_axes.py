@@ -85,11 +85,6 @@ class EinsumAxes:
                 f"summed away: {dropped}; kernel axes used nowhere: {unused}."
             )
         batch = [a for a in inp if a not in ker]
-        if [a for a in out if a not in ker] != batch:
-            raise ValueError(
-                f"Cannot adapt equation {equation!r}: its output reorders "
-                "the input's batch axes."
-            )
         used = set(equation)
         spare = [c for c in "rmzyxwvutsqponlkjihgfedcba" if c not in used]
         r, m = spare[:2]

@@ -51,8 +51,8 @@ class ReloraDense(keras.layers.Layer):
     adapter works in activation space and never forms `W + A @ B`.
 
     Args:
-        layer: A built `keras.layers.Dense` or `keras.layers.EinsumDense`.
-            Its weights are not trained by this layer.
+        layer: A `keras.layers.Dense` or `keras.layers.EinsumDense`. Its
+            weights are frozen (`trainable=False`) when this layer builds.
         shared_a: A `keras_relora.SharedLoraA` with `input_dim == d_in`.
         experts: int. Number of `B` experts. `1` drops the router (the gate
             is 1, plain LoRA `B`). Defaults to `4`.
@@ -185,6 +185,10 @@ class ReloraDense(keras.layers.Layer):
         # (which owns this adapter when injected) would loop forever.
         return [name for name in super().__dir__() if name != "_base_layer"]
 
+    def _freeze_base(self):
+        for variable in self._base_layer.weights:
+            variable.trainable = False
+
     @staticmethod
     def axes_of(layer):
         """The `EinsumAxes` of a built Dense or EinsumDense layer."""
@@ -200,6 +204,7 @@ class ReloraDense(keras.layers.Layer):
         layer = self._base_layer
         if not layer.built:
             layer.build(input_shape)
+        self._freeze_base()
         kernel_shape = tuple(layer.kernel.shape)
         self.axes = self.axes_of(layer)
         if self.shared_a.input_dim != self.axes.d_in:

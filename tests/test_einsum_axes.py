@@ -1,0 +1,56 @@
+import pytest
+
+from keras_relora.einsum_axes import EinsumAxes
+
+# (equation, kernel shape, d_in, d_out) written out by hand.
+CASES = [
+    ("bqm,muh->bquh", (8, 2, 4), 8, 8),  # Llama query
+    ("bkm,mvh->bkvh", (8, 1, 4), 8, 4),  # Llama key/value
+    ("bquh,uhm->bqm", (2, 4, 8), 8, 8),  # Llama attention output
+    ("btd,ndh->btnh", (2, 8, 4), 8, 8),  # Gemma query
+    ("bsd,kdh->bskh", (1, 8, 4), 8, 4),  # Gemma key/value
+    ("btnh,nhd->btd", (2, 4, 8), 8, 8),  # Gemma attention output
+    ("abc,cde->abde", (8, 2, 4), 8, 8),  # BERT/CLIP q/k/v
+    ("abcd,cde->abe", (2, 4, 8), 8, 8),  # BERT/CLIP output
+    ("btd,df->btf", (8, 16), 8, 16),  # Gemma FFN
+    ("...a,ab->...b", (6, 3), 6, 3),  # Dense
+    ("abc,cd->bad", (5, 3), 5, 3),  # batch axes reordered in the output
+]
+
+
+@pytest.mark.parametrize("equation,shape,d_in,d_out", CASES)
+def test_split(equation, shape, d_in, d_out):
+    axes = EinsumAxes(equation, shape)
+    assert (axes.d_in, axes.d_out) == (d_in, d_out)
+
+
+def test_split_orders_axes_as_input_and_output():
+    # Kernel "ndh": contracted d (input order), free n, h (output order).
+    axes = EinsumAxes("btd,ndh->btnh", (2, 8, 4))
+    assert axes.in_shape == (8,)
+    assert axes.out_shape == (2, 4)
+    assert axes.kernel_to_2d == (1, 0, 2)
+    # Kernel "uhm": contracted u, h in the input's order "bquh".
+    axes = EinsumAxes("bquh,uhm->bqm", (2, 4, 8))
+    assert axes.in_shape == (2, 4)
+    assert axes.out_shape == (8,)
+
+
+@pytest.mark.parametrize(
+    "equation,shape,message",
+    [
+        ("ab,bc->abc", (4, 5), "Kernel axes in input and output: ['b']"),
+        ("abc,bd->ad", (4, 5), "input axes summed away: ['c']"),
+        ("ab,cd->abcd", (4, 5), "Cannot split"),
+        ("a+b->c", (4,), "input,kernel->output"),
+    ],
+)
+def test_refuses_what_it_cannot_split(equation, shape, message):
+    with pytest.raises(ValueError, match=message.replace("[", r"\[")
+                       .replace("]", r"\]")):
+        EinsumAxes(equation, shape)
+
+
+def test_kernel_rank_mismatch():
+    with pytest.raises(ValueError, match="has 2 axes"):
+        EinsumAxes("ab,bc->ac", (4, 5, 6))
