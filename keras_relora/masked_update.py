@@ -78,6 +78,50 @@ class MaskedUpdate:
         )
         self._original_apply = optimizer.apply
         object.__setattr__(optimizer, "apply", self._apply)
+        self._mirrors = {id(self.scores), id(self.control)}
+
+    def exclude_mirrors_from_saving(self, optimizers):
+        """Keeps the mirror variables out of the optimizers' saved state.
+
+        The mirrors are rebuilt from the model's Reducer state at every
+        `fit` start, so they need no saving; left in, they would make a
+        checkpoint's optimizer variables differ in number from those of a
+        freshly built optimizer, and Keras then skips loading the
+        optimizer state (moments, step counter) with only a warning.
+        Files from an optimizer without the Reducer load here and back.
+        """
+        for optimizer in optimizers:
+            if _ATTRIBUTE + "_saving" in optimizer.__dict__:
+                continue
+            object.__setattr__(optimizer, _ATTRIBUTE + "_saving", True)
+            object.__setattr__(
+                optimizer, "save_own_variables",
+                self._saver(optimizer),
+            )
+            object.__setattr__(
+                optimizer, "load_own_variables",
+                self._loader(optimizer, optimizer.load_own_variables),
+            )
+
+    def _saved(self, optimizer):
+        return [v for v in optimizer.variables if id(v) not in self._mirrors]
+
+    def _saver(self, optimizer):
+        def save_own_variables(store):
+            for i, variable in enumerate(self._saved(optimizer)):
+                store[str(i)] = variable.numpy()
+
+        return save_own_variables
+
+    def _loader(self, optimizer, original):
+        def load_own_variables(store):
+            saved = self._saved(optimizer)
+            if len(store.keys()) != len(saved):
+                return original(store)  # Older files, or Keras's warning.
+            for i, variable in enumerate(saved):
+                variable.assign(store[str(i)])
+
+        return load_own_variables
 
     @classmethod
     def install(cls, model, adapters, num_blocks):
@@ -124,6 +168,8 @@ class MaskedUpdate:
                 (adapter.block, [kernel] + _slots(optimizer, kernel))
             )
         masked = cls(optimizer, groups, num_blocks)
+        masked.exclude_mirrors_from_saving({id(o): o for o in (
+            model.optimizer, optimizer)}.values())
         object.__setattr__(optimizer, _ATTRIBUTE, masked)
         return masked, True
 

@@ -1,5 +1,7 @@
 """`ReducerCallback`: one trace, exact resume, logs, plot and arguments."""
 
+import warnings
+
 import keras
 import numpy as np
 import pytest
@@ -117,6 +119,32 @@ def test_resume_from_checkpoint_is_exact(tmp_path):
         callback.importance,
     )
     assert np.any(callback.importance != 0)
+
+
+def test_checkpoint_optimizer_state_loads_without_the_reducer(tmp_path):
+    # The Reducer's optimizer-side mirrors are not saved: a checkpoint of a
+    # Reducer run has the optimizer variables of a plain optimizer, so it
+    # loads into one (Keras skips a mismatched optimizer with a warning).
+    x, y = mlp_data(rows=24)
+    trained = adapted_mlp()
+    trained.fit(x, y, batch_size=8, epochs=1, verbose=0, callbacks=[
+        keras_relora.ReducerCallback(update_layers=1, seed=0)
+    ])
+    path = str(tmp_path / "reducer.weights.h5")
+    trained.save_weights(path)
+    plain = adapted_mlp()
+    plain.optimizer.build(plain.trainable_variables)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        plain.load_weights(path)
+    assert int(ops.convert_to_numpy(plain.optimizer.iterations)) == 3
+    expected = [
+        v for v in trained.optimizer.variables
+        if not v.name.startswith("relora_")
+    ]
+    assert len(expected) == len(plain.optimizer.variables)
+    for a, b in zip(_numpy(expected), _numpy(plain.optimizer.variables)):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_scores_are_registered_for_checkpoints():
