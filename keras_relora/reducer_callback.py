@@ -93,11 +93,14 @@ class ReducerCallback(keras.callbacks.Callback):
 
     The scores and the seed live in variables on the model (a small layer
     at the attribute `relora_reducer` of the adapted model), so
-    `save_weights` and adapter checkpoints carry them;
+    `save_weights`, `.keras` files and adapter checkpoints carry them;
     with the optimizer's variables (its step counter and moments), a run
     resumed from a checkpoint takes the same decisions as an uninterrupted
-    one. To resume, call `callback.set_model(model)` on the compiled model
-    before loading the weights, so that the variables exist to be loaded.
+    one. `keras.models.load_model` restores both by itself. To resume from
+    `save_weights` into a new compiled model, call
+    `callback.set_model(model)` before `model.load_weights(path)`: it
+    creates the Reducer's variables and builds the optimizer, so that both
+    have somewhere to load into.
 
     Args:
         update_layers: int. `K`, the blocks whose B is updated each step.

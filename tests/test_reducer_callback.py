@@ -96,29 +96,40 @@ def test_resume_from_checkpoint_is_exact(tmp_path):
     first.save_weights(path)  # Weights, Reducer state, optimizer state.
 
     resumed = adapted_mlp()
-    callback = reducer(None)  # The seed comes from the checkpoint.
-    callback.set_model(resumed)  # Creates the variables to load into.
+    resumed_callback = reducer(None)  # The seed comes from the checkpoint.
+    resumed_callback.set_model(resumed)  # Makes variables to load into.
     resumed.load_weights(path)
     resumed.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0,
-                callbacks=[callback])
+                callbacks=[resumed_callback])
 
-    assert int(ops.convert_to_numpy(resumed.optimizer.iterations)) == 20
-    for a, b in zip(_numpy(straight.weights), _numpy(resumed.weights)):
-        np.testing.assert_array_equal(a, b)
-    for a, b in zip(
-        _numpy(straight.optimizer.variables),
-        _numpy(resumed.optimizer.variables),
-    ):
-        np.testing.assert_array_equal(a, b)
-    np.testing.assert_array_equal(
-        ops.convert_to_numpy(straight.relora_reducer.scores),
-        ops.convert_to_numpy(resumed.relora_reducer.scores),
-    )
-    np.testing.assert_array_equal(
-        -ops.convert_to_numpy(resumed.relora_reducer.scores),
-        callback.importance,
-    )
-    assert np.any(callback.importance != 0)
+    # A whole-model `.keras` checkpoint (what `ModelCheckpoint` writes)
+    # restores the Reducer state and the optimizer state by itself.
+    keras_path = str(tmp_path / "half.keras")
+    first.save(keras_path)
+    reloaded = keras.models.load_model(keras_path)
+    reloaded_callback = reducer(None)
+    reloaded.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0,
+                 callbacks=[reloaded_callback])
+
+    for model, callback in ((resumed, resumed_callback),
+                            (reloaded, reloaded_callback)):
+        assert int(ops.convert_to_numpy(model.optimizer.iterations)) == 20
+        for a, b in zip(_numpy(straight.weights), _numpy(model.weights)):
+            np.testing.assert_array_equal(a, b)
+        for a, b in zip(
+            _numpy(straight.optimizer.variables),
+            _numpy(model.optimizer.variables),
+        ):
+            np.testing.assert_array_equal(a, b)
+        np.testing.assert_array_equal(
+            ops.convert_to_numpy(straight.relora_reducer.scores),
+            ops.convert_to_numpy(model.relora_reducer.scores),
+        )
+        np.testing.assert_array_equal(
+            -ops.convert_to_numpy(model.relora_reducer.scores),
+            callback.importance,
+        )
+        assert np.any(callback.importance != 0)
 
 
 def test_checkpoint_optimizer_state_loads_without_the_reducer(tmp_path):
