@@ -350,10 +350,11 @@ class ReducerCallback(keras.callbacks.Callback):
                                self._k, enabled=True)
         self._record()
         if self.verbose:
+            importance = self.importance.astype("float64")
             print(
-                f"Reducer step {self._step}: probe losses "
+                f"\nReducer step {self._step}: probe losses "
                 f"{np.round(losses, 4).tolist()}, importance "
-                f"{np.round(self.importance, 4).tolist()}"
+                f"{np.round(importance, 4).tolist()}"
             )
 
     def _probe_batch(self, model):
