@@ -179,9 +179,7 @@ def _hf_config(reader, tied):
             _field(reader, "llama.attention.head_count_kv")
         ),
         "head_dim": width // head_count,
-        "max_position_embeddings": int(
-            _field(reader, "llama.context_length")
-        ),
+        "max_position_embeddings": int(_field(reader, "llama.context_length")),
         "rms_norm_eps": float(
             _field(reader, "llama.attention.layer_norm_rms_epsilon")
         ),
@@ -193,9 +191,7 @@ def _hf_config(reader, tied):
         "tie_word_embeddings": tied,
         "bos_token_id": int(_field(reader, "tokenizer.ggml.bos_token_id")),
         "eos_token_id": int(_field(reader, "tokenizer.ggml.eos_token_id")),
-        "pad_token_id": int(
-            _field(reader, "tokenizer.ggml.padding_token_id")
-        ),
+        "pad_token_id": int(_field(reader, "tokenizer.ggml.padding_token_id")),
         "torch_dtype": "float32",
     }
 
@@ -219,9 +215,8 @@ def _tokenizer_files(reader):
     def token(key):
         return tokens[int(_field(reader, key))]
 
-    bos, eos = token("tokenizer.ggml.bos_token_id"), token(
-        "tokenizer.ggml.eos_token_id"
-    )
+    bos = token("tokenizer.ggml.bos_token_id")
+    eos = token("tokenizer.ggml.eos_token_id")
     unk = token("tokenizer.ggml.unknown_token_id")
     pad = token("tokenizer.ggml.padding_token_id")
     special = [
@@ -287,9 +282,7 @@ def _tokenizer_files(reader):
         "eos_token": eos,
         "unk_token": unk,
         "pad_token": pad,
-        "add_bos_token": bool(
-            _field(reader, "tokenizer.ggml.add_bos_token")
-        ),
+        "add_bos_token": bool(_field(reader, "tokenizer.ggml.add_bos_token")),
         "add_prefix_space": False,
         "clean_up_tokenization_spaces": False,
         "model_max_length": int(_field(reader, "llama.context_length")),
@@ -394,9 +387,7 @@ def convert_smollm2(cache_dir=None):
     Returns:
         str. The path of the converted folder.
     """
-    root = os.path.abspath(
-        os.path.expanduser(cache_dir or default_cache_dir())
-    )
+    root = os.path.abspath(os.path.expanduser(cache_dir or default_cache_dir()))
     folder = os.path.join(root, MODEL_DIRNAME)
     if _is_complete(folder):
         return folder
@@ -405,6 +396,10 @@ def convert_smollm2(cache_dir=None):
     tmp = tempfile.mkdtemp(prefix=f".{MODEL_DIRNAME}-", dir=root)
     try:
         _write_folder(tmp, gguf_path)
+        # `mkdtemp` makes a private folder; the cache is readable by all.
+        os.chmod(tmp, 0o755)
+        for name in os.listdir(tmp):
+            os.chmod(os.path.join(tmp, name), 0o644)
         if os.path.isdir(folder) and not _is_complete(folder):
             shutil.rmtree(folder, ignore_errors=True)
         try:

