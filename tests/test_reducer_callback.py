@@ -77,6 +77,25 @@ def test_one_trace_for_a_30_step_fit():
         assert counts == {"train": 30, "test": 9}
 
 
+@pytest.mark.skipif(
+    keras.config.backend() == "torch",
+    reason="Keras's torch trainer needs steps_per_execution=1.",
+)
+def test_steps_per_execution():
+    keras.utils.set_random_seed(0)
+    model = mlp_model()
+    model.enable_relora(rank=2, experts=2, targets=r"layer_\d")
+    model.compile(optimizer="adam", loss="mse", steps_per_execution=2)
+    reducer = keras_relora.ReducerCallback(update_layers=1, interval=3,
+                                           seed=0)
+    x, y = mlp_data(rows=96)
+    model.fit(x, y, batch_size=8, epochs=1, verbose=0, callbacks=[reducer])
+    assert int(ops.convert_to_numpy(model.optimizer.iterations)) == 12
+    # Probes at the first callback after each multiple of 3.
+    steps, _ = reducer.importance_history
+    np.testing.assert_array_equal(steps, [0, 4, 6, 10, 12])
+
+
 def test_resume_from_checkpoint_is_exact(tmp_path):
     x, y = mlp_data()  # 10 steps per epoch at batch size 8.
 
