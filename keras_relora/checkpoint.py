@@ -34,7 +34,6 @@ import numpy as np
 from keras import ops
 
 from keras_relora import model_saving
-from keras_relora import targets as targets_lib
 from keras_relora.enable_relora import adapted_model
 from keras_relora.enable_relora import get_state
 from keras_relora.enable_relora import require_state
@@ -74,7 +73,7 @@ def save_relora_weights(model, filepath):
     filepath = _check_path(filepath)
     tensors = {
         key: _to_numpy(variable)
-        for key, variable in _variables(state).items()
+        for key, variable in _variables(model, state).items()
     }
     metadata = {
         "format": FORMAT,
@@ -189,15 +188,15 @@ def _to_numpy(variable):
     return np.array(value, order="C", copy=True)  # 0-d stays 0-d.
 
 
-def _variables(state):
+def _variables(model, state):
     """`{file key: variable}` of every adapter variable, in a fixed order."""
     found = {}
     shared_ids = set()
-    for group, shared in state.shared_a.items():
+    for group, shared in _shared_a(model, state).items():
         for variable in shared.weights:
             found[f"shared_a/{group}/{variable.name}"] = variable
             shared_ids.add(id(variable))
-    for path, adapter in state.adapters.items():
+    for path, adapter in _adapters(model, state).items():
         for variable in adapter.weights:
             if id(variable) not in shared_ids:
                 found[f"adapters/{path}/{variable.name}"] = variable
@@ -206,17 +205,36 @@ def _variables(state):
     return found
 
 
-def _groups(state):
-    by_id = {id(shared): group for group, shared in state.shared_a.items()}
+def _adapters(model, state):
+    """`{relative layer path: ReloraDense}`."""
+    return {
+        model_saving.relative_path(model, path): adapter
+        for path, adapter in state.adapters.items()
+    }
+
+
+def _shared_a(model, state):
+    """`{group: SharedLoraA}`, the groups of `share_a="layer"` relative."""
+    return {
+        model_saving.relative_path(model, group): shared
+        for group, shared in state.shared_a.items()
+    }
+
+
+def _groups(model, state):
+    by_id = {
+        id(shared): group
+        for group, shared in _shared_a(model, state).items()
+    }
     return {
         path: by_id.get(id(adapter.shared_a))
-        for path, adapter in state.adapters.items()
+        for path, adapter in _adapters(model, state).items()
     }
 
 
 def _relora_description(model, state):
     description = model_saving.relora_state_config(state, model)
-    description["groups"] = _groups(state)
+    description["groups"] = _groups(model, state)
     return description
 
 
@@ -224,7 +242,7 @@ def _base_description(model, state):
     root = adapted_model(model)
     kernels = {}
     fingerprint = {}
-    for path, adapter in state.adapters.items():
+    for path, adapter in _adapters(model, state).items():
         layer = adapter._base_layer
         kernels[path] = [int(d) for d in adapter.axes.kernel_shape]
         fingerprint[path] = _fingerprint(layer)
@@ -320,7 +338,7 @@ def _refuse(model, filepath, problems):
 def _check_fresh(model, relora, base, check_base):
     """Differences found before enabling adapters on a plain `model`."""
     root = adapted_model(model)
-    found = targets_lib.candidates(root)
+    found = model_saving.adaptable_layers(model)
     problems = []
     name = model_saving.base_class(root).__name__
     if base["class"] != name:
@@ -329,13 +347,14 @@ def _check_fresh(model, relora, base, check_base):
     if missing:
         problems.append(f"target layers missing in the model: {missing}")
     problems += _base_differences(
-        {p: layer for p, (layer, _) in found.items()}, base, check_base
+        {p: layer for p, (_, layer) in found.items()}, base, check_base
     )
     return problems
 
 
 def _base_differences(layers, base, check_base):
     problems = []
+    changed = []
     for path, shape in base["kernel_shapes"].items():
         layer = layers.get(path)
         if layer is None:
@@ -345,21 +364,26 @@ def _base_differences(layers, base, check_base):
             problems.append(
                 f"kernel shape of {path}: file {shape}, model {have}"
             )
-        elif check_base:
-            saved = base["fingerprint"].get(path)
-            current = _fingerprint(layer)
-            if saved is not None and current is not None:
-                saved, current = np.asarray(saved), np.asarray(current)
-                close = np.abs(saved - current) <= 2e-2 * np.maximum(
-                    np.abs(saved), np.abs(current)
-                ) + 1e-6
-                if not close.all():
-                    problems.append(
-                        f"kernel values of {path} differ from the base the "
-                        "adapters were saved on (another base model? pass "
-                        "`check_base=False` to load anyway)"
-                    )
+        elif check_base and not _same_fingerprint(
+            base["fingerprint"].get(path), _fingerprint(layer)
+        ):
+            changed.append(path)
+    if changed:
+        problems.append(
+            f"kernel values of {len(changed)} of {len(base['kernel_shapes'])}"
+            f" target layers (e.g. {changed[0]}) differ from the base the "
+            "adapters were saved on: another base model? Pass "
+            "`check_base=False` to load them anyway"
+        )
     return problems
+
+
+def _same_fingerprint(saved, current):
+    if saved is None or current is None:  # A quantized kernel.
+        return True
+    saved, current = np.asarray(saved), np.asarray(current)
+    tolerance = 2e-2 * np.maximum(np.abs(saved), np.abs(current)) + 1e-6
+    return bool(np.all(np.abs(saved - current) <= tolerance))
 
 
 def _effective(settings, key):
@@ -377,23 +401,25 @@ def _check(model, state, content, check_base):
     saved = relora["settings"]
     problems = []
     for key in _STRICT:
+        if key == "alpha" and state.settings.get(key) is saved.get(key):
+            continue  # Both default to their rank, compared above.
         have, want = _effective(state.settings, key), _effective(saved, key)
         if have != want:
             problems.append(f"{key}: file {want!r}, model {have!r}")
-    targets = list(state.adapters)
-    missing = [p for p in saved["targets"] if p not in state.adapters]
-    extra = [p for p in targets if p not in saved["targets"]]
+    adapters = _adapters(model, state)
+    missing = [p for p in saved["targets"] if p not in adapters]
+    extra = [p for p in adapters if p not in saved["targets"]]
     if missing:
         problems.append(f"targets in the file, not adapted: {missing}")
     if extra:
         problems.append(f"targets adapted, not in the file: {extra}")
-    pruned = sorted(p for p, a in state.adapters.items() if a.pruned)
+    pruned = sorted(p for p, a in adapters.items() if a.pruned)
     if sorted(relora.get("pruned", [])) != pruned:
         problems.append(
             f"pruned adapters: file {sorted(relora.get('pruned', []))}, "
             f"model {pruned}"
         )
-    groups = _groups(state)
+    groups = _groups(model, state)
     for path, group in relora.get("groups", {}).items():
         if path in groups and groups[path] != group:
             problems.append(
@@ -403,11 +429,11 @@ def _check(model, state, content, check_base):
     name = model_saving.base_class(root).__name__
     if base["class"] != name:
         problems.append(f"base model: file {base['class']}, model {name}")
-    layers = {p: a._base_layer for p, a in state.adapters.items()}
+    layers = {p: a._base_layer for p, a in adapters.items()}
     problems += _base_differences(layers, base, check_base)
     if problems:  # Tensor differences follow from these; list them alone.
         return problems
-    variables = _variables(state)
+    variables = _variables(model, state)
     expected = {k for k in variables if not k.startswith("extra/")}
     stored = {k for k in tensors if not k.startswith("extra/")}
     absent = sorted(set(expected) - stored)
@@ -447,7 +473,7 @@ def _assign(model, state, content):
     if relora.get("reducer"):
         # The file holds the Reducer's scores: give the model their home.
         model_saving.add_reducer_state(model)
-    variables = _variables(state)
+    variables = _variables(model, state)
     for key, variable in variables.items():
         if key in tensors and tuple(tensors[key].shape) != tuple(
             int(d) for d in variable.shape

@@ -155,13 +155,32 @@ def _subclass_of(cls):
     return sub
 
 
+def relative_path(model, path):
+    """`path` without a leading `<model name>/`.
+
+    Keras names a layer's path after the scopes it was built in: the
+    layers of a subclassed model are `model_name/layer` when built by a
+    call and `layer` when built from a config. Saved paths are relative,
+    so both match.
+    """
+    prefix = adapted_model(model).name + "/"
+    return path[len(prefix):] if path.startswith(prefix) else path
+
+
 def relora_state_config(state, model):
-    """The JSON-able description of `model`'s adapters that rebuilds them."""
+    """The JSON-able description of `model`'s adapters that rebuilds them.
+
+    Layer paths are relative (`relative_path`).
+    """
+    settings = _jsonable(state.settings)
+    settings["targets"] = [relative_path(model, p) for p in state.adapters]
     return {
         "version": FORMAT_VERSION,
-        "settings": _jsonable(state.settings),
+        "settings": settings,
         "pruned": [
-            path for path, adapter in state.adapters.items() if adapter.pruned
+            relative_path(model, path)
+            for path, adapter in state.adapters.items()
+            if adapter.pruned
         ],
         "reducer": _reducer_of(model) is not None,
     }
@@ -253,8 +272,8 @@ class ReloraModel:
 def enable_from_config(model, relora):
     """Enables adapters on `model` exactly as `relora_state_config` says.
 
-    The targets are matched as the exact saved layer paths, so the adapted
-    layers (and the blocks they index) are the saved ones.
+    The targets are matched as the exact saved (relative) layer paths, so
+    the adapted layers (and the blocks they index) are the saved ones.
     """
     version = relora.get("version")
     if version != FORMAT_VERSION:
@@ -265,7 +284,7 @@ def enable_from_config(model, relora):
         )
     settings = dict(relora["settings"])
     targets = list(settings["targets"])
-    found = _resolvable_targets(model, targets)
+    found = adaptable_layers(model)
     missing = [path for path in targets if path not in found]
     if missing:
         raise ValueError(
@@ -274,13 +293,13 @@ def enable_from_config(model, relora):
             "It differs from the saved one (another config, or layers "
             "named differently)."
         )
-    settings["targets"] = exact_targets(targets)
+    settings["targets"] = exact_targets(found[path][0] for path in targets)
     accepted = inspect.signature(enable_relora).parameters
     kwargs = {k: v for k, v in settings.items() if k in accepted}
     enable_relora(model, **kwargs)
     state = get_state(model)
     for path in relora.get("pruned", []):
-        state.adapters[path].prune()
+        state.adapters[found[path][0]].prune()
     if relora.get("reducer"):
         add_reducer_state(model)  # Its scores load like any weight.
     return state
@@ -291,11 +310,15 @@ def exact_targets(paths):
     return "^(?:" + "|".join(re.escape(p) for p in paths) + ")$"
 
 
-def _resolvable_targets(model, paths):
+def adaptable_layers(model):
+    """`{relative path: (path, layer)}` of the layers `model` can adapt."""
     from keras_relora import targets as targets_lib
 
     found = targets_lib.candidates(adapted_model(model))
-    return [p for p in paths if p in found]
+    return {
+        relative_path(model, path): (path, layer)
+        for path, (layer, _) in found.items()
+    }
 
 
 def _jsonable(value):
