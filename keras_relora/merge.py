@@ -27,9 +27,10 @@ def merge_relora(
     dW = (alpha / rank) * A @ sum_i g_i * B_i
     ```
 
-    computed in float32 (then cast to the kernel's dtype) and checked for
-    NaN and Inf. With `experts=1`, `g_1 = 1` and the merge is exact: the
-    merged model gives the adapted model's outputs to float32 rounding.
+    computed in float32 (then cast to the kernel's dtype: with bfloat16
+    kernels, a small `dW` partly rounds away) and checked for NaN and Inf.
+    With `experts=1`, `g_1 = 1` and the merge is exact: the merged model
+    gives the adapted model's outputs to float32 rounding.
     With routed experts the gates `g_i` depend on the input, so no single
     `dW` is exact: `calibration_data` is then required, and `g_i` is the
     mean gate of expert `i` over it (over the tokens of the padding mask
@@ -307,9 +308,10 @@ def _rebuild_base(model):
     if not merged.built:
         raise ValueError(
             f"The base of model {model.name!r} did not rebuild from its "
-            "config as a built model, so it cannot be merged. Build "
-            "the base model yourself, then copy `merged` weights with "
-            "`keras_relora.unload` on a copy of the adapted model."
+            "config as a built model, so it cannot be merged into a new "
+            "model. Give its class a `get_config` that lists its "
+            "constructor arguments and a `build` method, or serve the live "
+            "adapters (`model.save(...)`, `model.export(...)`)."
         )
     return merged
 

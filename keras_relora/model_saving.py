@@ -16,15 +16,25 @@ and `isinstance` answers). The subclass changes only serialization:
   the registered name `keras_relora>ReloraModel`.
 * `ReloraModel.from_config` deserializes the base, calls `enable_relora`
   with the stored settings (targets as the exact saved layer paths) and
-  prunes the adapters that were pruned. The rebuilt layer tree is then the
-  saved one, so Keras restores every weight into it: base, adapters,
+  prunes the adapters that were pruned, and recreates the Reducer's state
+  if there was one. The rebuilt layer tree is then the saved one, so Keras
+  restores every weight into it: base, adapters, Reducer scores,
   optimizer slots.
+
+A Task adapted through `enable_relora(task)` gets the subclass; its
+backbone keeps its class (the Task's config rebuilds it).
 
 A model that cannot round-trip through a file refuses to be saved there:
 `model.save("x.h5")` (the legacy format stores weights per layer list, not
-per path) and keras-hub's `save_to_preset` (`from_preset` would rebuild the
-base class without adapters) raise a `ValueError` that says what to use
-instead. `keras_relora.unload` gives the model its own class back.
+per path) and keras-hub's `save_to_preset`, also on an adapted Task's
+backbone (`from_preset` would rebuild the base class without adapters),
+raise a `ValueError` that says what to use instead.
+`keras_relora.unload` gives the model its own class back.
+
+Known gap, outside this module's reach: Keras's `load_weights` of a
+`.weights.h5` file written by an adapted model into a model *without*
+adapters ignores the adapter entries silently (Keras skips unknown
+entries). Load such files into a model adapted with the same settings.
 
 Why not the alternatives: writing merged kernels on save, as Keras's own
 LoRA does, is exact only for `experts=1` and ends further training; wrapping
@@ -60,6 +70,13 @@ def attach(model):
     cls = type(model)
     if getattr(cls, "_relora_base_class", None) is None:
         model.__class__ = _subclass_of(cls)
+    inner = adapted_model(model)
+    if inner is not model and hasattr(inner, "save_to_preset"):
+        # A Task's backbone holds the adapters but keeps its own class (the
+        # Task's config rebuilds it): refuse its preset on the instance.
+        object.__setattr__(
+            inner, "save_to_preset", _save_to_preset.__get__(inner)
+        )
     refresh_torch_parameters(model)
 
 
@@ -68,6 +85,7 @@ def detach(model):
     base_cls = getattr(type(model), "_relora_base_class", None)
     if base_cls is not None:
         model.__class__ = base_cls
+    adapted_model(model).__dict__.pop("save_to_preset", None)
     refresh_torch_parameters(model)
 
 

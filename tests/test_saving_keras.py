@@ -164,6 +164,14 @@ def test_formats_that_would_drop_adapters_refuse(tmp_path):
     with pytest.raises(ValueError, match="merge_relora"):
         backbone.save_to_preset(str(tmp_path / "preset"))
     assert not (tmp_path / "preset" / "config.json").exists()
+    # The backbone of an adapted Task refuses too.
+    lm = tm.llama3_causal_lm()
+    lm.enable_relora(rank=2, experts=1, targets=["q"])
+    for model in (lm, lm.backbone):
+        with pytest.raises(ValueError, match="merge_relora"):
+            model.save_to_preset(str(tmp_path / "preset"))
+    keras_relora.unload(lm)
+    assert "save_to_preset" not in lm.backbone.__dict__
     # After `unload` the model saves (and loads) as the plain base.
     keras_relora.unload(backbone)
     backbone.save(tmp_path / "plain.keras")
