@@ -121,7 +121,8 @@ class ReducerCallback(keras.callbacks.Callback):
         seed: int. Seed of the sampling, stored with the model's Reducer
             state when that state is created; a model that already has one
             (an earlier `fit`, a loaded checkpoint) keeps its seed. Defaults
-            to a random seed.
+            to a seed drawn from numpy's global generator (which
+            `keras.utils.set_random_seed` seeds).
         log_importance: bool. Add `relora_importance_{l}` to the epoch logs
             (so `History` and a `TensorBoard` callback placed after this one
             record them). Defaults to `True`.
@@ -255,10 +256,13 @@ class ReducerCallback(keras.callbacks.Callback):
                 "every step.",
                 stacklevel=2,
             )
-        seed = self.seed
-        if seed is None:
-            seed = int(np.random.default_rng().integers(2**31 - 1))
-        self._state = reducer_state(model, create_seed=seed)
+        self._state = reducer_state(model)
+        if self._state is None:
+            seed = self.seed
+            if seed is None:
+                # numpy's global RNG: `keras.utils.set_random_seed` seeds it.
+                seed = int(np.random.randint(0, 2**31 - 1))
+            self._state = reducer_state(model, create_seed=seed)
         self._scores = ops.convert_to_numpy(self._state.scores).copy()
         masked, installed = MaskedUpdate.install(
             model, self._adapters, num_blocks
