@@ -100,6 +100,10 @@ def refresh_torch_parameters(model):
     """
     if keras.config.backend() != "torch":
         return
+    if any(v._value is None for v in model.weights):
+        # A `budget` plan: variables deferred in a StatelessScope must stay
+        # unallocated (listing them as parameters would allocate them).
+        return
     for holder in {id(m): m for m in (model, adapted_model(model))}.values():
         if hasattr(holder, "_track_variables"):
             holder._track_variables()

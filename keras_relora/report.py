@@ -141,4 +141,14 @@ def budget(backbone_cls, config, **enable_kwargs):
 
     with keras.StatelessScope(initialize_variables=False):
         model = backbone_cls(**config)
-        return enable_relora(model, **enable_kwargs)
+        report = enable_relora(model, **enable_kwargs)
+    # Keras queues deferred variables for the next global initialisation
+    # (the next model build or load would allocate all 8B weights): make
+    # this throw-away model's variables opt out of it.
+    for variable in model.weights:
+        object.__setattr__(variable, "_deferred_initialize", _skip)
+    return report
+
+
+def _skip():
+    return None

@@ -1,0 +1,39 @@
+"""Runs every ```python block of README.md, in order, in one namespace.
+
+The ```bash blocks are the two commands `make demo` and `make test`: CI runs
+the second; the first is covered by the main job's tiny-mode test.
+"""
+
+import os
+import pathlib
+import re
+
+README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
+
+
+def python_blocks():
+    text = README.read_text()
+    return re.findall(r"```python\n(.*?)```", text, flags=re.S)
+
+
+def test_readme_has_the_two_commands():
+    text = README.read_text()
+    bash = re.findall(r"```bash\n(.*?)```", text, flags=re.S)
+    assert len(bash) == 1
+    commands = [line.split("#")[0].strip() for line in bash[0].splitlines()]
+    assert commands == ["make demo", "make test"]
+    ci = (README.parent / ".ci" / "run").read_text()
+    assert "make test" in ci
+
+
+def test_readme_python_blocks_run(tmp_path):
+    blocks = python_blocks()
+    assert len(blocks) >= 4
+    namespace = {}
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        for i, block in enumerate(blocks):
+            exec(compile(block, f"README.md block {i}", "exec"), namespace)
+    finally:
+        os.chdir(cwd)
