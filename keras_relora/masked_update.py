@@ -38,13 +38,6 @@ _ATTRIBUTE = "_relora_masked_update"
 _NOT_RESTORED = ("_gradient_accumulator",)
 
 
-def _size(variable):
-    n = 1
-    for d in variable.shape:
-        n *= int(d)
-    return n
-
-
 def core_optimizer(optimizer):
     """The optimizer that updates variables (inside a `LossScaleOptimizer`)."""
     return getattr(optimizer, "inner_optimizer", None) or optimizer
@@ -138,14 +131,16 @@ class MaskedUpdate:
             the same B kernels).
         """
         optimizer = core_optimizer(model.optimizer)
-        kernels = [
-            a.b_kernel for a in adapters if getattr(a, "b_kernel", None)
-            is not None
+        trainable = {id(v) for v in model.trainable_variables}
+        adapters = [
+            a for a in adapters
+            if getattr(a, "b_kernel", None) is not None
+            and id(a.b_kernel) in trainable
         ]
         existing = optimizer.__dict__.get(_ATTRIBUTE)
         if existing is not None:
-            known = {id(v) for _, vs in existing.groups for v in vs[:1]}
-            if known == {id(v) for v in kernels}:
+            known = {id(variables[0]) for _, variables in existing.groups}
+            if known == {id(a.b_kernel) for a in adapters}:
                 return existing, False
             raise ValueError(
                 "This optimizer already masks a different set of B kernels "
@@ -155,18 +150,10 @@ class MaskedUpdate:
             )
         if not model.optimizer.built:
             _build(model)
-        trainable = {id(v) for v in model.trainable_variables}
-        by_name = {}
-        for variable in optimizer.variables:
-            by_name.setdefault(variable.name, []).append(variable)
-        groups = []
-        for adapter in adapters:
-            kernel = getattr(adapter, "b_kernel", None)
-            if kernel is None or id(kernel) not in trainable:
-                continue
-            groups.append(
-                (adapter.block, [kernel] + _slots(optimizer, kernel))
-            )
+        groups = [
+            (a.block, [a.b_kernel] + _slots(optimizer, a.b_kernel))
+            for a in adapters
+        ]
         masked = cls(optimizer, groups, num_blocks)
         masked.exclude_mirrors_from_saving({id(o): o for o in (
             model.optimizer, optimizer)}.values())
