@@ -7,6 +7,7 @@ import keras
 from keras_relora import targets as targets_lib
 from keras_relora.relora_dense import ROUTER_INPUTS
 from keras_relora.relora_dense import ReloraDense
+from keras_relora.relora_dense import adapter_dtype
 from keras_relora.relora_dense import linear_call
 from keras_relora.report import ReloraReport
 from keras_relora.shared_lora_a import SharedLoraA
@@ -266,7 +267,7 @@ def _inject(layer, path, role, shared, root, *, rank, share_a, train_a,
         with _path_scope(scope):
             shared[key] = SharedLoraA(
                 d_in, rank, trainable=train_a, name=name,
-                dtype=layer.dtype_policy,
+                dtype=adapter_dtype(layer),
             )
     with _path_scope(path):
         adapter = ReloraDense(

@@ -23,6 +23,19 @@ def linear_call(layer, fn, *args, **kwargs):
         layer.activation = activation
 
 
+def adapter_dtype(layer):
+    """The dtype policy of an adapter of `layer`: its float part.
+
+    A quantized layer's policy (e.g. int8) would send the adapter's own
+    call through Keras's quantized path; the adapter computes in the
+    layer's compute dtype and keeps its weights in float32.
+    """
+    policy = layer.dtype_policy
+    if policy.quantization_mode is None:
+        return policy
+    return keras.DTypePolicy(policy.compute_dtype)
+
+
 @keras.saving.register_keras_serializable(package="keras_relora")
 class ReloraDense(keras.layers.Layer):
     """A frozen `Dense`/`EinsumDense` plus a routed mixture of LoRA experts.
@@ -153,7 +166,7 @@ class ReloraDense(keras.layers.Layer):
             raise ValueError(
                 f"`block` must be None or an int >= 0. Received: block={block}"
             )
-        kwargs.setdefault("dtype", layer.dtype_policy)
+        kwargs.setdefault("dtype", adapter_dtype(layer))
         super().__init__(**kwargs)
         self.experts = experts
         self.rank = shared_a.rank
