@@ -48,8 +48,10 @@ def test_custom_model(tmp_path, capsys, experts):
     assert not any("relora" in v.path for v in merged.weights)
     assert "merge_relora" in out and "after ReLoRA" in out
     if experts == 1:
-        # One B per layer: the merge is exact, so accuracy is unchanged.
-        assert result["merged_rotated"] == result["tuned_rotated"]
+        # One B per layer: the merge is exact (float32 rounding aside, which
+        # may flip a near-tie), so the accuracy is the adapted model's.
+        assert abs(result["merged_rotated"] - result["tuned_rotated"]) \
+            <= 1 / 64
         assert "exact merge" in out
     else:
         assert "mean gates" in out
