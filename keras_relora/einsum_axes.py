@@ -51,6 +51,13 @@ class EinsumAxes:
     one einsum, which the backends lower to a single matmul.
 
     A `Dense` layer is the equation `"...a,ab->...b"`.
+
+    Call `equations(ndim)` for the pair the layer actually runs: the same
+    equations with `...` spelled out as letters for an input of rank
+    `ndim`. TensorFlow's einsum gradient keeps every `...` axis of an
+    operand when the other operand has none (`_EinsumGrad`), which made the
+    adapter's backward pass 3-12x slower than Keras's LoRA there
+    (`benchmarks/layer_overhead.py`); explicit letters lower to matmuls.
     """
 
     def __init__(self, equation, kernel_shape):
@@ -103,3 +110,30 @@ class EinsumAxes:
         # used by merging: W2d = transpose(W, perm).reshape(d_in, d_out).
         self.kernel_to_2d = tuple(ker.index(a) for a in contracted + free)
         self.kernel_shape = tuple(kernel_shape)
+        self._input_spec = inp
+        self._explicit = {}
+
+    def equations(self, ndim):
+        """`(project_equation, expand_equation)` for an input of rank `ndim`.
+
+        Identical to the attributes when the equation has no `...`;
+        otherwise `...` is replaced by as many unused letters as the input
+        has axes beyond the named ones.
+        """
+        if "..." not in self._input_spec:
+            return self.project_equation, self.expand_equation
+        if ndim not in self._explicit:
+            named = len(self._input_spec) - 1
+            if ndim < named:
+                raise ValueError(
+                    f"Equation {self.equation!r} needs inputs with at least "
+                    f"{named} axes; received an input of rank {ndim}."
+                )
+            used = set(self.project_equation + self.expand_equation)
+            spare = [c for c in "ABCDEFGHIJKLMNOPQRSTUVWXYZ" if c not in used]
+            letters = "".join(spare[: ndim - named])
+            self._explicit[ndim] = (
+                self.project_equation.replace("...", letters),
+                self.expand_equation.replace("...", letters),
+            )
+        return self._explicit[ndim]

@@ -274,7 +274,8 @@ class ReloraDense(keras.layers.Layer):
     def _project(self, x, kernel, width):
         """`x @ kernel` over the contracted axes; kernel is `(d_in, width)`."""
         kernel = ops.reshape(kernel, self.axes.in_shape + (width,))
-        return ops.einsum(self.axes.project_equation, x, kernel)
+        project, _ = self.axes.equations(len(x.shape))
+        return ops.einsum(project, x, kernel)
 
     def gates(self, inputs, h=None):
         """Router weights for `inputs`, shape `(..., experts)`, float32."""
@@ -317,7 +318,8 @@ class ReloraDense(keras.layers.Layer):
             mixed = ops.expand_dims(gates, -1) * ops.expand_dims(h, -2)
         b = ops.cast(self.b_kernel, dtype)
         b = ops.reshape(b, (self.experts, self.rank) + self.axes.out_shape)
-        return ops.einsum(self.axes.expand_equation, mixed, b)
+        _, expand = self.axes.equations(len(x.shape))
+        return ops.einsum(expand, mixed, b)
 
     def _balance_loss(self, gates):
         flat = ops.reshape(gates, (-1, self.experts))

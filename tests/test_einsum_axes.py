@@ -54,3 +54,39 @@ def test_refuses_what_it_cannot_split(equation, shape, message):
 def test_kernel_rank_mismatch():
     with pytest.raises(ValueError, match="has 2 axes"):
         EinsumAxes("ab,bc->ac", (4, 5, 6))
+
+
+def test_equations_spell_out_the_ellipsis():
+    axes = EinsumAxes("...a,ab->...b", (8, 6))
+    assert axes.equations(2) == ("Aa,ar->Ar", "Amr,mrb->Ab")
+    assert axes.equations(4) == ("ABCa,ar->ABCr", "ABCmr,mrb->ABCb")
+    # Equations without `...` are returned unchanged.
+    named = EinsumAxes("btd,ndh->btnh", (4, 8, 2))
+    assert named.equations(3) == (
+        named.project_equation,
+        named.expand_equation,
+    )
+
+
+def test_equations_match_the_ellipsis_form_numerically():
+    np = pytest.importorskip("numpy")
+    axes = EinsumAxes("...a,ab->...b", (5, 3))
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 4, 5))
+    a = rng.standard_normal((5, 2))
+    g = rng.standard_normal((2, 4, 3, 2))
+    b = rng.standard_normal((3, 2, 3))
+    project, expand = axes.equations(3)
+    np.testing.assert_allclose(
+        np.einsum(project, x, a), np.einsum(axes.project_equation, x, a)
+    )
+    np.testing.assert_allclose(
+        np.einsum(expand, g, b), np.einsum(axes.expand_equation, g, b)
+    )
+
+
+def test_equations_refuse_an_input_of_too_low_rank():
+    axes = EinsumAxes("...ab,abc->...c", (2, 3, 4))
+    message = "at least 2 axes; received an input of rank 1"
+    with pytest.raises(ValueError, match=message):
+        axes.equations(1)
