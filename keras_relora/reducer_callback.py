@@ -1,5 +1,6 @@
 """`ReducerCallback`: the paper's Reducer (§3.2), as a Keras callback."""
 
+import functools
 import warnings
 
 import keras
@@ -39,7 +40,7 @@ class _ReducerState(keras.layers.Layer):
 
 
 def reducer_state(model, create_seed=None):
-    """The model's Reducer state layer; created with `create_seed` if missing."""
+    """The Reducer state of `model`; made with `create_seed` if missing."""
     state = require_state(model, "`ReducerCallback`")
     root = adapted_model(model)
     reducer = root.__dict__.get(STATE_ATTRIBUTE)
@@ -224,6 +225,7 @@ class ReducerCallback(keras.callbacks.Callback):
         self._history = []
         self._masked = None
         self._probe = None
+        self._preprocessed = False
         self._step = 0
         self._batch_begin = 0
 
@@ -327,6 +329,18 @@ class ReducerCallback(keras.callbacks.Callback):
         )
         metrics = [ops.convert_to_numpy(v) for v in model.metrics_variables]
         x, y, sample_weight = self._probe
+        test_on_batch = model.test_on_batch
+        if self._preprocessed:
+            # The probe batch went through the task's preprocessor once
+            # already; a keras-hub task's own `test_on_batch` would run it
+            # again on token ids. Keras's `test_on_batch` runs the same
+            # compiled test step without preprocessing.
+            test_on_batch = functools.partial(keras.Model.test_on_batch, model)
+            x, y, sample_weight = (
+                None if part is None
+                else keras.tree.map_structure(ops.convert_to_tensor, part)
+                for part in (x, y, sample_weight)
+            )
         losses = []
         try:
             for blocks in suppressed:
@@ -334,9 +348,7 @@ class ReducerCallback(keras.callbacks.Callback):
                 for adapter in self._adapters:
                     if adapter.block in chosen:
                         adapter.suppression.assign(self.suppression_factor)
-                logs = model.test_on_batch(
-                    x, y, sample_weight, return_dict=True
-                )
+                logs = test_on_batch(x, y, sample_weight, return_dict=True)
                 losses.append(float(logs["loss"]))
                 for adapter in self._adapters:
                     if adapter.block in chosen:
@@ -380,18 +392,20 @@ class ReducerCallback(keras.callbacks.Callback):
             x = fit_data["x"]
             if _is_array_like(x):
                 batch = tuple(
-                    None if part is None else keras.tree.map_structure(
-                        lambda a: a[:batch_size], part
-                    )
+                    None if part is None else _head(part, batch_size)
                     for part in (x, fit_data["y"], fit_data["sample_weight"])
                 )
             else:
                 batch = _first_batch(x, "the training data")
-        preprocessor = getattr(model, "preprocessor", None)
-        if preprocessor is not None:
-            batch = keras.utils.unpack_x_y_sample_weight(
-                preprocessor(*batch)
-            )
+        # Preprocess once here, as a keras-hub task's `fit` does with every
+        # batch, so that each probe only runs the compiled test step.
+        self._preprocessed = getattr(model, "preprocessor", None) is not None
+        if self._preprocessed:
+            preprocess = getattr(model, "preprocess_samples", None)
+            if preprocess is None:
+                preprocess = model.preprocessor
+            batch = _strings_to_python(batch)
+            batch = keras.utils.unpack_x_y_sample_weight(preprocess(*batch))
             batch = tuple(batch) + (None,) * (3 - len(batch))
         return tuple(
             None if part is None else keras.tree.map_structure(_host, part)
@@ -462,9 +476,60 @@ class ReducerCallback(keras.callbacks.Callback):
         return figure
 
 
+def _is_string_list(x):
+    return (
+        isinstance(x, (list, tuple))
+        and bool(x)
+        and all(isinstance(item, (str, bytes)) for item in x)
+    )
+
+
+def _parts(x):
+    """The leaves of `x`, a list of strings counting as one leaf."""
+    if _is_string_list(x):
+        return [x]
+    if isinstance(x, dict):
+        return [leaf for value in x.values() for leaf in _parts(value)]
+    if isinstance(x, (list, tuple)):
+        return [leaf for value in x for leaf in _parts(value)]
+    return [x]
+
+
 def _is_array_like(x):
-    leaves = keras.tree.flatten(x)
-    return bool(leaves) and all(hasattr(leaf, "shape") for leaf in leaves)
+    """Whether `x` is arrays (or lists of strings) to slice a batch from."""
+    leaves = _parts(x)
+    return bool(leaves) and all(
+        hasattr(leaf, "shape") or _is_string_list(leaf) for leaf in leaves
+    )
+
+
+def _head(x, size):
+    """The first `size` samples of arrays or lists of strings."""
+    if _is_string_list(x):
+        return list(x[:size])
+    if isinstance(x, dict):
+        return {key: _head(value, size) for key, value in x.items()}
+    if isinstance(x, (list, tuple)):
+        return type(x)(_head(value, size) for value in x)
+    return x[:size]
+
+
+def _strings_to_python(batch):
+    """Numpy string arrays as lists of `str`, which preprocessors take."""
+
+    def convert(x):
+        if isinstance(x, np.ndarray) and x.dtype.kind in "OSU":
+            return [
+                item.decode("utf-8") if isinstance(item, bytes) else item
+                for item in x.tolist()
+            ]
+        if isinstance(x, dict):
+            return {key: convert(value) for key, value in x.items()}
+        if isinstance(x, (list, tuple)) and not _is_string_list(x):
+            return type(x)(convert(value) for value in x)
+        return x
+
+    return tuple(convert(part) for part in batch)
 
 
 def _first_batch(data, what):

@@ -1,7 +1,9 @@
 """`ReducerCallback` on a keras-hub task (a tiny Llama 3 causal LM)."""
 
 import keras
+import keras_hub
 import numpy as np
+import pytest
 from keras import ops
 
 import tiny_models
@@ -74,3 +76,88 @@ def test_llama_fit_30_steps_one_trace_and_frozen_blocks():
         by_block.setdefault(state.adapters[path].block, set()).add(count)
     assert all(len(counts) == 1 for counts in by_block.values())
     assert sum(next(iter(c)) for c in by_block.values()) == 30
+
+
+def _byte_tokenizer():
+    """A Llama 3 tokenizer over the 256 byte-level symbols (no files)."""
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
+    symbols = [chr(b) for b in printable]
+    symbols += [chr(256 + i) for i in range(256 - len(printable))]
+    merges = ["c a", "d o"]  # An empty merge list breaks the BPE table.
+    specials = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>",
+                "<|end_header_id|>", "<|eot_id|>"]
+    tokens = ["<pad>", *specials, *symbols,
+              *(m.replace(" ", "") for m in merges)]
+    return keras_hub.models.Llama3Tokenizer(
+        vocabulary={token: i for i, token in enumerate(tokens)},
+        merges=merges,
+    )
+
+
+@pytest.mark.parametrize("container", ["numpy", "list"])
+def test_llama_with_preprocessor_probes_raw_strings(container):
+    # The task preprocesses the strings `fit` gets; the probe batch, taken
+    # from the same strings, must be preprocessed once, not twice (a task's
+    # own `test_on_batch` preprocesses again).
+    keras.utils.set_random_seed(0)
+    tokenizer = _byte_tokenizer()
+    backbone = keras_hub.models.Llama3Backbone(
+        vocabulary_size=tokenizer.vocabulary_size(),
+        num_layers=2,
+        num_query_heads=2,
+        num_key_value_heads=1,
+        hidden_dim=8,
+        intermediate_dim=16,
+    )
+    preprocessor = keras_hub.models.Llama3CausalLMPreprocessor(
+        tokenizer, sequence_length=8, add_start_token=False
+    )
+    lm = keras_hub.models.Llama3CausalLM(backbone, preprocessor)
+    base = {v.path: ops.convert_to_numpy(v).copy() for v in backbone.weights}
+    lm.enable_relora(rank=2, experts=2)
+    lm.compile(
+        optimizer=keras.optimizers.AdamW(1e-2),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        weighted_metrics=["accuracy"],
+    )
+    rng = np.random.default_rng(0)
+    words = ["cat", "dog", "sun", "red", "big", "top"]
+    texts = np.array(
+        [" ".join(rng.choice(words, 3)) for _ in range(24)]
+    )
+    reducer = keras_relora.ReducerCallback(
+        update_layers=1, interval=4, seed=0
+    )
+    data = texts if container == "numpy" else texts.tolist()
+    history = lm.fit(data, batch_size=2, epochs=1, verbose=0,
+                     callbacks=[reducer])
+
+    steps, table = reducer.importance_history
+    np.testing.assert_array_equal(steps, [0, 4, 8, 12])
+    assert np.all(np.isfinite(table))
+    assert np.any(table[-1] != 0)  # The probes moved the scores.
+    assert np.isfinite(history.history["loss"][-1])
+    # The held probe batch is the first two strings, preprocessed once.
+    expected, _, _ = keras.utils.unpack_x_y_sample_weight(
+        preprocessor(texts[:2].tolist())
+    )
+    np.testing.assert_array_equal(
+        reducer._probe[0]["token_ids"],
+        ops.convert_to_numpy(expected["token_ids"]),
+    )
+    _ = lm.weights  # On JAX, syncs the state.
+    for variable in backbone.weights:
+        if variable.path in base:
+            np.testing.assert_array_equal(
+                ops.convert_to_numpy(variable), base[variable.path]
+            )
+    # The adapters trained.
+    state = keras_relora.get_state(lm)
+    assert any(
+        np.any(ops.convert_to_numpy(adapter.b_kernel) != 0)
+        for adapter in state.adapters.values()
+    )
