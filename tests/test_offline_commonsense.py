@@ -319,3 +319,31 @@ def test_build_mixture_weights_only_the_answer(tiny_lm, tokenizer):
         x, y, sample_weight=weight, batch_size=6, epochs=1, verbose=0
     )
     assert np.isfinite(history.history["loss"][-1])
+
+
+def test_boolq_as_classification_pairs_question_and_passage():
+    test = cs.load_classification("boolq", "test")
+    assert [e["index"] for e in test] == [
+        e["index"] for e in cs.load_task("boolq", "test")
+    ]
+    row = cs.load_raw("boolq")[test[0]["index"]]
+    assert (test[0]["text_a"], test[0]["text_b"]) == (
+        row["question"],
+        row["passage"],
+    )
+    names = test[0]["label_names"]
+    assert names[test[0]["label"]] == ("true" if row["answer"] else "false")
+    sst2 = cs.load_classification("sst2", "test")
+    assert sst2 == cs.load_task("sst2", "test")
+    with pytest.raises(ValueError, match="load_classification"):
+        cs.load_classification("piqa")
+
+
+def test_data_and_evaluation_modules_behind_one_name():
+    from keras_relora.offline import commonsense_data
+    from keras_relora.offline import commonsense_eval
+
+    assert cs.load_task is commonsense_data.load_task
+    assert cs.build_mixture is commonsense_data.build_mixture
+    assert cs.score_choices is commonsense_eval.score_choices
+    assert cs.choice_logits is commonsense_eval.choice_logits

@@ -20,6 +20,7 @@ from keras_relora.offline.commonsense import (
     CLASSIFICATION_TASKS,
     COMMONSENSE_TASKS,
     build_mixture,
+    load_classification,
     load_task,
     score_choices,
 )
@@ -40,6 +41,7 @@ __all__ = [
     "COMMONSENSE_TASKS",
     "build_mixture",
     "convert_smollm2",
+    "load_classification",
     "load_minilm_backbone",
     "load_minilm_embedder",
     "load_minilm_preprocessor",
