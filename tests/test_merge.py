@@ -83,6 +83,36 @@ def test_exact_merge_of_a_task_and_dense_activations():
     )
 
 
+def test_merge_keeps_tied_embeddings_through_a_preset(tmp_path):
+    # keras-hub's Llama backbones leave `tie_word_embeddings` out of their
+    # config (SmolLM2 ties them): the merge must not rebuild an untied head.
+    x = tm.token_batch()
+    backbone = keras_hub.models.Llama3Backbone(
+        vocabulary_size=tm.VOCAB,
+        num_layers=2,
+        num_query_heads=2,
+        num_key_value_heads=1,
+        hidden_dim=8,
+        intermediate_dim=16,
+        tie_word_embeddings=True,
+    )
+    lm = keras_hub.models.Llama3CausalLM(backbone, preprocessor=None)
+    num_base_weights = len(lm.weights)
+    lm.enable_relora(rank=2, experts=1)
+    randomize_adapters(lm)
+    merged = keras_relora.merge_relora(lm)
+    assert type(merged) is keras_hub.models.Llama3CausalLM
+    assert merged.backbone.tie_word_embeddings
+    assert len(merged.weights) == num_base_weights
+    y = to_numpy(lm(x))
+    np.testing.assert_allclose(to_numpy(merged(x)), y, rtol=1e-5, atol=1e-5)
+    preset = str(tmp_path / "preset")
+    merged.save_to_preset(preset)
+    restored = keras_hub.models.CausalLM.from_preset(preset)
+    assert restored.backbone.tie_word_embeddings
+    np.testing.assert_array_equal(to_numpy(restored(x)), to_numpy(merged(x)))
+
+
 @pytest.fixture(scope="module")
 def routed():
     x, _ = tm.dense_data(batch=16)
