@@ -216,7 +216,10 @@ def enable_relora(
     for variable in frozen:
         variable.trainable = False
 
-    blocks = targets_lib.blocks_of([path for path, _, _ in chosen])
+    relative = {
+        path: targets_lib.relative_path(root, path) for path, _, _ in chosen
+    }
+    blocks = targets_lib.blocks_of(relative.values())
     block_index = {key: i for i, key in enumerate(blocks)}
     shared = {}
     adapters = {}
@@ -227,7 +230,7 @@ def enable_relora(
             experts=experts, alpha=alpha, dropout=dropout,
             router_input=router_input, top_k=top_k,
             balance_loss=balance_loss,
-            block=block_index[targets_lib.block_key(path)],
+            block=block_index[targets_lib.block_key(relative[path])],
         )
         adapters[path] = adapter
     settings = dict(

@@ -48,6 +48,7 @@ import re
 import keras
 import numpy as np
 
+from keras_relora import targets as targets_lib
 from keras_relora.enable_relora import adapted_model
 from keras_relora.enable_relora import enable_relora
 from keras_relora.enable_relora import get_state
@@ -178,15 +179,9 @@ def _subclass_of(cls):
 
 
 def relative_path(model, path):
-    """`path` without a leading `<model name>/`.
-
-    Keras names a layer's path after the scopes it was built in: the
-    layers of a subclassed model are `model_name/layer` when built by a
-    call and `layer` when built from a config. Saved paths are relative,
-    so both match.
-    """
-    prefix = adapted_model(model).name + "/"
-    return path[len(prefix):] if path.startswith(prefix) else path
+    """`path` relative to the model that holds the layers (see
+    `targets.relative_path`): saved paths match however it was built."""
+    return targets_lib.relative_path(adapted_model(model), path)
 
 
 def relora_state_config(state, model):
@@ -334,8 +329,6 @@ def exact_targets(paths):
 
 def adaptable_layers(model):
     """`{relative path: (path, layer)}` of the layers `model` can adapt."""
-    from keras_relora import targets as targets_lib
-
     found = targets_lib.candidates(adapted_model(model))
     return {
         relative_path(model, path): (path, layer)

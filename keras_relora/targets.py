@@ -48,6 +48,19 @@ def layer_path(layer):
     return layer.kernel.path.rsplit("/", 1)[0]
 
 
+def relative_path(model, path):
+    """`path` without a leading `<model name>/`.
+
+    Keras names a layer's path after the scopes it was built in: the
+    layers of a subclassed model are `model_name/layer` when built by a
+    call (and the name is `two_block_mlp_1` for the second instance) but
+    `layer` when built from a config. Roles, blocks and saved paths use the
+    relative path, so none of them depends on the model's name.
+    """
+    prefix = model.name + "/"
+    return path[len(prefix):] if path.startswith(prefix) else path
+
+
 def block_key(path):
     """The block a path belongs to: its first `<name>_<n>/` prefix.
 
@@ -75,7 +88,7 @@ def candidates(model):
     for layer in model._flatten_layers(include_self=False):
         if isinstance(layer, ADAPTABLE) and layer.built:
             path = layer_path(layer)
-            found[path] = (layer, role_of(path))
+            found[path] = (layer, role_of(relative_path(model, path)))
     return found
 
 
