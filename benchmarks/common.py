@@ -256,3 +256,22 @@ def run_backends(script, argv, backends):
             print(f"[{backend}] exited with code {proc.returncode}")
         results[backend] = result
     return results
+
+
+def run_main(script, args, main, summarise):
+    """A benchmark's entry point: this process's backend, or every backend.
+
+    With `args.all_backends`, runs `script` once per backend in a
+    subprocess (`run_backends`), then `summarise(results)` and writes the
+    JSON; otherwise `main(args)` here.
+    """
+    if not args.all_backends:
+        main(args)
+        return
+    results = run_backends(
+        os.path.abspath(script),
+        child_argv(sys.argv[1:]),
+        args.backends.split(","),
+    )
+    summarise(results)
+    write_json(args.json, results)

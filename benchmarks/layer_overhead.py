@@ -35,7 +35,6 @@ python benchmarks/layer_overhead.py --all-backends --quick   # smoke run
 
 import argparse
 import os
-import sys
 import time
 
 import common
@@ -43,18 +42,20 @@ import common
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--dim", type=int, default=4096)
-    p.add_argument("--tokens", type=int, default=2048)
+    p.add_argument("--dim", type=int, help="default 4096 (quick: 512)")
+    p.add_argument("--tokens", type=int, help="default 2048 (quick: 256)")
     p.add_argument("--rank", type=int, default=16)
-    p.add_argument("--rounds", type=int, default=7)
-    p.add_argument("--reps", type=int, default=2, help="calls per round")
-    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--rounds", type=int, help="default 7 (quick: 3)")
+    p.add_argument(
+        "--reps", type=int, help="calls per round; default 2 (quick: 3)"
+    )
+    p.add_argument("--warmup", type=int, help="default 2 (quick: 1)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--xla", action="store_true", help="TF: jit_compile")
     p.add_argument(
         "--quick",
         action="store_true",
-        help="smoke run: dim 512, tokens 256, 3 rounds",
+        help="smoke run: small sizes, few rounds",
     )
     p.add_argument(
         "--only",
@@ -71,9 +72,14 @@ def parse_args(argv=None):
         "--json", default=None, help="also write every result to this file"
     )
     args = p.parse_args(argv)
+    preset = {"rounds": 7, "reps": 2, "warmup": 2, "dim": 4096,
+              "tokens": 2048}
     if args.quick:
-        args.dim, args.tokens = 512, 256
-        args.rounds, args.reps, args.warmup = 3, 3, 1
+        preset = {"rounds": 3, "reps": 3, "warmup": 1, "dim": 512,
+                  "tokens": 256}
+    for name, value in preset.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
     return args
 
 
@@ -299,13 +305,4 @@ def summarise(results):
 
 
 if __name__ == "__main__":
-    args = parse_args()
-    if args.all_backends:
-        argv = common.child_argv(sys.argv[1:])
-        results = common.run_backends(
-            os.path.abspath(__file__), argv, args.backends.split(",")
-        )
-        summarise(results)
-        common.write_json(args.json, results)
-    else:
-        main(args)
+    common.run_main(__file__, parse_args(), main, summarise)

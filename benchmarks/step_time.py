@@ -46,7 +46,6 @@ import itertools
 import math
 import os
 import statistics
-import sys
 import time
 
 import common
@@ -492,13 +491,4 @@ def summarise(results):
 
 
 if __name__ == "__main__":
-    args = parse_args()
-    if args.all_backends:
-        argv = common.child_argv(sys.argv[1:])
-        results = common.run_backends(
-            os.path.abspath(__file__), argv, args.backends.split(",")
-        )
-        summarise(results)
-        common.write_json(args.json, results)
-    else:
-        main(args)
+    common.run_main(__file__, parse_args(), main, summarise)

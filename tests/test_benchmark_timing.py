@@ -1,0 +1,67 @@
+"""The timing benchmarks run end to end (`--quick`) on this backend.
+
+Smoke tests only: they check that every configuration ran, was timed and
+reported; they assert nothing about which one is faster (timing belongs in
+`benchmarks/RESULTS.md`, never in a unit test).
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import keras
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TAG = "RESULT_JSON "
+
+
+def run_quick(script, *flags):
+    env = dict(os.environ, KERAS_BACKEND=keras.config.backend())
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "benchmarks", script),
+         "--quick", *flags],
+        env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(TAG)]
+    assert len(lines) == 1, proc.stdout[-3000:]
+    return json.loads(lines[0][len(TAG):]), proc.stdout
+
+
+def test_layer_overhead_quick():
+    result, out = run_quick(
+        "layer_overhead.py", "--rounds", "2", "--reps", "1",
+        "--dim", "128", "--tokens", "64",
+    )
+    configs = result["configs"]
+    assert set(configs) == {
+        "frozen", "keras_lora", "act_lora", "relora_e1", "relora_e4"
+    }
+    for entry in configs.values():
+        assert len(entry["samples"]) == 2
+        assert all(t > 0 for t in entry["samples"])
+    assert configs["frozen"]["vs_frozen"]["median"] == 1.0
+    assert "target relora_e4 <= 1.15x keras_lora:" in out
+
+
+def test_step_time_quick_with_reducer():
+    result, out = run_quick(
+        "step_time.py", "--only", "relora_multi", "--reducer",
+        "--reducer-interval", "2", "--rounds", "2",
+    )
+    configs = result["configs"]
+    assert set(configs) == {
+        "keras_lora", "relora_multi", "relora_multi+reducer"
+    }
+    # Same adapters with and without the callback.
+    assert (
+        configs["relora_multi"]["trainable"]
+        == configs["relora_multi+reducer"]["trainable"]
+    )
+    assert configs["keras_lora"]["vs_keras_lora"]["median"] == 1.0
+    reducer = result["reducer"]
+    assert reducer["interval"] == 2
+    # With interval 2 and 3 steps per fit, probes fall in measured steps.
+    assert reducer["probe_steps_ms"], out[-2000:]
+    assert "amortised / relora_multi" in out
