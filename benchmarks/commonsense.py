@@ -244,6 +244,8 @@ def truncate_blocks(lm, blocks):
         return lm
     config = old.get_config()
     config["num_layers"] = blocks
+    # keras-hub's Llama config leaves the tied embedding out.
+    config["tie_word_embeddings"] = old.token_embedding.tie_weights
     new = type(old).from_config(config)
     for layer in new.layers:
         if layer.weights:
@@ -266,7 +268,6 @@ def main(argv=None):
     if args.from_json:
         return render(args.from_json, append=not args.no_append)
     common.pin_threads_env(args.threads)
-    import keras
     import numpy as np
 
     import keras_relora
@@ -285,6 +286,26 @@ def main(argv=None):
     print(f"SmolLM2-135M loaded in {load_seconds:.0f} s", flush=True)
     results = []
     reference = None
+    os.makedirs(args.output_dir, exist_ok=True)
+    path = os.path.join(args.output_dir, "commonsense.json")
+
+    def save(complete):
+        # Written after every row: a run stopped early keeps its rows
+        # (`--from-json` renders them, marked as incomplete).
+        payload = {
+            "settings": vars(args), "environment": env, "results": results,
+            "complete": complete,
+            "total_seconds": time.perf_counter() - start,
+            "load_seconds": load_seconds,
+            "command": finetune.command_line(),
+            "train_pool": data["train_pool"],
+            "test_sizes": {t: len(v) for t, v in data["test"].items()},
+            "base_params": int(lm.backbone.count_params()),
+        }
+        with open(path, "w") as f:
+            json.dump(payload, f, indent=1)
+        return payload
+
     for seed in args.seeds:
         data = build_data(args, tokenizer, seed)
         if reference is None:
@@ -293,6 +314,7 @@ def main(argv=None):
             if not args.no_base:
                 results.append(run_base(lm, data, tokenizer, args))
                 report_line(results[-1])
+                save(False)
         for row in rows:
             again = fingerprint(lm, reference[0])
             if not np.allclose(again, reference[1], atol=1e-4):
@@ -302,21 +324,11 @@ def main(argv=None):
                 )
             results.append(train_row(row, seed, lm, data, tokenizer, args))
             report_line(results[-1])
+            save(False)
             keras_relora.unload(lm)
             gc.collect()
-    total = time.perf_counter() - start
-    payload = {
-        "settings": vars(args), "environment": env, "results": results,
-        "total_seconds": total, "load_seconds": load_seconds,
-        "command": finetune.command_line(),
-        "train_pool": data["train_pool"],
-        "test_sizes": {t: len(v) for t, v in data["test"].items()},
-        "base_params": int(lm.backbone.count_params()),
-        "keras": keras.__version__,
-    }
-    os.makedirs(args.output_dir, exist_ok=True)
-    path = os.path.join(args.output_dir, "commonsense.json")
-    common.write_json(path, payload)
+    payload = save(True)
+    print(f"wrote {path}")
     render(path, append=not args.no_append)
     return payload
 
@@ -366,6 +378,8 @@ def report_markdown(payload, table, plot):
     plot_line = (f"- plot: `{finetune.repo_path(plot)}`, data: "
                  f"`{finetune.repo_path(plot)[:-4]}.json`\n" if plot else "")
     mode = "QUICK smoke run" if args.quick else "reduced-size run"
+    if not payload.get("complete", True):
+        mode += " (STOPPED EARLY: only the rows below finished)"
     return (
         f"## SmolLM2-135M commonsense (`commonsense.py`), {mode}, "
         f"{finetune.utc_now()}\n\n"

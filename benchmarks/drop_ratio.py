@@ -47,7 +47,9 @@ def parse_args(argv=None):
     parser.add_argument("--random-seeds", type=int, default=None,
                         help="random drops per ratio (default 5; --quick 2)")
     parser.add_argument("--from-json", default=None,
-                        help="re-render the report of a saved run's JSON")
+                        help="re-render the report of saved runs' JSON "
+                        "files (comma-separated: their training seeds are "
+                        "merged into one table)")
     args = parser.parse_args(argv)
     quick = args.quick
     if args.seeds is None:
@@ -193,9 +195,29 @@ def prune_check(model, data, args, run, keras):
     }
 
 
-def render(path, append):
-    with open(path) as f:
-        payload = json.load(f)
+def load_payloads(paths):
+    """One payload from one or more JSON files (their runs concatenated)."""
+    payloads = []
+    for path in paths.split(","):
+        with open(path) as f:
+            payloads.append(json.load(f))
+    payload = payloads[0]
+    if len(payloads) > 1:
+        payload["runs"] = [r for p in payloads for r in p["runs"]]
+        payload["settings"]["seeds"] = [r["seed"] for r in payload["runs"]]
+        payload["total_seconds"] = sum(p["total_seconds"] for p in payloads)
+        payload["command"] = "`; `".join(p["command"] for p in payloads)
+        payload["environment"]["loadavg_start"] = [
+            p["environment"]["loadavg_start"] for p in payloads
+        ]
+    return payload
+
+
+def render(paths, append):
+    payload = load_payloads(paths)
+    path = paths.split(",")[0]
+    if "," in paths:
+        common.write_json(path, payload)  # The merged runs.
     args = argparse.Namespace(**payload["settings"])
     table, curves = summary(payload)
     print("\n" + table)
@@ -278,7 +300,8 @@ def report_markdown(payload, table, plot):
     return (
         f"## Drop ratio (Figure 5) on MiniLM-L6 (`drop_ratio.py`), "
         f"{finetune.utc_now()}\n\n"
-        f"- command: `{payload['command']}`\n"
+        f"- command{'s' if '`; `' in payload['command'] else ''}: "
+        f"`{payload['command']}`\n"
         f"{finetune.environment_lines(payload['environment'])}\n"
         f"- model: relora_multi (4 experts, rank {args.rank}) + "
         f"ReducerCallback (interval {args.interval}, update_layers 1 of 6 "
