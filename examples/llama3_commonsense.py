@@ -57,7 +57,7 @@ training step against JAX's 6 to 14 s, and 146 s for the accuracy before
 training. It gave the same accuracies and generation as JAX and nearly the
 same importance (most important blocks 13, 20, 12 on both). On
 TensorFlow (SmolLM2 already converted) it took 8 min 22 s wall at load
-averages of 4.3 to 5.1 (78% of one core), 9 to 17 s per training step;
+averages of 4.3 to 5.1 (78% of one core), 7 to 17 s per training step;
 held-out accuracy 52.1% before and 50.0% after (1 example fixed, 2 broken).
 Use JAX or TensorFlow for the 10-minute budget.
 
