@@ -302,17 +302,13 @@ def _rebuild_base(model):
         for m, cls in saved:
             m.__class__ = cls
     config.pop("compile_config", None)
-    tied = _tied_embeddings(model)
-    if tied is not None:
-        backbone_config = config["config"]
-        if backbone_config.get("backbone") is not None:  # A task.
-            backbone_config = backbone_config["backbone"]["config"]
-        backbone_config["tie_word_embeddings"] = tied
+    tied = model_saving.omitted_tied_embeddings(model)
+    model_saving.add_tied_embeddings(config, tied)
     merged = keras.saving.deserialize_keras_object(
         config, custom_objects=custom
     )
     if tied is not None:
-        _keep_tied_embeddings_in_config(
+        model_saving.keep_tied_embeddings_in_config(
             getattr(merged, "backbone", None) or merged, tied
         )
     if not merged.built:
@@ -324,40 +320,6 @@ def _rebuild_base(model):
             "adapters (`model.save(...)`, `model.export(...)`)."
         )
     return merged
-
-
-def _tied_embeddings(model):
-    """The backbone's `tie_word_embeddings` where its config leaves it out.
-
-    keras-hub (0.32) Llama backbones take `tie_word_embeddings` (SmolLM2,
-    Llama 3.2) but their `get_config` omits it, so a backbone rebuilt from
-    its config, or from a preset it saved, gets an untied output head with
-    one more weight. Returns `None` where the config is complete.
-    """
-    backbone = getattr(model, "backbone", None) or model
-    tied = getattr(backbone, "tie_word_embeddings", None)
-    if not isinstance(tied, bool):
-        return None
-    if "tie_word_embeddings" in backbone.get_config():
-        return None
-    return tied
-
-
-def _keep_tied_embeddings_in_config(backbone, tied):
-    """Adds `tie_word_embeddings` to this backbone's `get_config`.
-
-    On the instance only, so the merged model stays of the original class,
-    and its `save_to_preset` and `.keras` files rebuild it with the right
-    head.
-    """
-    get_config = backbone.get_config
-
-    def get_config_with_tied_embeddings():
-        return {**get_config(), "tie_word_embeddings": tied}
-
-    object.__setattr__(
-        backbone, "get_config", get_config_with_tied_embeddings
-    )
 
 
 def _delta(adapter, gates):

@@ -221,7 +221,63 @@ def relora_config(model):
     # once, after its adapters exist (its trainable set is then the same).
     base.pop("compile_config", None)
     base.pop("shared_object_id", None)
+    add_tied_embeddings(base, omitted_tied_embeddings(model))
     return {"base": base, "relora": relora_state_config(state, model)}
+
+
+def omitted_tied_embeddings(model):
+    """The backbone's `tie_word_embeddings` where its config leaves it out.
+
+    keras-hub (0.32) Llama backbones take `tie_word_embeddings` (SmolLM2,
+    Llama 3.2) but their `get_config` omits it, so a backbone rebuilt from
+    its config, a preset or a `.keras` file gets an untied output head with
+    one more weight ("expected 2 variables" on load). Returns `None` where
+    the config is complete.
+    """
+    backbone = adapted_model(model)
+    tied = getattr(backbone, "tie_word_embeddings", None)
+    if not isinstance(tied, bool):
+        return None
+    if "tie_word_embeddings" in base_config(backbone):
+        return None
+    return tied
+
+
+def base_config(model):
+    """`model.get_config()` of its own class (not the saving subclass's)."""
+    return base_class(model).get_config(model)
+
+
+def add_tied_embeddings(serialized, tied):
+    """Writes `tie_word_embeddings` into a serialized model or task config.
+
+    `serialized` is `keras.saving.serialize_keras_object(model)` of the
+    backbone or of a task holding it; `tied` comes from
+    `omitted_tied_embeddings` (None: nothing to add).
+    """
+    if tied is None:
+        return
+    config = serialized["config"]
+    if config.get("backbone") is not None:  # A task: its backbone's config.
+        config = config["backbone"]["config"]
+    config["tie_word_embeddings"] = tied
+
+
+def keep_tied_embeddings_in_config(backbone, tied):
+    """Adds `tie_word_embeddings` to this backbone's `get_config`.
+
+    On the instance only, so a merged model stays of the original class,
+    and its `save_to_preset` and `.keras` files rebuild it with the right
+    head.
+    """
+    get_config = backbone.get_config
+
+    def get_config_with_tied_embeddings():
+        return {**get_config(), "tie_word_embeddings": tied}
+
+    object.__setattr__(
+        backbone, "get_config", get_config_with_tied_embeddings
+    )
 
 
 def _reducer_of(model):

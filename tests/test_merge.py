@@ -87,16 +87,7 @@ def test_merge_keeps_tied_embeddings_through_a_preset(tmp_path):
     # keras-hub's Llama backbones leave `tie_word_embeddings` out of their
     # config (SmolLM2 ties them): the merge must not rebuild an untied head.
     x = tm.token_batch()
-    backbone = keras_hub.models.Llama3Backbone(
-        vocabulary_size=tm.VOCAB,
-        num_layers=2,
-        num_query_heads=2,
-        num_key_value_heads=1,
-        hidden_dim=8,
-        intermediate_dim=16,
-        tie_word_embeddings=True,
-    )
-    lm = keras_hub.models.Llama3CausalLM(backbone, preprocessor=None)
+    lm = tm.llama3_causal_lm(tie_word_embeddings=True)
     num_base_weights = len(lm.weights)
     lm.enable_relora(rank=2, experts=1)
     randomize_adapters(lm)

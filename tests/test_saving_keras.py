@@ -202,3 +202,25 @@ def test_int8_quantized_base(tmp_path):
         variable.assign(value)
     base.load_relora_weights(tmp_path / "int8.safetensors")
     np.testing.assert_array_equal(to_numpy(base(x)), y)
+
+
+@pytest.mark.parametrize("holder", ["task", "backbone"])
+def test_tied_embeddings_round_trip(tmp_path, holder):
+    # keras-hub 0.32's Llama `get_config` omits `tie_word_embeddings`
+    # (SmolLM2 ties them): a `.keras` file of the adapted model must still
+    # rebuild the tied head, not fail with "expected 2 variables".
+    lm = tm.llama3_causal_lm(tie_word_embeddings=True)
+    model = lm if holder == "task" else lm.backbone
+    model.enable_relora(rank=2, experts=2)
+    randomize_adapters(model)
+    x = tm.token_batch()
+    path = str(tmp_path / "tied.keras")
+    model.save(path)
+    restored = keras.models.load_model(path)
+    tied = restored.backbone if holder == "task" else restored
+    assert tied.tie_word_embeddings
+    assert len(restored.weights) == len(model.weights)
+    assert_same_adapters(model, restored)
+    np.testing.assert_array_equal(
+        to_numpy(restored(x)), to_numpy(model(x))
+    )

@@ -11,7 +11,7 @@ import numpy as np
 VOCAB = 64
 
 
-def llama3_backbone(num_layers=2, dtype=None):
+def llama3_backbone(num_layers=2, dtype=None, tie_word_embeddings=False):
     return keras_hub.models.Llama3Backbone(
         vocabulary_size=VOCAB,
         num_layers=num_layers,
@@ -20,13 +20,15 @@ def llama3_backbone(num_layers=2, dtype=None):
         hidden_dim=8,
         intermediate_dim=16,
         dtype=dtype,
+        tie_word_embeddings=tie_word_embeddings,
     )
 
 
-def llama3_causal_lm(num_layers=2, dtype=None):
-    return keras_hub.models.Llama3CausalLM(
-        backbone=llama3_backbone(num_layers, dtype=dtype), preprocessor=None
+def llama3_causal_lm(num_layers=2, dtype=None, tie_word_embeddings=False):
+    backbone = llama3_backbone(
+        num_layers, dtype=dtype, tie_word_embeddings=tie_word_embeddings
     )
+    return keras_hub.models.Llama3CausalLM(backbone, preprocessor=None)
 
 
 def token_batch(batch=4, seq=6, seed=0):
