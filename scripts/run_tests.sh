@@ -13,7 +13,7 @@ summary=""
 for backend in $BACKENDS; do
   echo "=== KERAS_BACKEND=$backend ==="
   start=$(date +%s)
-  KERAS_BACKEND=$backend "$VENV/bin/python" -m pytest -q -rfE "$@"
+  KERAS_BACKEND=$backend "$VENV/bin/python" -m pytest -q -rfE --durations=10 "$@"
   rc=$?
   summary="$summary\n$backend: exit $rc in $(( $(date +%s) - start ))s"
   [ $rc -ne 0 ] && status=1
