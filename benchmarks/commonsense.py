@@ -42,7 +42,11 @@ import finetune  # noqa: E402
 
 BASE_ROW = "base (zero-shot)"
 SIZES = {
-    # Sized for 2 shared CPU cores: see RESULTS.md for the measured time.
+    # Sized for all seven rows on 2 shared CPU cores within 2 hours: the
+    # reduced run in RESULTS.md (16 steps, 10 test examples per task)
+    # measured 2.8-5.5 min per row (JAX compile included); scaled to these
+    # sizes that is about 12 min per row, ~1.5 h in all. An estimate: this
+    # default has not been run to the end.
     "full": {
         "blocks": 30,
         "train_per_task": 64,
@@ -95,7 +99,8 @@ def parse_args(argv=None):
     parser.add_argument("--no-append", action="store_true",
                         help="do not append to RESULTS.md")
     parser.add_argument("--from-json", default=None,
-                        help="re-render the report of a saved run's JSON")
+                        help="re-render the report of saved runs' JSON "
+                        "files (comma-separated: merged into one table)")
     args = parser.parse_args(argv)
     sizes = SIZES["quick" if args.quick else "full"]
     for name, value in sizes.items():
@@ -345,10 +350,50 @@ def report_line(result):
     )
 
 
-def render(path, append):
-    """Table, plot and (with `append`) the RESULTS.md section of a run."""
-    with open(path) as f:
-        payload = json.load(f)
+def load_payloads(paths):
+    """One payload from one or more runs' JSON files (comma-separated).
+
+    Runs of the same sizes with different `--only` rows are merged into
+    one table, rows in the benchmark's order; the commands are all kept.
+    """
+    payloads = []
+    for path in paths.split(","):
+        with open(path) as f:
+            payloads.append(json.load(f))
+    payload = payloads[0]
+    if len(payloads) > 1:
+        keys = ("steps", "batch_size", "sequence_length", "train_per_task",
+                "test_per_task", "learning_rate", "rank", "blocks", "tasks")
+        for other in payloads[1:]:
+            for key in keys:
+                if other["settings"][key] != payload["settings"][key]:
+                    raise ValueError(f"The runs differ in {key}.")
+        order = (BASE_ROW,) + finetune.ROW_NAMES
+        results = [r for p in payloads for r in p["results"]]
+        payload["results"] = sorted(
+            results, key=lambda r: (order.index(r["row"]), r["seed"] or 0)
+        )
+        payload["settings"]["seeds"] = sorted(
+            {r["seed"] for r in results if r["seed"] is not None}
+        )
+        payload["complete"] = all(p.get("complete", True) for p in payloads)
+        payload["total_seconds"] = sum(p["total_seconds"] for p in payloads)
+        payload["command"] = "`; `".join(p["command"] for p in payloads)
+        payload["environment"]["loadavg_start"] = [
+            p["environment"]["loadavg_start"] for p in payloads
+        ]
+        payload["environment"]["commit"] = [
+            p["environment"].get("commit") for p in payloads
+        ]
+    return payload
+
+
+def render(paths, append):
+    """Table, plot and (with `append`) the RESULTS.md section of runs."""
+    payload = load_payloads(paths)
+    path = paths.split(",")[0]
+    if "," in paths:
+        common.write_json(path, payload)  # The merged runs.
     args = argparse.Namespace(**payload["settings"])
     table, by_row = finetune.summary_table(payload["results"], args.tasks)
     print("\n" + table)
@@ -383,7 +428,8 @@ def report_markdown(payload, table, plot):
     return (
         f"## SmolLM2-135M commonsense (`commonsense.py`), {mode}, "
         f"{finetune.utc_now()}\n\n"
-        f"- command: `{payload['command']}`\n"
+        f"- command{'s' if '`; `' in payload['command'] else ''}: "
+        f"`{payload['command']}`\n"
         f"{finetune.environment_lines(env)}\n"
         f"- base: SmolLM2-135M-Instruct (Q4_1 GGUF dequantized to float32), "
         f"{payload['base_params']:,} parameters, {args.blocks} blocks"
