@@ -410,18 +410,13 @@ def render(paths, append):
         else None,
         baseline=100 * base[0]["average"] if base else None,
     )
-    common.emit_result({"total_seconds": payload["total_seconds"],
-                        "table": table})
-    if append:
-        finetune.append_section(report_markdown(payload, table, plot))
-    return payload
+    return finetune.publish(payload, table, plot, report_markdown, append)
 
 
 def report_markdown(payload, table, plot):
     args = argparse.Namespace(**payload["settings"])
     env, total = payload["environment"], payload["total_seconds"]
-    plot_line = (f"- plot: `{finetune.repo_path(plot)}`, data: "
-                 f"`{finetune.repo_path(plot)[:-4]}.json`\n" if plot else "")
+    plot_line = finetune.plot_line(plot)
     mode = "QUICK smoke run" if args.quick else "reduced-size run"
     if not payload.get("complete", True):
         mode += " (STOPPED EARLY: only the rows below finished)"

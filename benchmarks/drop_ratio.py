@@ -224,11 +224,7 @@ def render(paths, append):
     plot = plot_curves(
         os.path.join(os.path.dirname(path), "drop_ratio.png"), curves, args
     )
-    common.emit_result({"total_seconds": payload["total_seconds"],
-                        "table": table})
-    if append:
-        finetune.append_section(report_markdown(payload, table, plot))
-    return payload
+    return finetune.publish(payload, table, plot, report_markdown, append)
 
 
 def summary(payload):
@@ -259,7 +255,7 @@ def summary(payload):
                                 if len(v) > 1 else 0.0)
     headers = ["drop ratio", "by importance", "random (mean ± std)",
                "random min..max", "importance - random"]
-    return finetune.markdown_table(headers, rows), curves
+    return common.markdown_table(headers, rows), curves
 
 
 def plot_curves(path, curves, args):
@@ -295,8 +291,7 @@ def report_markdown(payload, table, plot):
         [round(v, 4) for v in run["trained"]["importance"]]
         for run in payload["runs"]
     ]
-    plot_line = (f"- plot: `{finetune.repo_path(plot)}`, data: "
-                 f"`{finetune.repo_path(plot)[:-4]}.json`\n" if plot else "")
+    plot_line = finetune.plot_line(plot)
     return (
         f"## Drop ratio (Figure 5) on MiniLM-L6 (`drop_ratio.py`), "
         f"{finetune.utc_now()}\n\n"

@@ -17,6 +17,8 @@ import sys
 import threading
 import time
 
+import common
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS_PATH = os.path.join(HERE, "RESULTS.md")
 
@@ -157,16 +159,7 @@ def summary_table(results, tasks):
                 f"{max(r['peak_rss_mb'] for r in runs):.0f}",
             ]
         )
-    return markdown_table(headers, rows), by_row
-
-
-def markdown_table(headers, rows):
-    lines = [
-        "| " + " | ".join(headers) + " |",
-        "| " + " | ".join("---" for _ in headers) + " |",
-    ]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines)
+    return common.markdown_table(headers, rows), by_row
 
 
 def bar_plot(path, names, values, title, ylabel="average accuracy (%)",
@@ -219,6 +212,26 @@ def environment_lines(env):
     """`environment()` of `benchmarks.common` as a markdown bullet list."""
     keys = ", ".join(f"{k} {v}" for k, v in env.items() if k != "cpu")
     return f"- environment: {keys}\n- CPU: {env.get('cpu', 'unknown')}"
+
+
+def plot_line(plot):
+    """The report's "- plot: ..., data: ..." line (empty without a plot)."""
+    if not plot:
+        return ""
+    return (f"- plot: `{repo_path(plot)}`, data: "
+            f"`{repo_path(plot)[:-4]}.json`\n")
+
+
+def publish(payload, table, plot, report_markdown, append):
+    """Emits the run's result line and, if `append`, its RESULTS.md section.
+
+    `report_markdown(payload, table, plot)` writes the section.
+    """
+    common.emit_result({"total_seconds": payload["total_seconds"],
+                        "table": table})
+    if append:
+        append_section(report_markdown(payload, table, plot))
+    return payload
 
 
 def append_section(markdown, path=RESULTS_PATH):

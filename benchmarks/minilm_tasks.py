@@ -433,19 +433,14 @@ def render(path, append):
         f"seeds {args.seeds} (mean, std)",
         errors=[100 * s for _, s, *_ in spreads],
     )
-    common.emit_result({"total_seconds": payload["total_seconds"],
-                        "table": table})
-    if append:
-        finetune.append_section(report_markdown(payload, table, plot))
-    return payload
+    return finetune.publish(payload, table, plot, report_markdown, append)
 
 
 def report_markdown(payload, table, plot):
     args = argparse.Namespace(**payload["settings"])
     env, total = payload["environment"], payload["total_seconds"]
     sizes = payload["test_sizes"]
-    plot_line = (f"- plot: `{finetune.repo_path(plot)}`, data: "
-                 f"`{finetune.repo_path(plot)[:-4]}.json`\n" if plot else "")
+    plot_line = finetune.plot_line(plot)
     return (
         f"## MiniLM-L6 classification mix (`minilm_tasks.py`), "
         f"{finetune.utc_now()}\n\n"
