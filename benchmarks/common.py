@@ -214,6 +214,28 @@ def write_json(path, data):
         print(f"wrote {path}")
 
 
+def add_timing_args(p, only_help):
+    """The flags both timing benchmarks take (threads, modes, backends)."""
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--quick", action="store_true",
+                   help="smoke run: small sizes, few rounds")
+    p.add_argument("--only", default=None, help=only_help)
+    p.add_argument("--all-backends", action="store_true",
+                   help="run once per backend in subprocesses, then "
+                   "summarise")
+    p.add_argument("--backends", default=",".join(BACKENDS))
+    p.add_argument("--json", default=None,
+                   help="also write every result to this file")
+
+
+def fill_preset(args, full, quick):
+    """Sets each flag of `full` (or `quick` with --quick) left at None."""
+    for name, value in (quick if args.quick else full).items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    return args
+
+
 def child_argv(argv):
     """`argv` without the driver's own flags (`--all-backends`, `--json`)."""
     out, skip = [], False

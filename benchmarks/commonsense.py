@@ -79,41 +79,16 @@ def parse_args(argv=None):
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--quick", action="store_true",
-                        help="a smoke run: tiny subset, a few steps")
-    parser.add_argument("--seeds", default=None,
-                        help="comma-separated training seeds (default 0)")
-    parser.add_argument("--tasks",
-                        default=",".join(commonsense.COMMONSENSE_TASKS))
-    for name in SIZES["full"]:
-        parser.add_argument("--" + name.replace("_", "-"), type=int)
-    parser.add_argument("--rank", type=int, default=8)
-    parser.add_argument("--learning-rate", type=float, default=1e-3)
-    parser.add_argument("--threads", type=int, default=2)
+    finetune.add_common_args(parser, commonsense.COMMONSENSE_TASKS, SIZES)
     parser.add_argument("--only", default="",
                         help="comma-separated variants of "
                         f"{', '.join(finetune.ROW_NAMES)} (default: all)")
     parser.add_argument("--no-base", action="store_true",
                         help="skip the zero-shot base row")
-    parser.add_argument("--output-dir", default=None)
-    parser.add_argument("--no-append", action="store_true",
-                        help="do not append to RESULTS.md")
     parser.add_argument("--from-json", default=None,
                         help="re-render the report of saved runs' JSON "
                         "files (comma-separated: merged into one table)")
-    args = parser.parse_args(argv)
-    sizes = SIZES["quick" if args.quick else "full"]
-    for name, value in sizes.items():
-        if getattr(args, name) is None:
-            setattr(args, name, value)
-    args.seeds = [int(s) for s in (args.seeds or "0").split(",") if s]
-    args.tasks = [t for t in args.tasks.split(",") if t]
-    if args.output_dir is None:
-        args.output_dir = (
-            os.path.join("outputs", "benchmarks", "quick") if args.quick
-            else os.path.join("benchmarks", "results")
-        )
-    return args
+    return finetune.finish_args(parser.parse_args(argv), SIZES)
 
 
 # -- data ---------------------------------------------------------------------

@@ -42,7 +42,8 @@ def parse_args(argv=None):
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    minilm_tasks.add_common_args(parser)
+    finetune.add_common_args(parser, minilm_tasks.TASKS,
+                             minilm_tasks.SIZES)
     parser.add_argument("--ratios", default="0.25,0.5,0.75")
     parser.add_argument("--random-seeds", type=int, default=None,
                         help="random drops per ratio (default 5; --quick 2)")
@@ -52,9 +53,7 @@ def parse_args(argv=None):
                         "merged into one table)")
     args = parser.parse_args(argv)
     quick = args.quick
-    if args.seeds is None:
-        args.seeds = "0"
-    args = minilm_tasks.finish_args(args)
+    args = finetune.finish_args(args, minilm_tasks.SIZES)
     args.ratios = [float(r) for r in args.ratios.split(",") if r]
     if args.random_seeds is None:
         args.random_seeds = 2 if quick else 5

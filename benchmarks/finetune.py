@@ -1,8 +1,9 @@
 """Shared helpers of the fine-tuning benchmarks (accuracy, not speed).
 
 Used by `commonsense.py` (SmolLM2-135M), `minilm_tasks.py` (MiniLM-L6) and
-`drop_ratio.py`: the variant list, a peak-memory sampler, seed summaries,
-markdown tables, bar plots and appending a section to `RESULTS.md`.
+`drop_ratio.py`: their common arguments, the variant list, a peak-memory
+sampler, seed summaries, markdown tables, bar plots and appending a section
+to `RESULTS.md`.
 Import `benchmarks.common` (thread pinning) before keras; nothing here
 imports keras or a backend at module level.
 """
@@ -50,6 +51,46 @@ def select_rows(only):
             f"Unknown variants {unknown}. Use some of {ROW_NAMES}."
         )
     return tuple(row for row in ROWS if row[0] in names)
+
+
+def add_common_args(parser, tasks, sizes):
+    """The arguments every fine-tuning benchmark takes.
+
+    `sizes` is the script's `SIZES` dict: each key of its "full" entry
+    becomes an integer flag (`--train-per-task`, ...) that overrides the
+    mode's default.
+    """
+    parser.add_argument("--quick", action="store_true",
+                        help="a smoke run: tiny subset, a few steps")
+    parser.add_argument("--seeds", default=None,
+                        help="comma-separated training seeds")
+    parser.add_argument("--tasks", default=",".join(tasks))
+    for name in sizes["full"]:
+        parser.add_argument("--" + name.replace("_", "-"), type=int)
+    parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--learning-rate", type=float, default=1e-3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--output-dir", default=None)
+    parser.add_argument("--no-append", action="store_true",
+                        help="do not append to RESULTS.md")
+
+
+def finish_args(args, sizes, full_seeds="0"):
+    """Fills what `add_common_args`' flags left unset; parses the lists.
+
+    Seeds default to `full_seeds` in the full run and to "0" in `--quick`.
+    """
+    common.fill_preset(args, sizes["full"], sizes["quick"])
+    if args.seeds is None:
+        args.seeds = "0" if args.quick else full_seeds
+    args.seeds = [int(s) for s in args.seeds.split(",") if s]
+    args.tasks = [t for t in args.tasks.split(",") if t]
+    if args.output_dir is None:
+        args.output_dir = (
+            os.path.join("outputs", "benchmarks", "quick") if args.quick
+            else os.path.join("benchmarks", "results")
+        )
+    return args
 
 
 def rss_mb():

@@ -50,37 +50,16 @@ def parse_args(argv=None):
         "--reps", type=int, help="calls per round; default 2 (quick: 3)"
     )
     p.add_argument("--warmup", type=int, help="default 2 (quick: 1)")
-    p.add_argument("--threads", type=int, default=1)
     p.add_argument("--xla", action="store_true", help="TF: jit_compile")
-    p.add_argument(
-        "--quick",
-        action="store_true",
-        help="smoke run: small sizes, few rounds",
-    )
-    p.add_argument(
-        "--only",
-        default=None,
-        help="comma-separated configurations to run (default: all)",
-    )
-    p.add_argument(
-        "--all-backends",
-        action="store_true",
-        help="run once per backend in subprocesses, then summarise",
-    )
-    p.add_argument("--backends", default=",".join(common.BACKENDS))
-    p.add_argument(
-        "--json", default=None, help="also write every result to this file"
+    common.add_timing_args(
+        p, "comma-separated configurations to run (default: all)"
     )
     args = p.parse_args(argv)
-    preset = {"rounds": 7, "reps": 2, "warmup": 2, "dim": 4096,
-              "tokens": 2048}
-    if args.quick:
-        preset = {"rounds": 3, "reps": 3, "warmup": 1, "dim": 512,
-                  "tokens": 256}
-    for name, value in preset.items():
-        if getattr(args, name) is None:
-            setattr(args, name, value)
-    return args
+    return common.fill_preset(
+        args,
+        {"rounds": 7, "reps": 2, "warmup": 2, "dim": 4096, "tokens": 2048},
+        {"rounds": 3, "reps": 3, "warmup": 1, "dim": 512, "tokens": 256},
+    )
 
 
 def build_configs(keras, dim, rank):

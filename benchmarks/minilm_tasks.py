@@ -62,53 +62,19 @@ SIZES = {
 HEAD_ONLY = "head_only"
 
 
-def add_common_args(parser):
-    parser.add_argument("--quick", action="store_true",
-                        help="a smoke run: tiny subset, a few steps")
-    parser.add_argument("--seeds", default=None,
-                        help="comma-separated training seeds "
-                        "(default: 0,1; --quick: 0)")
-    parser.add_argument("--tasks", default=",".join(TASKS))
-    for name in SIZES["full"]:
-        parser.add_argument("--" + name.replace("_", "-"), type=int)
-    parser.add_argument("--rank", type=int, default=8)
-    parser.add_argument("--learning-rate", type=float, default=1e-3)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--output-dir", default=None)
-    parser.add_argument("--no-append", action="store_true",
-                        help="do not append to RESULTS.md")
-
-
-def finish_args(args):
-    sizes = SIZES["quick" if args.quick else "full"]
-    for name, value in sizes.items():
-        if getattr(args, name) is None:
-            setattr(args, name, value)
-    if args.seeds is None:
-        args.seeds = "0" if args.quick else "0,1"
-    args.seeds = [int(s) for s in args.seeds.split(",") if s]
-    args.tasks = [t for t in args.tasks.split(",") if t]
-    if args.output_dir is None:
-        args.output_dir = (
-            os.path.join("outputs", "benchmarks", "quick") if args.quick
-            else os.path.join("benchmarks", "results")
-        )
-    return args
-
-
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    add_common_args(parser)
+    finetune.add_common_args(parser, TASKS, SIZES)
     parser.add_argument("--from-json", default=None,
                         help="re-render the report of a saved run's JSON "
                         "(no training)")
     parser.add_argument("--only", default="",
                         help="comma-separated rows of "
                         f"{', '.join((HEAD_ONLY,) + finetune.ROW_NAMES)}")
-    return finish_args(parser.parse_args(argv))
+    return finetune.finish_args(parser.parse_args(argv), SIZES, "0,1")
 
 
 # -- data ---------------------------------------------------------------------

@@ -78,17 +78,11 @@ def parse_args(argv=None):
         "--steps", type=int, help="steps per fit call, >= 2; default 4 "
         "(quick: 3)",
     )
-    p.add_argument("--threads", type=int, default=1)
     p.add_argument(
         "--jit-compile",
         default="auto",
         choices=("auto", "true", "false"),
         help="passed to compile (default: Keras's 'auto')",
-    )
-    p.add_argument(
-        "--only",
-        default=None,
-        help="comma-separated configurations (keras_lora always runs)",
     )
     p.add_argument(
         "--reducer",
@@ -102,20 +96,16 @@ def parse_args(argv=None):
         help="ReducerCallback(interval=...): steps between probes; the "
         "step counter runs across fit calls",
     )
-    p.add_argument("--quick", action="store_true", help="tiny smoke run")
-    p.add_argument("--all-backends", action="store_true")
-    p.add_argument("--backends", default=",".join(common.BACKENDS))
-    p.add_argument(
-        "--json", default=None, help="also write every result to this file"
+    common.add_timing_args(
+        p, "comma-separated configurations (keras_lora always runs)"
     )
     args = p.parse_args(argv)
     args.config = dict(QUICK_CONFIG if args.quick else CONFIG)
-    preset = {"batch": 4, "seq": 128, "rounds": 5, "steps": 4}
-    if args.quick:
-        preset = {"batch": 2, "seq": 16, "rounds": 2, "steps": 3}
-    for name, value in preset.items():
-        if getattr(args, name) is None:
-            setattr(args, name, value)
+    common.fill_preset(
+        args,
+        {"batch": 4, "seq": 128, "rounds": 5, "steps": 4},
+        {"batch": 2, "seq": 16, "rounds": 2, "steps": 3},
+    )
     if args.steps < 2:
         p.error("--steps must be >= 2 (the first step of a fit is dropped)")
     return args
@@ -187,8 +177,9 @@ def reducer_callbacks(model, interval=10):
     import keras_relora
 
     blocks = keras_relora.get_state(model).num_blocks
-    return [keras_relora.ReducerCallback(update_layers=max(1, blocks // 4), interval=interval,
-                seed=0)]
+    return [keras_relora.ReducerCallback(
+        update_layers=max(1, blocks // 4), interval=interval, seed=0
+    )]
 
 
 def config_setups(args):
