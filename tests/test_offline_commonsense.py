@@ -11,6 +11,7 @@ import keras_hub
 import numpy as np
 import pytest
 
+import tiny_models
 from keras_relora.offline import commonsense as cs
 
 pytest.importorskip("pyarrow")
@@ -48,19 +49,8 @@ def tokenizer():
 @pytest.fixture(scope="module")
 def tiny_lm(tokenizer):
     keras.utils.set_random_seed(0)
-    backbone = keras_hub.models.Llama3Backbone(
-        vocabulary_size=tokenizer.vocabulary_size(),
-        num_layers=2,
-        num_query_heads=2,
-        num_key_value_heads=1,
-        hidden_dim=16,
-        intermediate_dim=32,
-    )
-    return keras_hub.models.Llama3CausalLM(
-        backbone=backbone,
-        preprocessor=keras_hub.models.Llama3CausalLMPreprocessor(
-            tokenizer, sequence_length=64, add_start_token=False
-        ),
+    return tiny_models.llama3_causal_lm_with_preprocessor(
+        tokenizer, sequence_length=64, hidden_dim=16
     )
 
 

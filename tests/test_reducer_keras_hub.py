@@ -1,7 +1,6 @@
 """`ReducerCallback` on a keras-hub task (a tiny Llama 3 causal LM)."""
 
 import keras
-import keras_hub
 import numpy as np
 import pytest
 from keras import ops
@@ -78,45 +77,16 @@ def test_llama_fit_30_steps_one_trace_and_frozen_blocks():
     assert sum(next(iter(c)) for c in by_block.values()) == 30
 
 
-def _byte_tokenizer():
-    """A Llama 3 tokenizer over the 256 byte-level symbols (no files)."""
-    printable = [
-        *range(ord("!"), ord("~") + 1),
-        *range(ord("¡"), ord("¬") + 1),
-        *range(ord("®"), ord("ÿ") + 1),
-    ]
-    symbols = [chr(b) for b in printable]
-    symbols += [chr(256 + i) for i in range(256 - len(printable))]
-    merges = ["c a", "d o"]  # An empty merge list breaks the BPE table.
-    specials = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>",
-                "<|end_header_id|>", "<|eot_id|>"]
-    tokens = ["<pad>", *specials, *symbols,
-              *(m.replace(" ", "") for m in merges)]
-    return keras_hub.models.Llama3Tokenizer(
-        vocabulary={token: i for i, token in enumerate(tokens)},
-        merges=merges,
-    )
-
-
 @pytest.mark.parametrize("container", ["numpy", "list"])
 def test_llama_with_preprocessor_probes_raw_strings(container):
     # The task preprocesses the strings `fit` gets; the probe batch, taken
     # from the same strings, must be preprocessed once, not twice (a task's
     # own `test_on_batch` preprocesses again).
     keras.utils.set_random_seed(0)
-    tokenizer = _byte_tokenizer()
-    backbone = keras_hub.models.Llama3Backbone(
-        vocabulary_size=tokenizer.vocabulary_size(),
-        num_layers=2,
-        num_query_heads=2,
-        num_key_value_heads=1,
-        hidden_dim=8,
-        intermediate_dim=16,
+    lm = tiny_models.llama3_causal_lm_with_preprocessor(
+        tiny_models.byte_tokenizer(), sequence_length=8
     )
-    preprocessor = keras_hub.models.Llama3CausalLMPreprocessor(
-        tokenizer, sequence_length=8, add_start_token=False
-    )
-    lm = keras_hub.models.Llama3CausalLM(backbone, preprocessor)
+    backbone, preprocessor = lm.backbone, lm.preprocessor
     base = {v.path: ops.convert_to_numpy(v).copy() for v in backbone.weights}
     lm.enable_relora(rank=2, experts=2)
     lm.compile(

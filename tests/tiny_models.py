@@ -11,14 +11,15 @@ import numpy as np
 VOCAB = 64
 
 
-def llama3_backbone(num_layers=2, dtype=None, tie_word_embeddings=False):
+def llama3_backbone(num_layers=2, dtype=None, tie_word_embeddings=False,
+                    vocabulary_size=VOCAB, hidden_dim=8):
     return keras_hub.models.Llama3Backbone(
-        vocabulary_size=VOCAB,
+        vocabulary_size=vocabulary_size,
         num_layers=num_layers,
         num_query_heads=2,
         num_key_value_heads=1,
-        hidden_dim=8,
-        intermediate_dim=16,
+        hidden_dim=hidden_dim,
+        intermediate_dim=2 * hidden_dim,
         dtype=dtype,
         tie_word_embeddings=tie_word_embeddings,
     )
@@ -29,6 +30,38 @@ def llama3_causal_lm(num_layers=2, dtype=None, tie_word_embeddings=False):
         num_layers, dtype=dtype, tie_word_embeddings=tie_word_embeddings
     )
     return keras_hub.models.Llama3CausalLM(backbone, preprocessor=None)
+
+
+def llama3_causal_lm_with_preprocessor(tokenizer, sequence_length,
+                                       hidden_dim=8):
+    """A 2-block random Llama 3 task that preprocesses raw strings."""
+    backbone = llama3_backbone(
+        vocabulary_size=tokenizer.vocabulary_size(), hidden_dim=hidden_dim
+    )
+    preprocessor = keras_hub.models.Llama3CausalLMPreprocessor(
+        tokenizer, sequence_length=sequence_length, add_start_token=False
+    )
+    return keras_hub.models.Llama3CausalLM(backbone, preprocessor)
+
+
+def byte_tokenizer():
+    """A Llama 3 tokenizer over the 256 byte-level symbols (no files)."""
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
+    symbols = [chr(b) for b in printable]
+    symbols += [chr(256 + i) for i in range(256 - len(printable))]
+    merges = ["c a", "d o"]  # An empty merge list breaks the BPE table.
+    specials = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>",
+                "<|end_header_id|>", "<|eot_id|>"]
+    tokens = ["<pad>", *specials, *symbols,
+              *(m.replace(" ", "") for m in merges)]
+    return keras_hub.models.Llama3Tokenizer(
+        vocabulary={token: i for i, token in enumerate(tokens)},
+        merges=merges,
+    )
 
 
 def token_batch(batch=4, seq=6, seed=0):
