@@ -388,11 +388,20 @@ def render(paths, append):
     return finetune.publish(payload, table, plot, report_markdown, append)
 
 
+def run_mode(args):
+    """What the sizes of a run were: quick, the full default, or reduced."""
+    if args.quick:
+        return "QUICK smoke run"
+    if all(getattr(args, k) == v for k, v in SIZES["full"].items()):
+        return "full run (default sizes)"
+    return "reduced-size run"
+
+
 def report_markdown(payload, table, plot):
     args = argparse.Namespace(**payload["settings"])
     env, total = payload["environment"], payload["total_seconds"]
     plot_line = finetune.plot_line(plot)
-    mode = "QUICK smoke run" if args.quick else "reduced-size run"
+    mode = run_mode(args)
     if not payload.get("complete", True):
         mode += " (STOPPED EARLY: only the rows below finished)"
     return (
