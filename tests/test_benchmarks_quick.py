@@ -203,3 +203,39 @@ def test_summary_table_and_append(tmp_path):
     text = path.read_text()
     assert text.startswith("# Results\n\n## Other\n\nkept\n")
     assert text.rstrip().endswith(table.splitlines()[-1])
+
+
+def test_common_flags_fill_each_scripts_sizes_and_seeds():
+    commonsense = benchmark_module("commonsense")
+    minilm_tasks = benchmark_module("minilm_tasks")
+    drop_ratio = benchmark_module("drop_ratio")
+    full = commonsense.parse_args([])
+    assert (full.steps, full.test_per_task, full.seeds) == (40, 25, [0])
+    assert full.output_dir == os.path.join("benchmarks", "results")
+    quick = commonsense.parse_args(["--quick", "--steps", "3"])
+    assert (quick.steps, quick.blocks, quick.seeds) == (3, 4, [0])
+    assert quick.output_dir == os.path.join("outputs", "benchmarks", "quick")
+    assert minilm_tasks.parse_args([]).seeds == [0, 1]
+    assert minilm_tasks.parse_args(["--quick"]).seeds == [0]
+    # drop_ratio takes the sizes and tasks of the model it runs.
+    smollm2 = drop_ratio.parse_args(["--model", "smollm2", "--seeds", "2,3"])
+    assert smollm2.blocks == 30 and smollm2.tasks == full.tasks
+    assert smollm2.seeds == [2, 3] and smollm2.random_seeds == 5
+    minilm = drop_ratio.parse_args(["--quick"])
+    assert minilm.model == "minilm" and minilm.tasks == list(
+        minilm_tasks.TASKS
+    )
+    assert minilm.random_seeds == 2
+
+
+def test_commonsense_report_names_the_run_size():
+    commonsense = benchmark_module("commonsense")
+    assert commonsense.run_mode(commonsense.parse_args([])) == (
+        "full run (default sizes)"
+    )
+    assert commonsense.run_mode(
+        commonsense.parse_args(["--steps", "16"])
+    ) == "reduced-size run"
+    assert commonsense.run_mode(
+        commonsense.parse_args(["--quick"])
+    ) == "QUICK smoke run"
