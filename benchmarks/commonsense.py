@@ -329,11 +329,7 @@ def load_payloads(paths):
     Runs of the same sizes with different `--only` rows are merged into
     one table, rows in the benchmark's order; the commands are all kept.
     """
-    payloads = []
-    for path in paths.split(","):
-        with open(path) as f:
-            payloads.append(json.load(f))
-    payload = payloads[0]
+    payload, payloads = finetune.load_runs(paths)
     if len(payloads) > 1:
         keys = ("steps", "batch_size", "sequence_length", "train_per_task",
                 "test_per_task", "learning_rate", "rank", "blocks", "tasks")
@@ -350,11 +346,6 @@ def load_payloads(paths):
             {r["seed"] for r in results if r["seed"] is not None}
         )
         payload["complete"] = all(p.get("complete", True) for p in payloads)
-        payload["total_seconds"] = sum(p["total_seconds"] for p in payloads)
-        payload["command"] = "`; `".join(p["command"] for p in payloads)
-        payload["environment"]["loadavg_start"] = [
-            p["environment"]["loadavg_start"] for p in payloads
-        ]
         payload["environment"]["commit"] = [
             p["environment"].get("commit") for p in payloads
         ]

@@ -31,7 +31,6 @@ Results go to `drop_ratio_<model>.json` and `.png` in `--output-dir`.
 import argparse
 import contextlib
 import gc
-import json
 import os
 import sys
 import time
@@ -300,19 +299,10 @@ def prune_check(bench, model, data, run):
 
 def load_payloads(paths):
     """One payload from one or more JSON files (their runs concatenated)."""
-    payloads = []
-    for path in paths.split(","):
-        with open(path) as f:
-            payloads.append(json.load(f))
-    payload = payloads[0]
+    payload, payloads = finetune.load_runs(paths)
     if len(payloads) > 1:
         payload["runs"] = [r for p in payloads for r in p["runs"]]
         payload["settings"]["seeds"] = [r["seed"] for r in payload["runs"]]
-        payload["total_seconds"] = sum(p["total_seconds"] for p in payloads)
-        payload["command"] = "`; `".join(p["command"] for p in payloads)
-        payload["environment"]["loadavg_start"] = [
-            p["environment"]["loadavg_start"] for p in payloads
-        ]
     return payload
 
 

@@ -10,6 +10,7 @@ imports keras or a backend at module level.
 
 import contextlib
 import datetime
+import json
 import os
 import resource
 import shlex
@@ -261,6 +262,27 @@ def plot_line(plot):
         return ""
     return (f"- plot: `{repo_path(plot)}`, data: "
             f"`{repo_path(plot)[:-4]}.json`\n")
+
+
+def load_runs(paths):
+    """`(payload, payloads)` of runs' JSON files (comma-separated paths).
+
+    With several files, `payload` is the first one with the wall times
+    summed and the commands and starting load averages of all runs kept;
+    merging the results themselves is the caller's part.
+    """
+    payloads = []
+    for path in paths.split(","):
+        with open(path) as f:
+            payloads.append(json.load(f))
+    payload = payloads[0]
+    if len(payloads) > 1:
+        payload["total_seconds"] = sum(p["total_seconds"] for p in payloads)
+        payload["command"] = "`; `".join(p["command"] for p in payloads)
+        payload["environment"]["loadavg_start"] = [
+            p["environment"]["loadavg_start"] for p in payloads
+        ]
+    return payload, payloads
 
 
 def publish(payload, table, plot, report_markdown, append):
