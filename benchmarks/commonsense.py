@@ -323,41 +323,35 @@ def report_line(result):
     )
 
 
-def load_payloads(paths):
-    """One payload from one or more runs' JSON files (comma-separated).
+def merge_runs(payload, payloads):
+    """Joins runs of the same sizes made with different `--only` rows.
 
-    Runs of the same sizes with different `--only` rows are merged into
-    one table, rows in the benchmark's order; the commands are all kept.
+    One table, rows in the benchmark's order; `finetune.load_runs` keeps
+    all the commands.
     """
-    payload, payloads = finetune.load_runs(paths)
-    if len(payloads) > 1:
-        keys = ("steps", "batch_size", "sequence_length", "train_per_task",
-                "test_per_task", "learning_rate", "rank", "blocks", "tasks")
-        for other in payloads[1:]:
-            for key in keys:
-                if other["settings"][key] != payload["settings"][key]:
-                    raise ValueError(f"The runs differ in {key}.")
-        order = (BASE_ROW,) + finetune.ROW_NAMES
-        results = [r for p in payloads for r in p["results"]]
-        payload["results"] = sorted(
-            results, key=lambda r: (order.index(r["row"]), r["seed"] or 0)
-        )
-        payload["settings"]["seeds"] = sorted(
-            {r["seed"] for r in results if r["seed"] is not None}
-        )
-        payload["complete"] = all(p.get("complete", True) for p in payloads)
-        payload["environment"]["commit"] = [
-            p["environment"].get("commit") for p in payloads
-        ]
-    return payload
+    keys = ("steps", "batch_size", "sequence_length", "train_per_task",
+            "test_per_task", "learning_rate", "rank", "blocks", "tasks")
+    for other in payloads[1:]:
+        for key in keys:
+            if other["settings"][key] != payload["settings"][key]:
+                raise ValueError(f"The runs differ in {key}.")
+    order = (BASE_ROW,) + finetune.ROW_NAMES
+    results = [r for p in payloads for r in p["results"]]
+    payload["results"] = sorted(
+        results, key=lambda r: (order.index(r["row"]), r["seed"] or 0)
+    )
+    payload["settings"]["seeds"] = sorted(
+        {r["seed"] for r in results if r["seed"] is not None}
+    )
+    payload["complete"] = all(p.get("complete", True) for p in payloads)
+    payload["environment"]["commit"] = [
+        p["environment"].get("commit") for p in payloads
+    ]
 
 
 def render(paths, append):
     """Table, plot and (with `append`) the RESULTS.md section of runs."""
-    payload = load_payloads(paths)
-    path = paths.split(",")[0]
-    if "," in paths:
-        common.write_json(path, payload)  # The merged runs.
+    payload, path = finetune.load_runs(paths, merge_runs)
     args = argparse.Namespace(**payload["settings"])
     table, by_row = finetune.summary_table(payload["results"], args.tasks)
     print("\n" + table)

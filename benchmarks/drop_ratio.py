@@ -297,20 +297,14 @@ def prune_check(bench, model, data, run):
     }
 
 
-def load_payloads(paths):
-    """One payload from one or more JSON files (their runs concatenated)."""
-    payload, payloads = finetune.load_runs(paths)
-    if len(payloads) > 1:
-        payload["runs"] = [r for p in payloads for r in p["runs"]]
-        payload["settings"]["seeds"] = [r["seed"] for r in payload["runs"]]
-    return payload
+def merge_runs(payload, payloads):
+    """Joins runs of other training seeds: their runs concatenated."""
+    payload["runs"] = [r for p in payloads for r in p["runs"]]
+    payload["settings"]["seeds"] = [r["seed"] for r in payload["runs"]]
 
 
 def render(paths, append):
-    payload = load_payloads(paths)
-    path = paths.split(",")[0]
-    if "," in paths:
-        common.write_json(path, payload)  # The merged runs.
+    payload, path = finetune.load_runs(paths, merge_runs)
     args = argparse.Namespace(**payload["settings"])
     table, curves = summary(payload)
     print("\n" + table)

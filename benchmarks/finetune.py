@@ -264,25 +264,29 @@ def plot_line(plot):
             f"`{repo_path(plot)[:-4]}.json`\n")
 
 
-def load_runs(paths):
-    """`(payload, payloads)` of runs' JSON files (comma-separated paths).
+def load_runs(paths, merge_results):
+    """`(payload, path)` of runs' JSON files (comma-separated paths).
 
-    With several files, `payload` is the first one with the wall times
-    summed and the commands and starting load averages of all runs kept;
-    merging the results themselves is the caller's part.
+    With several files, the first one's payload gets the wall times summed
+    and the commands and starting load averages of all runs;
+    `merge_results(payload, payloads)` joins the results themselves, and
+    the merged payload is written over the first file. `path` is that file.
     """
+    path = paths.split(",")[0]
     payloads = []
-    for path in paths.split(","):
-        with open(path) as f:
+    for each in paths.split(","):
+        with open(each) as f:
             payloads.append(json.load(f))
     payload = payloads[0]
     if len(payloads) > 1:
+        merge_results(payload, payloads)
         payload["total_seconds"] = sum(p["total_seconds"] for p in payloads)
         payload["command"] = "`; `".join(p["command"] for p in payloads)
         payload["environment"]["loadavg_start"] = [
             p["environment"]["loadavg_start"] for p in payloads
         ]
-    return payload, payloads
+        common.write_json(path, payload)
+    return payload, path
 
 
 def publish(payload, table, plot, report_markdown, append):
