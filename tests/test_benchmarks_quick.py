@@ -239,3 +239,41 @@ def test_commonsense_report_names_the_run_size():
     assert commonsense.run_mode(
         commonsense.parse_args(["--quick"])
     ) == "QUICK smoke run"
+
+
+def test_load_runs_merges_and_rewrites_the_first_file(tmp_path):
+    finetune = benchmark_module("finetune")
+    commonsense = benchmark_module("commonsense")
+    settings = dict(vars(commonsense.parse_args(["--only", "lora"])))
+
+    def run(rows, seed, seconds, command):
+        return {
+            "settings": dict(settings), "complete": True,
+            "total_seconds": seconds, "command": command,
+            "environment": {"loadavg_start": seconds / 10, "commit": command},
+            "results": [{"row": r, "seed": seed} for r in rows],
+        }
+
+    first, second = tmp_path / "a.json", tmp_path / "b.json"
+    first.write_text(json.dumps(run(["relora_multi", "lora"], 0, 10.0, "x")))
+    second.write_text(json.dumps(run(["base (zero-shot)", "lora"], 1, 5.0,
+                                     "y")))
+    payload, path = finetune.load_runs(f"{first},{second}",
+                                       commonsense.merge_runs)
+    assert path == str(first)
+    assert [(r["row"], r["seed"]) for r in payload["results"]] == [
+        ("base (zero-shot)", 1), ("lora", 0), ("lora", 1),
+        ("relora_multi", 0),
+    ]
+    assert payload["settings"]["seeds"] == [0, 1]
+    assert payload["total_seconds"] == 15.0
+    assert payload["command"] == "x`; `y"
+    assert payload["environment"]["loadavg_start"] == [1.0, 0.5]
+    assert payload["environment"]["commit"] == ["x", "y"]
+    assert json.loads(first.read_text()) == payload
+    # Runs of other sizes do not merge into one table.
+    other = run(["lora"], 2, 1.0, "z")
+    other["settings"]["steps"] = 7
+    second.write_text(json.dumps(other))
+    with pytest.raises(ValueError, match="The runs differ in steps"):
+        finetune.load_runs(f"{first},{second}", commonsense.merge_runs)
