@@ -54,17 +54,19 @@ def select_rows(only):
     return tuple(row for row in ROWS if row[0] in names)
 
 
-def add_common_args(parser, tasks, sizes):
+def add_common_args(parser, tasks, sizes, full_seeds="0"):
     """The arguments every fine-tuning benchmark takes.
 
     `sizes` is the script's `SIZES` dict: each key of its "full" entry
     becomes an integer flag (`--train-per-task`, ...) that overrides the
-    mode's default.
+    mode's default. `full_seeds` is the `--seeds` default of a full run
+    (pass the same to `finish_args`).
     """
     parser.add_argument("--quick", action="store_true",
                         help="a smoke run: tiny subset, a few steps")
     parser.add_argument("--seeds", default=None,
-                        help="comma-separated training seeds")
+                        help="comma-separated training seeds (default: "
+                        f"{full_seeds}; --quick: 0)")
     parser.add_argument("--tasks", default=",".join(tasks))
     for name in sizes["full"]:
         parser.add_argument("--" + name.replace("_", "-"), type=int)

@@ -60,6 +60,7 @@ SIZES = {
     },
 }
 HEAD_ONLY = "head_only"
+SEEDS = "0,1"  # the full run's default training seeds
 
 
 def parse_args(argv=None):
@@ -67,14 +68,14 @@ def parse_args(argv=None):
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    finetune.add_common_args(parser, TASKS, SIZES)
+    finetune.add_common_args(parser, TASKS, SIZES, SEEDS)
     parser.add_argument("--from-json", default=None,
                         help="re-render the report of a saved run's JSON "
                         "(no training)")
     parser.add_argument("--only", default="",
                         help="comma-separated rows of "
                         f"{', '.join((HEAD_ONLY,) + finetune.ROW_NAMES)}")
-    return finetune.finish_args(parser.parse_args(argv), SIZES, "0,1")
+    return finetune.finish_args(parser.parse_args(argv), SIZES, SEEDS)
 
 
 # -- data ---------------------------------------------------------------------
