@@ -342,20 +342,19 @@ class ReducerCallback(keras.callbacks.Callback):
                 for part in (x, y, sample_weight)
             )
         losses = []
+        # Blocks whose adapters hold the suppression factor now: each trial
+        # assigns only the adapters whose factor changes.
+        current = set()
         try:
             for blocks in suppressed:
                 chosen = {int(b) for b in blocks}
-                for adapter in self._adapters:
-                    if adapter.block in chosen:
-                        adapter.suppression.assign(self.suppression_factor)
+                self._set_suppressed(current - chosen, 1.0)
+                self._set_suppressed(chosen - current, self.suppression_factor)
+                current = chosen
                 logs = test_on_batch(x, y, sample_weight, return_dict=True)
                 losses.append(float(logs["loss"]))
-                for adapter in self._adapters:
-                    if adapter.block in chosen:
-                        adapter.suppression.assign(1.0)
         finally:
-            for adapter in self._adapters:
-                adapter.suppression.assign(1.0)
+            self._set_suppressed(current, 1.0)
             for variable, value in zip(model.metrics_variables, metrics):
                 variable.assign(value)
         self._scores = block_sampling.update_scores(
@@ -372,6 +371,11 @@ class ReducerCallback(keras.callbacks.Callback):
                 f"{np.round(losses, 4).tolist()}, importance "
                 f"{np.round(importance, 4).tolist()}"
             )
+
+    def _set_suppressed(self, blocks, factor):
+        for adapter in self._adapters:
+            if adapter.block in blocks:
+                adapter.suppression.assign(factor)
 
     def _probe_batch(self, model):
         if self.probe_data is not None:

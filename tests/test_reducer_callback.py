@@ -310,3 +310,54 @@ def test_fit_start_argument_errors():
     uncompiled.enable_relora(rank=2, experts=1, targets=r"layer_\d")
     with pytest.raises(ValueError, match="model.compile"):
         keras_relora.ReducerCallback().set_model(uncompiled)
+
+
+def test_probe_losses_are_the_losses_with_the_sampled_blocks_suppressed(
+    monkeypatch,
+):
+    # Each probe trial scales the adapter outputs of its sampled blocks by
+    # `suppression_factor`. The adapter output is linear in B, so the
+    # independent reference scales those blocks' B instead and evaluates
+    # the loss on the probe batch with `ops`, outside the callback.
+    from keras_relora import block_sampling
+
+    model = adapted_mlp()
+    rng = np.random.default_rng(1)
+    state = keras_relora.get_state(model)
+    adapters = list(state.adapters.values())
+    for adapter in adapters:
+        adapter.b_kernel.assign(
+            rng.normal(size=adapter.b_kernel.shape).astype("float32")
+        )
+    x, y = mlp_data(rows=40)
+    probe = (x[:8], y[:8])
+    calls = []
+    update_scores = block_sampling.update_scores
+
+    def spy(scores, suppressed, losses, score_lr):
+        calls.append(([sorted(int(b) for b in s) for s in suppressed],
+                      list(losses)))
+        return update_scores(scores, suppressed, losses, score_lr)
+
+    monkeypatch.setattr(block_sampling, "update_scores", spy)
+    reducer = keras_relora.ReducerCallback(
+        update_layers=1, suppress_layers=2, interval=5, trials=3,
+        suppression_factor=0.25, seed=3, probe_data=probe,
+    )
+    model.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0,
+              callbacks=[reducer])
+    assert len(calls) == 1  # 5 steps, interval 5: one probe, at the end.
+    suppressed, losses = calls[0]
+    assert len(suppressed) == 3 and all(len(s) == 2 for s in suppressed)
+    for adapter in adapters:  # Restored after the probe.
+        assert float(ops.convert_to_numpy(adapter.suppression)) == 1.0
+    trained = _numpy([adapter.b_kernel for adapter in adapters])
+    for blocks, loss in zip(suppressed, losses):
+        for adapter, b in zip(adapters, trained):
+            factor = 0.25 if adapter.block in blocks else 1.0
+            adapter.b_kernel.assign(b * factor)
+        prediction = ops.convert_to_numpy(model(probe[0]))
+        expected = np.mean((prediction - probe[1]) ** 2)
+        np.testing.assert_allclose(loss, expected, rtol=1e-5)
+    # The three trials differ, so the suppression really took effect.
+    assert len({round(loss, 6) for loss in losses}) > 1
