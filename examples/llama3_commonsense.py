@@ -10,9 +10,9 @@ This is the main job of `keras_relora` (`make demo` runs it on JAX):
    train and test parts (`keras_relora.offline.commonsense`);
 3. `enable_relora(rank, experts)` freezes the model and adds the adapters,
    and prints the trainable-parameter report;
-4. measures accuracy on held-out examples before training, trains with
-   `fit` (Keras's progress bar) and a `keras_relora.ReducerCallback`, and
-   measures it again;
+4. measures accuracy and the answer-token loss on held-out examples
+   before training, trains with `fit` (Keras's progress bar) and a
+   `keras_relora.ReducerCallback`, and measures both again;
 5. writes the Reducer's block-importance heat map (PNG), the adapter
    checkpoint (`.safetensors`), merges the adapters into the base kernels
    (routed experts: with calibration data, printing the measured error)
@@ -483,6 +483,30 @@ def by_task(test):
     return {**groups, "all": list(range(len(test)))}
 
 
+def answer_nll(lm, test, tokenizer, args):
+    """Mean negative log-likelihood per answer token of the held-out set.
+
+    Each example's reference answer is scored after its prompt (teacher
+    forcing), tokenized as in training; the `answer_nll` metric averages
+    over the answer tokens only. It moves with training even when few
+    held-out predictions flip.
+    """
+    encoded = [
+        commonsense.encode_for_training(tokenizer, e, args.sequence_length)
+        for e in test
+    ]
+    token_ids, padding_mask, labels, weights = map(np.stack, zip(*encoded))
+    logs = lm.evaluate(
+        {"token_ids": token_ids, "padding_mask": padding_mask},
+        labels,
+        sample_weight=weights,
+        batch_size=args.batch_size,
+        verbose=0,
+        return_dict=True,
+    )
+    return float(logs["answer_nll"])
+
+
 def print_accuracy(test, correct, predictions, before=None):
     """Per-task accuracy with 95% intervals; with `before`, the change.
 
@@ -676,7 +700,11 @@ def main(argv=None):
         optimizer=keras.optimizers.AdamW(args.learning_rate),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         weighted_metrics=[
-            keras.metrics.SparseCategoricalAccuracy(name="answer_token_acc")
+            keras.metrics.SparseCategoricalAccuracy(name="answer_token_acc"),
+            # Weighted by the answer mask: the mean over answer tokens.
+            keras.metrics.SparseCategoricalCrossentropy(
+                from_logits=True, name="answer_nll"
+            ),
         ],
         sampler="greedy",
     )
@@ -693,7 +721,9 @@ def main(argv=None):
     )
     with clock.phase("accuracy before"):
         before, predictions = evaluate(lm, test, tokenizer, preprocessor, args)
+        nll_before = answer_nll(lm, test, tokenizer, args)
     print_accuracy(test, before, predictions)
+    print(f"answer-token loss (teacher forcing): {nll_before:.4f}")
     with clock.phase("generate before"):
         (answer_before,) = greedy_answers(
             lm, [example["prompt"]], tokenizer, preprocessor, MAX_NEW_TOKENS
@@ -726,7 +756,12 @@ def main(argv=None):
     clock.section(f"Held-out {metric}, after training")
     with clock.phase("accuracy after"):
         after, predictions = evaluate(lm, test, tokenizer, preprocessor, args)
+        nll_after = answer_nll(lm, test, tokenizer, args)
     print_accuracy(test, after, predictions, before=before)
+    print(
+        f"answer-token loss (teacher forcing): {nll_after:.4f} "
+        f"(before {nll_before:.4f})"
+    )
 
     clock.section("Block importance (Reducer)")
     probe_steps, _ = reducer.importance_history
@@ -792,6 +827,8 @@ def main(argv=None):
             t: float(np.mean(after[r])) for t, r in groups.items()
         },
         "num_test": {t: len(r) for t, r in groups.items()},
+        "answer_nll_before": nll_before,
+        "answer_nll_after": nll_after,
         "final_loss": losses[-1],
         "trainable_params": report.trainable_params,
         "trainable_percent": report.trainable_percent,

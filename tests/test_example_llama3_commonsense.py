@@ -108,6 +108,9 @@ def check_common_outputs(stdout, results, output_dir):
     for key in ("accuracy_before", "accuracy_after"):
         assert 0.0 <= results[key]["all"] <= 1.0
     assert np.isfinite(results["final_loss"])
+    for key in ("answer_nll_before", "answer_nll_after"):
+        assert np.isfinite(results[key]) and results[key] > 0
+    assert "answer-token loss (teacher forcing):" in stdout
     assert results["seconds"]["total"]["wall"] > 0
 
 
@@ -203,3 +206,45 @@ def test_read_jsonl_says_what_is_wrong(tmp_path, content, message):
     path.write_text(content)
     with pytest.raises(ValueError, match=re.escape(message)):
         example_module().read_jsonl(str(path))
+
+
+def test_answer_nll_is_the_mean_loss_over_answer_tokens():
+    # Independent reference: log-softmax of the model's logits in numpy,
+    # averaged over the answer tokens that `encode_for_training` marks.
+    import argparse
+
+    from keras_relora.offline import commonsense
+
+    module = example_module()
+    keras.utils.set_random_seed(0)
+    lm = module.tiny_causal_lm(24)
+    tokenizer = lm.preprocessor.tokenizer
+    lm.preprocessor = None
+    lm.compile(
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        weighted_metrics=[keras.metrics.SparseCategoricalCrossentropy(
+            from_logits=True, name="answer_nll")],
+    )
+    test = [
+        {"prompt": commonsense.make_prompt(q), "output": a}
+        for q, a in [("Is ice cold?", "yes"), ("Two plus two?", "four"),
+                     ("Sky colour?", "blue, on a clear day")]
+    ]
+    args = argparse.Namespace(sequence_length=24, batch_size=2)
+    got = module.answer_nll(lm, test, tokenizer, args)
+    total, count = 0.0, 0.0
+    for example in test:
+        ids, mask, labels, weights = commonsense.encode_for_training(
+            tokenizer, example, 24
+        )
+        logits = keras.ops.convert_to_numpy(
+            lm({"token_ids": ids[None], "padding_mask": mask[None]})
+        )[0].astype("float64")
+        peak = logits.max(-1, keepdims=True)
+        log_probs = logits - peak - np.log(
+            np.exp(logits - peak).sum(-1, keepdims=True))
+        nll = -log_probs[np.arange(24), labels]
+        total += float(np.sum(nll * weights))
+        count += float(np.sum(weights))
+    assert count > len(test)  # Several answer tokens per example.
+    np.testing.assert_allclose(got, total / count, rtol=1e-5)
