@@ -4,6 +4,7 @@ import contextlib
 
 import keras
 
+from keras_relora import layouts
 from keras_relora import targets as targets_lib
 from keras_relora.relora_dense import ROUTER_INPUTS
 from keras_relora.relora_dense import ReloraDense
@@ -141,6 +142,7 @@ def enable_relora(
     router_input="projected",
     top_k=None,
     balance_loss=0.0,
+    layout_map=None,
 ):
     """Freezes `model` and adds ReLoRA adapters to its target layers.
 
@@ -179,6 +181,16 @@ def enable_relora(
             `None` (dense softmax).
         balance_loss: float. Load-balancing loss coefficient. Defaults to
             `0.0`.
+        layout_map: A `keras.distribution.LayoutMap`, for model-parallel
+            training (JAX backend): the map of the active
+            `keras.distribution.ModelParallel`, e.g. keras-hub's
+            `Llama3Backbone.get_layout_map(mesh)`. Before creating the
+            adapter variables, `enable_relora` adds an exact entry for each:
+            B is sharded along `d_out` like its base kernel's output axis,
+            A and the routers are replicated. Defaults to `None` (adapter
+            variables get whatever the active distribution gives them:
+            replicated under `DataParallel` and for paths the map does not
+            match).
 
     Returns:
         A `ReloraReport`: trainable and total parameters, percent of the
@@ -198,6 +210,8 @@ def enable_relora(
         )
     _check_args(rank, experts, alpha, share_a, train_a, dropout,
                 router_input, top_k, balance_loss)
+    if layout_map is not None:
+        layouts.check_layout_map(layout_map)
     if get_state(model) is not None:
         raise ValueError(
             f"ReLoRA is already enabled on model {model.name!r}. To change "
@@ -231,6 +245,7 @@ def enable_relora(
             router_input=router_input, top_k=top_k,
             balance_loss=balance_loss,
             block=block_index[targets_lib.block_key(relative[path])],
+            layout_map=layout_map,
         )
         adapters[path] = adapter
     settings = dict(
@@ -257,7 +272,7 @@ def _size(variable):
 
 
 def _inject(layer, path, role, shared, root, *, rank, share_a, train_a,
-            block, **adapter_kwargs):
+            block, layout_map, **adapter_kwargs):
     d_in = ReloraDense.input_size(layer)
     key = f"{role}:{d_in}" if share_a == "role" else path
     if key not in shared:
@@ -267,16 +282,26 @@ def _inject(layer, path, role, shared, root, *, rank, share_a, train_a,
             k.startswith(f"{role}:") for k in shared
         ):
             name = f"{name}_{d_in}"
+        laid_out = {f"{scope}/{name}/kernel": (None, None)}
+        _register(layout_map, laid_out)
         with _path_scope(scope):
             shared[key] = SharedLoraA(
                 d_in, rank, trainable=train_a, name=name,
                 dtype=adapter_dtype(layer),
             )
+        _check_paths(layout_map, laid_out, shared[key])
+    laid_out = {}
+    if layout_map is not None:
+        laid_out = layouts.adapter_layouts(
+            layout_map, layer, path, adapter_kwargs["experts"]
+        )
+        _register(layout_map, laid_out)
     with _path_scope(path):
         adapter = ReloraDense(
             layer, shared[key], block=block, name="relora",
             _injected=True, **adapter_kwargs,
         )
+    _check_paths(layout_map, laid_out, adapter)
     adapter.role = role
     locked = layer._tracker.locked
     layer._tracker.unlock()
@@ -287,6 +312,17 @@ def _inject(layer, path, role, shared, root, *, rank, share_a, train_a,
             layer._tracker.lock()
     _patch_call(layer, adapter)
     return adapter
+
+
+def _register(layout_map, laid_out):
+    if layout_map is not None:
+        for variable_path, axes in laid_out.items():
+            layouts.register(layout_map, variable_path, axes)
+
+
+def _check_paths(layout_map, laid_out, layer):
+    if layout_map is not None:
+        layouts.check_paths(laid_out, layer.weights)
 
 
 @contextlib.contextmanager

@@ -264,6 +264,7 @@ def test_no_match_lists_what_exists():
         (dict(share_a="block"), "Received: share_a='block'"),
         (dict(top_k=3), "Received: top_k=3"),
         (dict(router_input="x"), "Received: router_input='x'"),
+        (dict(layout_map={"q": (None,)}), "Received: layout_map of type dict"),
     ],
 )
 def test_argument_errors(kwargs, message):
