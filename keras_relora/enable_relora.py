@@ -188,9 +188,9 @@ def enable_relora(
             adapter variables, `enable_relora` adds an exact entry for each:
             B is sharded along `d_out` like its base kernel's output axis,
             A and the routers are replicated. Defaults to `None` (adapter
-            variables get whatever the active distribution gives them:
-            replicated under `DataParallel` and for paths the map does not
-            match).
+            variables get what the active distribution gives their paths:
+            replicated under `DataParallel`, and under `ModelParallel` when
+            no pattern of its map matches them, as with keras-hub's maps).
 
     Returns:
         A `ReloraReport`: trainable and total parameters, percent of the
