@@ -348,8 +348,12 @@ class ReducerCallback(keras.callbacks.Callback):
         try:
             for blocks in suppressed:
                 chosen = {int(b) for b in blocks}
-                self._set_suppressed(current - chosen, 1.0)
-                self._set_suppressed(chosen - current, self.suppression_factor)
+                restore, suppress = current - chosen, chosen - current
+                # While assigning, any of both sets may hold the factor:
+                # `finally` restores them all if an assignment fails.
+                current = current | chosen
+                self._set_suppressed(restore, 1.0)
+                self._set_suppressed(suppress, self.suppression_factor)
                 current = chosen
                 logs = test_on_batch(x, y, sample_weight, return_dict=True)
                 losses.append(float(logs["loss"]))

@@ -361,3 +361,27 @@ def test_probe_losses_are_the_losses_with_the_sampled_blocks_suppressed(
         np.testing.assert_allclose(loss, expected, rtol=1e-5)
     # The three trials differ, so the suppression really took effect.
     assert len({round(loss, 6) for loss in losses}) > 1
+
+
+def test_a_failing_probe_leaves_no_adapter_suppressed():
+    model = adapted_mlp()
+    test_on_batch = model.test_on_batch
+    calls = []
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:  # The second trial: one trial's blocks are set.
+            raise RuntimeError("probe interrupted")
+        return test_on_batch(*args, **kwargs)
+
+    object.__setattr__(model, "test_on_batch", failing)
+    reducer = keras_relora.ReducerCallback(
+        update_layers=1, suppress_layers=2, interval=5, seed=0
+    )
+    x, y = mlp_data(rows=40)
+    with pytest.raises(RuntimeError, match="probe interrupted"):
+        model.fit(x, y, batch_size=8, epochs=1, verbose=0,
+                  callbacks=[reducer])
+    assert len(calls) == 2
+    for adapter in keras_relora.get_state(model).adapters.values():
+        assert float(ops.convert_to_numpy(adapter.suppression)) == 1.0
