@@ -406,13 +406,10 @@ def jsonl_data(path, tokenizer, args):
         for i in order
     ]
     test, train = examples[:num_test], examples[num_test:]
-    encoded = [
-        commonsense.encode_for_training(tokenizer, e, args.sequence_length)
-        for e in train
-    ]
-    token_ids, padding_mask, labels, weights = map(np.stack, zip(*encoded))
-    x = {"token_ids": token_ids, "padding_mask": padding_mask}
-    return x, labels, weights, test
+    x, y, sample_weight = commonsense.encode_examples(
+        tokenizer, train, args.sequence_length
+    )
+    return x, y, sample_weight, test
 
 
 def repeat_to_steps(x, y, sample_weight, steps, batch_size, seed):
@@ -495,23 +492,20 @@ def by_task(test):
     return {**groups, "all": list(range(len(test)))}
 
 
-def answer_nll(lm, test, tokenizer, args):
+def answer_nll(lm, held_out, args):
     """Mean negative log-likelihood per answer token of the held-out set.
 
-    Each example's reference answer is scored after its prompt (teacher
-    forcing), tokenized as in training; the `answer_nll` metric averages
-    over the answer tokens only. It moves with training even when few
-    held-out predictions flip.
+    `held_out` is `commonsense.encode_examples` of the held-out examples:
+    each reference answer is scored after its prompt (teacher forcing),
+    tokenized as in training; the `answer_nll` metric averages over the
+    answer tokens only. It moves with training even when few held-out
+    predictions flip.
     """
-    encoded = [
-        commonsense.encode_for_training(tokenizer, e, args.sequence_length)
-        for e in test
-    ]
-    token_ids, padding_mask, labels, weights = map(np.stack, zip(*encoded))
+    x, y, sample_weight = held_out
     logs = lm.evaluate(
-        {"token_ids": token_ids, "padding_mask": padding_mask},
-        labels,
-        sample_weight=weights,
+        x,
+        y,
+        sample_weight=sample_weight,
         batch_size=args.batch_size,
         verbose=0,
         return_dict=True,
@@ -727,13 +721,17 @@ def main(argv=None):
         else "accuracy of the candidate-label logits"
     )
     example = test[0]  # Its greedy answer is shown before and after.
+    # The held-out references, tokenized once for the answer-token loss.
+    held_out = commonsense.encode_examples(
+        tokenizer, test, args.sequence_length
+    )
     clock.section(
         f"Held-out {metric}, before training (adapters at init, B = 0: the "
         "base model's outputs)"
     )
     with clock.phase("accuracy before"):
         before, predictions = evaluate(lm, test, tokenizer, preprocessor, args)
-        nll_before = answer_nll(lm, test, tokenizer, args)
+        nll_before = answer_nll(lm, held_out, args)
     print_accuracy(test, before, predictions)
     print(f"answer-token loss (teacher forcing): {nll_before:.4f}")
     with clock.phase("generate before"):
@@ -768,7 +766,7 @@ def main(argv=None):
     clock.section(f"Held-out {metric}, after training")
     with clock.phase("accuracy after"):
         after, predictions = evaluate(lm, test, tokenizer, preprocessor, args)
-        nll_after = answer_nll(lm, test, tokenizer, args)
+        nll_after = answer_nll(lm, held_out, args)
     print_accuracy(test, after, predictions, before=before)
     print(
         f"answer-token loss (teacher forcing): {nll_after:.4f} "

@@ -230,8 +230,9 @@ def test_answer_nll_is_the_mean_loss_over_answer_tokens():
         for q, a in [("Is ice cold?", "yes"), ("Two plus two?", "four"),
                      ("Sky colour?", "blue, on a clear day")]
     ]
-    args = argparse.Namespace(sequence_length=24, batch_size=2)
-    got = module.answer_nll(lm, test, tokenizer, args)
+    args = argparse.Namespace(batch_size=2)
+    held_out = commonsense.encode_examples(tokenizer, test, 24)
+    got = module.answer_nll(lm, held_out, args)
     total, count = 0.0, 0.0
     for example in test:
         ids, mask, labels, weights = commonsense.encode_for_training(

@@ -37,6 +37,7 @@ from keras_relora.offline.commonsense_data import ANSWER_PREFIX
 from keras_relora.offline.commonsense_data import CLASSIFICATION_TASKS
 from keras_relora.offline.commonsense_data import COMMONSENSE_TASKS
 from keras_relora.offline.commonsense_data import build_mixture
+from keras_relora.offline.commonsense_data import encode_examples
 from keras_relora.offline.commonsense_data import encode_for_training
 from keras_relora.offline.commonsense_data import format_example
 from keras_relora.offline.commonsense_data import load_classification
@@ -57,6 +58,7 @@ __all__ = [
     "build_mixture",
     "choice_logits",
     "choice_tokens",
+    "encode_examples",
     "encode_for_training",
     "format_example",
     "load_classification",

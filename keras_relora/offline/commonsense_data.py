@@ -484,9 +484,29 @@ def build_mixture(
         take = len(pool) if n_per_task is None else min(n_per_task, len(pool))
         examples.extend(pool[i] for i in rng.choice(len(pool), take, False))
     order = rng.permutation(len(examples))
+    return encode_examples(
+        tokenizer, [examples[i] for i in order], sequence_length
+    )
+
+
+def encode_examples(tokenizer, examples, sequence_length):
+    """`encode_for_training` on each example, stacked for `fit`.
+
+    Args:
+        tokenizer: a keras-hub tokenizer, or a model or preprocessor that
+            holds one.
+        examples: list of dicts with `prompt` and `output`.
+        sequence_length: int. The length of the rows.
+
+    Returns:
+        `(x, y, sample_weight)`: `x` a dict of `token_ids` and
+        `padding_mask`, int32 of shape `(len(examples), sequence_length)`;
+        `y` the next-token labels (int32) and `sample_weight` (float32, 1 on
+        the answer tokens) of the same shape.
+    """
     rows = [
-        encode_for_training(tokenizer, examples[i], sequence_length)
-        for i in order
+        encode_for_training(tokenizer, example, sequence_length)
+        for example in examples
     ]
     token_ids, padding_mask, labels, weights = (
         np.stack(column) for column in zip(*rows)
