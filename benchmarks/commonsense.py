@@ -16,7 +16,7 @@ is answer2") with each adapter variant:
 All rows use the same rank, steps, batch, learning rate (AdamW), data and
 seeds; the zero-shot base model is the first row. Accuracy compares the
 model's logits of the candidate labels at the answer position (one
-forward pass per example, `keras_relora.offline.commonsense`).
+forward pass per example, `relora_offline.commonsense`).
 
 Commands:
 
@@ -71,7 +71,7 @@ SIZES = {
 
 
 def parse_args(argv=None):
-    from keras_relora.offline import commonsense
+    from relora_offline import commonsense
 
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
@@ -103,7 +103,7 @@ def build_data(args, tokenizer, seed):
     """
     import numpy as np
 
-    from keras_relora.offline import commonsense
+    from relora_offline import commonsense
 
     x, y, weights = commonsense.build_mixture(
         args.tasks, args.train_per_task, seed, tokenizer=tokenizer,
@@ -131,7 +131,7 @@ def evaluate(lm, test, tokenizer, args):
     """`{task: accuracy}`: the candidate label with the largest logit."""
     import numpy as np
 
-    from keras_relora.offline import commonsense
+    from relora_offline import commonsense
 
     examples = [e for task in test for e in test[task]]
     logits = commonsense.choice_logits(
@@ -251,7 +251,7 @@ def main(argv=None):
     import keras_relora
 
     common.pin_threads_runtime(args.threads)
-    from keras_relora.offline import smollm2
+    from relora_offline import smollm2
 
     rows = finetune.select_rows(args.only)
     start = time.perf_counter()

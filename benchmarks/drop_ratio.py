@@ -55,7 +55,7 @@ def model_flag(argv):
 
 
 def parse_args(argv=None):
-    from keras_relora.offline import commonsense as tasks
+    from relora_offline import commonsense as tasks
 
     model = model_flag(argv)
     all_tasks, sizes = (
@@ -139,7 +139,7 @@ class MiniLMBench:
     """`minilm_tasks.py`'s encoder, data, training and evaluation."""
 
     def __init__(self, args):
-        from keras_relora.offline import minilm
+        from relora_offline import minilm
 
         self.args = args
         self.backbone = minilm.load_minilm_backbone()
@@ -177,7 +177,7 @@ class SmolLM2Bench:
     """`commonsense.py`'s causal LM, data, training and evaluation."""
 
     def __init__(self, args):
-        from keras_relora.offline import smollm2
+        from relora_offline import smollm2
 
         self.args = args
         lm = smollm2.load_smollm2(sequence_length=args.sequence_length)

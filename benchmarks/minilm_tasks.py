@@ -83,7 +83,7 @@ def parse_args(argv=None):
 
 def label_layout(tasks):
     """`({task: offset}, {task: label count}, total)` of the union head."""
-    from keras_relora.offline import commonsense
+    from relora_offline import commonsense
 
     offsets, counts, total = {}, {}, 0
     for task in tasks:
@@ -149,7 +149,7 @@ def build_data(args, preprocessor, seed):
     """
     import numpy as np
 
-    from keras_relora.offline import commonsense
+    from relora_offline import commonsense
 
     offsets, counts, total = label_layout(args.tasks)
     rng = np.random.default_rng(seed)
@@ -327,7 +327,7 @@ def main(argv=None):
     import numpy as np
 
     common.pin_threads_runtime(args.threads)
-    from keras_relora.offline import minilm
+    from relora_offline import minilm
 
     names = [n for n in args.only.split(",") if n]
     rest = ",".join(n for n in names if n != HEAD_ONLY)

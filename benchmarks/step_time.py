@@ -129,7 +129,7 @@ def freeze_all(model):
 
 def target_layers(model):
     """The layers `enable_relora` adapts by default (q, k, v, up, down)."""
-    from keras_relora import targets
+    from keras_relora.adapt import targets
 
     return list(targets.select(model.backbone, None))
 

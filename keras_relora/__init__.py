@@ -5,21 +5,21 @@ Importing the package adds `enable_relora` to every `keras.Model`.
 
 import keras
 
-from keras_relora.checkpoint import load_relora_weights
-from keras_relora.checkpoint import save_relora_weights
-from keras_relora.enable_relora import enable_relora
-from keras_relora.enable_relora import get_state
-from keras_relora.enable_relora import report
-from keras_relora.merge import merge_relora
-from keras_relora.merge import unload
-from keras_relora.model_saving import ReloraModel
-from keras_relora.prune import prune
-from keras_relora.reducer_callback import ReducerCallback
-from keras_relora.relora_dense import ReloraDense
-from keras_relora.report import ReloraReport
-from keras_relora.report import budget
-from keras_relora.shared_lora_a import SharedLoraA
-from keras_relora.variants import VARIANTS
+from keras_relora.adapt import VARIANTS
+from keras_relora.adapt import ReloraReport
+from keras_relora.adapt import budget
+from keras_relora.adapt import enable_relora
+from keras_relora.adapt import get_state
+from keras_relora.adapt import report
+from keras_relora.layers import ReloraDense
+from keras_relora.layers import SharedLoraA
+from keras_relora.reducer import ReducerCallback
+from keras_relora.reducer import prune
+from keras_relora.saving import ReloraModel
+from keras_relora.saving import load_relora_weights
+from keras_relora.saving import merge_relora
+from keras_relora.saving import save_relora_weights
+from keras_relora.saving import unload
 
 __version__ = "0.1.0"
 

@@ -1,6 +1,6 @@
 import pytest
 
-from keras_relora.einsum_axes import EinsumAxes
+from keras_relora.layers.einsum_axes import EinsumAxes
 
 # (equation, kernel shape, d_in, d_out) written out by hand.
 CASES = [

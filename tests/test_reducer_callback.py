@@ -319,7 +319,7 @@ def test_probe_losses_are_the_losses_with_the_sampled_blocks_suppressed(
     # `suppression_factor`. The adapter output is linear in B, so the
     # independent reference scales those blocks' B instead and evaluates
     # the loss on the probe batch with `ops`, outside the callback.
-    from keras_relora import block_sampling
+    from keras_relora.reducer import block_sampling
 
     model = adapted_mlp()
     rng = np.random.default_rng(1)

@@ -12,7 +12,7 @@ import pytest
 from keras import ops
 
 import keras_relora
-from keras_relora import block_sampling
+from keras_relora.reducer import block_sampling
 
 NUM_BLOCKS = 4
 

@@ -12,7 +12,7 @@ import math
 import numpy as np
 from keras import ops
 
-from keras_relora import block_sampling
+from keras_relora.reducer import block_sampling
 
 
 def _lowbias32_reference(x):

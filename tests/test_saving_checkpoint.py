@@ -7,9 +7,9 @@ import pytest
 import tiny_models as tm
 
 import keras_relora
-from keras_relora import checkpoint
-from keras_relora import model_saving
-from keras_relora.reducer_callback import reducer_state
+from keras_relora.saving import adapter_file
+from keras_relora.saving import model_saving
+from keras_relora.reducer.reducer_state import reducer_state
 
 
 def to_numpy(x):
@@ -91,15 +91,15 @@ def test_load_into_adapted_model_with_method(trained, tmp_path):
     # And the method form of saving writes the same tensors.
     path = tmp_path / "again.safetensors"
     model.save_relora_weights(path)
-    _, _, a = checkpoint._read(path)
-    _, _, b = checkpoint._read(trained["path"])
+    _, _, a = adapter_file.read(path)
+    _, _, b = adapter_file.read(trained["path"])
     assert a.keys() == b.keys()
     for key in a:
         np.testing.assert_array_equal(a[key], b[key])
 
 
 def test_file_is_keyed_by_layer_path(trained):
-    relora, base, tensors = checkpoint._read(trained["path"])
+    relora, base, tensors = adapter_file.read(trained["path"])
     assert "adapters/transformer_layer_1/self_attention/query/b_kernel" in (
         tensors
     )

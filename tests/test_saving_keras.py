@@ -7,8 +7,8 @@ import pytest
 import tiny_models as tm
 
 import keras_relora
-from keras_relora import model_saving
-from keras_relora.reducer_callback import reducer_state
+from keras_relora.saving import model_saving
+from keras_relora.reducer.reducer_state import reducer_state
 
 
 # Compiling a train step is slow on TF (tracing) and not what these tests

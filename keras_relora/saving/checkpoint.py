@@ -24,8 +24,6 @@ Layout:
   few of its values, to recognise another base model), `sha256`.
 """
 
-import hashlib
-import json
 import os
 import warnings
 
@@ -33,14 +31,12 @@ import keras
 import numpy as np
 from keras import ops
 
-from keras_relora import model_saving
-from keras_relora.enable_relora import adapted_model
-from keras_relora.enable_relora import get_state
-from keras_relora.enable_relora import require_state
+from keras_relora.adapt.state import adapted_model
+from keras_relora.adapt.state import get_state
+from keras_relora.adapt.state import require_state
+from keras_relora.saving import adapter_file
+from keras_relora.saving import model_saving
 
-FORMAT = "keras_relora.adapters"
-VERSION = "1"
-SUFFIX = ".safetensors"
 # Settings that change the variables or the outputs: they must match.
 _STRICT = ("rank", "experts", "alpha", "share_a", "router_input", "top_k")
 # Training-only settings: the model's own are kept (a warning says so).
@@ -70,28 +66,16 @@ def save_relora_weights(model, filepath):
     ```
     """
     state = require_state(model, "`save_relora_weights`")
-    filepath = _check_path(filepath)
+    filepath = adapter_file.check_path(filepath)
     tensors = {
         key: _to_numpy(variable)
         for key, variable in _variables(model, state).items()
     }
-    metadata = {
-        "format": FORMAT,
-        "version": VERSION,
-        "relora": json.dumps(_relora_description(model, state)),
-        "base": json.dumps(_base_description(model, state)),
-        "sha256": _digest(tensors),
-    }
-    safetensors_numpy = _safetensors_numpy()
-    data = safetensors_numpy.save(tensors, metadata=metadata)
-    partial = f"{filepath}.partial-{os.getpid()}"
-    try:
-        with open(partial, "wb") as f:
-            f.write(data)
-        os.replace(partial, filepath)
-    finally:
-        if os.path.exists(partial):
-            os.remove(partial)
+    adapter_file.write(
+        filepath, tensors,
+        relora=_relora_description(model, state),
+        base=_base_description(model, state),
+    )
 
 
 def load_relora_weights(model, filepath, *, check_base=True):
@@ -136,7 +120,7 @@ def load_relora_weights(model, filepath, *, check_base=True):
             "`model` must be a `keras.Model`. "
             f"Received: model of type {type(model).__name__}"
         )
-    content = _read(filepath)
+    content = adapter_file.read(filepath)
     relora, base, _ = content
     state = get_state(model)
     if state is None:
@@ -148,7 +132,7 @@ def load_relora_weights(model, filepath, *, check_base=True):
                                             check_base))
             _assign(model, state, content)
         except BaseException:
-            from keras_relora.merge import unload
+            from keras_relora.saving.merge import unload
 
             if get_state(model) is not None:
                 unload(model)
@@ -158,27 +142,6 @@ def load_relora_weights(model, filepath, *, check_base=True):
     _warn_training_settings(state, relora)
     _assign(model, state, content)
     return model
-
-
-def _check_path(filepath):
-    filepath = os.fspath(filepath)
-    if not str(filepath).endswith(SUFFIX):
-        raise ValueError(
-            f"`filepath` must end in `{SUFFIX}` (a safetensors file). "
-            f"Received: filepath={filepath!r}"
-        )
-    return filepath
-
-
-def _safetensors_numpy():
-    try:
-        import safetensors.numpy
-    except ImportError:
-        raise ImportError(
-            "Adapter checkpoints need the `safetensors` package: "
-            "`pip install safetensors`."
-        ) from None
-    return safetensors.numpy
 
 
 def _to_numpy(variable):
@@ -262,65 +225,6 @@ def _fingerprint(layer):
     index = np.linspace(0, size - 1, _FINGERPRINT_SIZE).astype("int32")
     values = ops.take(ops.reshape(kernel, (-1,)), index)
     return ops.convert_to_numpy(ops.cast(values, "float32")).tolist()
-
-
-def _digest(tensors):
-    sha = hashlib.sha256()
-    for key in sorted(tensors):
-        value = tensors[key]
-        sha.update(f"{key}|{value.dtype.str}|{value.shape}|".encode())
-        sha.update(value.tobytes())
-    return sha.hexdigest()
-
-
-def _read(filepath):
-    """`(relora, base, tensors)` of a checked adapter file."""
-    filepath = _check_path(filepath)
-    with open(filepath, "rb") as f:
-        data = f.read()
-
-    def invalid(reason):
-        return ValueError(
-            f"{filepath!r} is not a valid keras_relora adapter file: "
-            f"{reason}. It may be truncated or corrupted, or not written "
-            "by `save_relora_weights`; nothing was loaded."
-        )
-
-    if len(data) < 8:
-        raise invalid(f"it has only {len(data)} bytes")
-    size = int.from_bytes(data[:8], "little")
-    if 8 + size > len(data):
-        raise invalid(
-            f"its header needs {size} bytes but the file has "
-            f"{len(data) - 8} after the length field"
-        )
-    try:
-        header = json.loads(data[8 : 8 + size])
-        metadata = header.get("__metadata__") or {}
-    except (ValueError, AttributeError) as error:
-        raise invalid(f"its header is not valid JSON ({error})") from None
-    if metadata.get("format") != FORMAT:
-        raise invalid(
-            f"its format is {metadata.get('format')!r}, not {FORMAT!r}"
-        )
-    if metadata.get("version") != VERSION:
-        raise invalid(
-            f"its version is {metadata.get('version')!r}; this "
-            f"keras_relora reads version {VERSION}"
-        )
-    safetensors_numpy = _safetensors_numpy()
-    try:
-        tensors = safetensors_numpy.load(data)
-    except Exception as error:  # SafetensorError is not importable alone.
-        raise invalid(f"safetensors could not read it ({error})") from None
-    if _digest(tensors) != metadata.get("sha256"):
-        raise invalid("its tensor data does not match its SHA-256 digest")
-    try:
-        relora = json.loads(metadata["relora"])
-        base = json.loads(metadata["base"])
-    except (KeyError, ValueError) as error:
-        raise invalid(f"its settings cannot be read ({error})") from None
-    return relora, base, tensors
 
 
 def _refuse(model, filepath, problems):

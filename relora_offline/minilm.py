@@ -10,7 +10,7 @@ loads that folder as it is, so nothing is converted or cached.
 Example:
 
 ```python
-from keras_relora.offline import minilm
+from relora_offline import minilm
 
 embedder = minilm.load_minilm_embedder()
 embeddings = embedder.predict(["A man plays a guitar.", "It is raining."])

@@ -10,7 +10,7 @@ does both.
 Example:
 
 ```python
-import keras_relora.offline as offline
+import relora_offline as offline
 
 lm = offline.load_smollm2()
 prompt = offline.smollm2_chat_prompt("What is the capital of France?")

@@ -3,8 +3,8 @@
 import numpy as np
 from keras import ops
 
-from keras_relora.enable_relora import adapted_model
-from keras_relora.enable_relora import require_state
+from keras_relora.adapt.state import adapted_model
+from keras_relora.adapt.state import require_state
 
 STRATEGIES = ("importance", "random")
 

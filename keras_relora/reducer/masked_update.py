@@ -30,7 +30,8 @@ TensorFlow's `apply_gradients` call `self.apply`, and torch's trainer calls
 import numpy as np
 from keras import ops
 
-from keras_relora import block_sampling
+from keras_relora import _keras_internals
+from keras_relora.reducer import block_sampling
 
 _ATTRIBUTE = "_relora_masked_update"
 # Optimizer slots that are not state of the update rule: gradient
@@ -70,7 +71,7 @@ class MaskedUpdate:
             name="relora_control",
         )
         self._original_apply = optimizer.apply
-        object.__setattr__(optimizer, "apply", self._apply)
+        _keras_internals.set_untracked(optimizer, "apply", self._apply)
         self._mirrors = {id(self.scores), id(self.control)}
 
     def exclude_mirrors_from_saving(self, optimizers):
@@ -86,12 +87,12 @@ class MaskedUpdate:
         for optimizer in optimizers:
             if _ATTRIBUTE + "_saving" in optimizer.__dict__:
                 continue
-            object.__setattr__(optimizer, _ATTRIBUTE + "_saving", True)
-            object.__setattr__(
+            _keras_internals.set_untracked(optimizer, _ATTRIBUTE + "_saving", True)
+            _keras_internals.set_untracked(
                 optimizer, "save_own_variables",
                 self._saver(optimizer),
             )
-            object.__setattr__(
+            _keras_internals.set_untracked(
                 optimizer, "load_own_variables",
                 self._loader(optimizer, optimizer.load_own_variables),
             )
@@ -157,7 +158,7 @@ class MaskedUpdate:
         masked = cls(optimizer, groups, num_blocks)
         masked.exclude_mirrors_from_saving({id(o): o for o in (
             model.optimizer, optimizer)}.values())
-        object.__setattr__(optimizer, _ATTRIBUTE, masked)
+        _keras_internals.set_untracked(optimizer, _ATTRIBUTE, masked)
         return masked, True
 
     def set_state(self, scores, active, seed, k, enabled=True):

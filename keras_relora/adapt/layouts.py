@@ -18,7 +18,7 @@ Exact keys take precedence over the regex keys of a keras-hub backbone's
 
 import keras
 
-from keras_relora.relora_dense import ReloraDense
+from keras_relora.layers.relora_dense import ReloraDense
 
 
 def _replicated(shape_rank):

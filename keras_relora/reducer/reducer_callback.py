@@ -7,52 +7,12 @@ import keras
 import numpy as np
 from keras import ops
 
-from keras_relora import block_sampling
-from keras_relora.enable_relora import adapted_model
-from keras_relora.enable_relora import require_state
-from keras_relora.masked_update import MaskedUpdate
+from keras_relora.reducer import block_sampling
+from keras_relora.reducer import probe_data as probe_data_lib
+from keras_relora.adapt.state import require_state
+from keras_relora.reducer.masked_update import MaskedUpdate
+from keras_relora.reducer.reducer_state import reducer_state
 
-STATE_ATTRIBUTE = "relora_reducer"
-_DEFAULT_PROBE_BATCH = 32
-
-
-class _ReducerState(keras.layers.Layer):
-    """The Reducer's model-side state: block scores and the sampling seed.
-
-    Kept on the adapted model (untracked by its layer list, so the model's
-    variables and train step do not change) under the attribute
-    `relora_reducer`, where `save_weights` finds it, and registered in the
-    model's `ReloraState.extra_variables`, which adapter checkpoints carry.
-    """
-
-    def __init__(self, num_blocks, **kwargs):
-        super().__init__(**kwargs)
-        self.num_blocks = num_blocks
-        self.scores = self.add_weight(
-            name="scores", shape=(num_blocks,), initializer="zeros",
-            dtype="float32", trainable=False,
-        )
-        self.seed = self.add_weight(
-            name="seed", shape=(), initializer="zeros", dtype="int32",
-            trainable=False,
-        )
-        self.built = True
-
-
-def reducer_state(model, create_seed=None):
-    """The Reducer state of `model`; made with `create_seed` if missing."""
-    state = require_state(model, "`ReducerCallback`")
-    root = adapted_model(model)
-    reducer = root.__dict__.get(STATE_ATTRIBUTE)
-    if reducer is None and create_seed is not None:
-        reducer = _ReducerState(state.num_blocks, name=STATE_ATTRIBUTE)
-        reducer.seed.assign(np.int32(create_seed))
-        # A plain attribute: `save_weights` walks attributes, while the
-        # model's variable lists (and so its compiled step) stay as they are.
-        object.__setattr__(root, STATE_ATTRIBUTE, reducer)
-        for variable in reducer.weights:
-            state.extra_variables[variable.path] = variable
-    return reducer
 
 
 def _check_count(name, value):
@@ -293,7 +253,9 @@ class ReducerCallback(keras.callbacks.Callback):
         self._masked.set_state(self._scores, self._active, self._seed,
                                self._k, enabled=True)
         self._step = int(ops.convert_to_numpy(model.optimizer.iterations))
-        self._probe = self._probe_batch(model)
+        self._probe, self._preprocessed = probe_data_lib.probe_batch(
+            model, self.probe_data
+        )
         if not self._steps:
             self._record()
 
@@ -381,45 +343,6 @@ class ReducerCallback(keras.callbacks.Callback):
             if adapter.block in blocks:
                 adapter.suppression.assign(factor)
 
-    def _probe_batch(self, model):
-        if self.probe_data is not None:
-            data, batch_size = self.probe_data, None
-            if isinstance(data, (list, tuple)):
-                batch = tuple(data) + (None,) * (3 - len(data))
-            else:
-                batch = _first_batch(data, "probe_data")
-        else:
-            state = require_state(model, "`ReducerCallback`")
-            fit_data = state.fit_data
-            if fit_data is None or fit_data["x"] is None:
-                raise ValueError(
-                    "`ReducerCallback` found no training data to hold a "
-                    "probe batch from. Pass `probe_data=(x, y)`."
-                )
-            batch_size = fit_data["batch_size"] or _DEFAULT_PROBE_BATCH
-            x = fit_data["x"]
-            if _is_array_like(x):
-                batch = tuple(
-                    None if part is None else _head(part, batch_size)
-                    for part in (x, fit_data["y"], fit_data["sample_weight"])
-                )
-            else:
-                batch = _first_batch(x, "the training data")
-        # Preprocess once here, as a keras-hub task's `fit` does with every
-        # batch, so that each probe only runs the compiled test step.
-        self._preprocessed = getattr(model, "preprocessor", None) is not None
-        if self._preprocessed:
-            preprocess = getattr(model, "preprocess_samples", None)
-            if preprocess is None:
-                preprocess = model.preprocessor
-            batch = _strings_to_python(batch)
-            batch = keras.utils.unpack_x_y_sample_weight(preprocess(*batch))
-            batch = tuple(batch) + (None,) * (3 - len(batch))
-        return tuple(
-            None if part is None else keras.tree.map_structure(_host, part)
-            for part in batch
-        )
-
     # -- results -------------------------------------------------------------
 
     def _record(self):
@@ -482,91 +405,3 @@ class ReducerCallback(keras.callbacks.Callback):
         figure.tight_layout()
         figure.savefig(path)
         return figure
-
-
-def _is_string_list(x):
-    return (
-        isinstance(x, (list, tuple))
-        and bool(x)
-        and all(isinstance(item, (str, bytes)) for item in x)
-    )
-
-
-def _parts(x):
-    """The leaves of `x`, a list of strings counting as one leaf."""
-    if _is_string_list(x):
-        return [x]
-    if isinstance(x, dict):
-        return [leaf for value in x.values() for leaf in _parts(value)]
-    if isinstance(x, (list, tuple)):
-        return [leaf for value in x for leaf in _parts(value)]
-    return [x]
-
-
-def _is_array_like(x):
-    """Whether `x` is arrays (or lists of strings) to slice a batch from."""
-    leaves = _parts(x)
-    return bool(leaves) and all(
-        hasattr(leaf, "shape") or _is_string_list(leaf) for leaf in leaves
-    )
-
-
-def _head(x, size):
-    """The first `size` samples of arrays or lists of strings."""
-    if _is_string_list(x):
-        return list(x[:size])
-    if isinstance(x, dict):
-        return {key: _head(value, size) for key, value in x.items()}
-    if isinstance(x, (list, tuple)):
-        return type(x)(_head(value, size) for value in x)
-    return x[:size]
-
-
-def _strings_to_python(batch):
-    """Numpy string arrays as lists of `str`, which preprocessors take."""
-
-    def convert(x):
-        if isinstance(x, np.ndarray) and x.dtype.kind in "OSU":
-            return [
-                item.decode("utf-8") if isinstance(item, bytes) else item
-                for item in x.tolist()
-            ]
-        if isinstance(x, dict):
-            return {key: convert(value) for key, value in x.items()}
-        if isinstance(x, (list, tuple)) and not _is_string_list(x):
-            return type(x)(convert(value) for value in x)
-        return x
-
-    return tuple(convert(part) for part in batch)
-
-
-def _first_batch(data, what):
-    """The first batch of a dataset, without consuming a user's iterator."""
-    if hasattr(data, "take") and hasattr(data, "element_spec"):  # tf.data
-        batch = next(iter(data.take(1)))
-    elif isinstance(data, keras.utils.PyDataset):
-        batch = data[0]
-    elif hasattr(data, "__next__"):
-        raise ValueError(
-            f"`ReducerCallback` cannot hold a probe batch from {what}: it is "
-            "an iterator (a generator), and taking a batch would take it "
-            "from training. Pass `probe_data=(x, y)`. "
-            f"Received: {type(data).__name__}"
-        )
-    elif hasattr(data, "__iter__"):  # e.g. a torch DataLoader
-        batch = next(iter(data))
-    else:
-        raise ValueError(
-            f"`ReducerCallback` cannot hold a probe batch from {what}. Pass "
-            "`probe_data=(x, y)` or `(x, y, sample_weight)`. "
-            f"Received: {type(data).__name__}"
-        )
-    batch = keras.utils.unpack_x_y_sample_weight(batch)
-    return tuple(batch) + (None,) * (3 - len(batch))
-
-
-def _host(value):
-    """A numpy copy of a tensor from any framework (TF tensors included)."""
-    if type(value).__module__.startswith("tensorflow"):
-        return np.asarray(value)
-    return ops.convert_to_numpy(value)

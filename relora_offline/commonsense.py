@@ -16,7 +16,7 @@ comparing the model's logits of the candidate labels at the answer position;
 Example:
 
 ```python
-from keras_relora.offline import commonsense, smollm2
+from relora_offline import commonsense, smollm2
 
 lm = smollm2.load_smollm2()
 tokenizer = lm.preprocessor.tokenizer
@@ -32,23 +32,23 @@ print(commonsense.score_choices(lm, test, tokenizer=tokenizer))
 
 # The data half (loading, splits, formatting, the training mixture) and the
 # evaluation half (scoring) live in two modules; this one gathers them.
-from keras_relora.offline.commonsense_data import ALPACA_TEMPLATE
-from keras_relora.offline.commonsense_data import ANSWER_PREFIX
-from keras_relora.offline.commonsense_data import CLASSIFICATION_TASKS
-from keras_relora.offline.commonsense_data import COMMONSENSE_TASKS
-from keras_relora.offline.commonsense_data import build_mixture
-from keras_relora.offline.commonsense_data import encode_examples
-from keras_relora.offline.commonsense_data import encode_for_training
-from keras_relora.offline.commonsense_data import format_example
-from keras_relora.offline.commonsense_data import load_classification
-from keras_relora.offline.commonsense_data import load_raw
-from keras_relora.offline.commonsense_data import load_task
-from keras_relora.offline.commonsense_data import make_prompt
-from keras_relora.offline.commonsense_data import split_indices
-from keras_relora.offline.commonsense_data import task_name
-from keras_relora.offline.commonsense_eval import choice_logits
-from keras_relora.offline.commonsense_eval import choice_tokens
-from keras_relora.offline.commonsense_eval import score_choices
+from relora_offline.commonsense_data import ALPACA_TEMPLATE
+from relora_offline.commonsense_data import ANSWER_PREFIX
+from relora_offline.commonsense_data import CLASSIFICATION_TASKS
+from relora_offline.commonsense_data import COMMONSENSE_TASKS
+from relora_offline.commonsense_data import build_mixture
+from relora_offline.commonsense_data import encode_examples
+from relora_offline.commonsense_data import encode_for_training
+from relora_offline.commonsense_data import format_example
+from relora_offline.commonsense_data import load_classification
+from relora_offline.commonsense_data import load_raw
+from relora_offline.commonsense_data import load_task
+from relora_offline.commonsense_data import make_prompt
+from relora_offline.commonsense_data import split_indices
+from relora_offline.commonsense_data import task_name
+from relora_offline.commonsense_eval import choice_logits
+from relora_offline.commonsense_eval import choice_tokens
+from relora_offline.commonsense_eval import score_choices
 
 __all__ = [
     "ALPACA_TEMPLATE",

