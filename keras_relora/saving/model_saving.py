@@ -26,9 +26,10 @@ backbone keeps its class (the Task's config rebuilds it).
 
 A model that cannot round-trip through a file refuses to be saved there:
 `model.save("x.h5")` (the legacy format stores weights per layer list, not
-per path) and keras-hub's `save_to_preset`, also on an adapted Task's
-backbone (`from_preset` would rebuild the base class without adapters),
-raise a `ValueError` that says what to use instead.
+per path) and keras-hub's `save_to_preset` and `export_to_transformers`,
+also on an adapted Task's backbone (`from_preset` would rebuild the base
+class without adapters; the exporter writes the base kernels), raise a
+`ValueError` that says what to use instead.
 `keras_relora.unload` gives the model its own class back.
 
 Known gap, outside this module's reach: Keras's `load_weights` of a
@@ -76,12 +77,11 @@ def attach(model):
     if getattr(cls, "_relora_base_class", None) is None:
         _keras_internals.swap_class(model, _subclass_of(cls))
     inner = adapted_model(model)
-    if inner is not model and hasattr(inner, "save_to_preset"):
-        # A Task's backbone holds the adapters but keeps its own class (the
-        # Task's config rebuilds it): refuse its preset on the instance.
-        _keras_internals.set_untracked(
-            inner, "save_to_preset", _save_to_preset.__get__(inner)
-        )
+    for name, refusal in _REFUSALS.items():
+        if inner is not model and hasattr(inner, name):
+            # A Task's backbone holds the adapters but keeps its own class
+            # (the Task's config rebuilds it): refuse on the instance.
+            _keras_internals.set_untracked(inner, name, refusal.__get__(inner))
     refresh_torch_parameters(model)
 
 
@@ -90,7 +90,8 @@ def detach(model):
     base_cls = getattr(type(model), "_relora_base_class", None)
     if base_cls is not None:
         _keras_internals.swap_class(model, base_cls)
-    adapted_model(model).__dict__.pop("save_to_preset", None)
+    for name in _REFUSALS:
+        adapted_model(model).__dict__.pop(name, None)
     refresh_torch_parameters(model)
 
 
@@ -157,6 +158,24 @@ def _save_to_preset(self, preset_dir, *args, **kwargs):
     )
 
 
+def _export_to_transformers(self, path, *args, **kwargs):
+    raise ValueError(
+        f"Cannot export model {self.name!r} with ReLoRA adapters with "
+        "`export_to_transformers`: it writes the base kernels and would "
+        "drop the adapters. Merge first: "
+        "`keras_relora.merge_relora(model).export_to_transformers(path)`, "
+        "or keep the adapters as a PEFT folder for the exported base: "
+        f"`keras_relora.save_peft(model, folder)`. Received: path={path!r}"
+    )
+
+
+# keras-hub methods that would write the base alone, and their refusals.
+_REFUSALS = {
+    "save_to_preset": _save_to_preset,
+    "export_to_transformers": _export_to_transformers,
+}
+
+
 def _subclass_of(cls):
     sub = _SUBCLASSES.get(cls)
     if sub is not None:
@@ -167,8 +186,9 @@ def _subclass_of(cls):
         "__doc__": cls.__doc__,
         "_relora_base_class": cls,
     }
-    if hasattr(cls, "save_to_preset"):
-        namespace["save_to_preset"] = _save_to_preset
+    for name, refusal in _REFUSALS.items():
+        if hasattr(cls, name):
+            namespace[name] = refusal
     sub = type(cls.__name__, (_SavesRelora, cls), namespace)
     # Serialize instances of `sub` under the loader's registered name, and
     # keep the name pointing at the loader (registration also maps the name
