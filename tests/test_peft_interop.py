@@ -75,3 +75,30 @@ def test_export_to_transformers_refuses_adapted_models(tmp_path, where):
     keras_relora.unload(model)
     target.export_to_transformers(str(folder))
     assert (folder / "config.json").exists()
+
+
+# --- 2. Merged export: a plain transformers folder ----------------------
+
+
+@pytest.mark.parametrize("experts", [1, 2])
+def test_merged_export_loads_in_transformers(tmp_path, capsys, experts):
+    lm = _causal_lm()
+    lm.enable_relora(rank=2, experts=experts)
+    _randomize_b(lm)
+    x = tm.token_batch()
+    live = _keras_logits(lm, x)
+    calibration = x if experts > 1 else None
+    merged = keras_relora.merge_relora(lm, calibration)
+    if experts > 1:  # The mean-gate error is measured and printed.
+        assert "merge_relora (mean gates): output error" in (
+            capsys.readouterr().out
+        )
+    else:
+        np.testing.assert_allclose(
+            _keras_logits(merged, x), live, atol=1e-5, rtol=1e-5
+        )
+    merged.export_to_transformers(str(tmp_path / "hf"))
+    hf = _hf_model(tmp_path / "hf")
+    expected = _keras_logits(merged, x)
+    assert np.abs(expected - _keras_logits(_causal_lm(), x)).max() > 1e-3
+    np.testing.assert_allclose(_hf_logits(hf, x), expected, atol=1e-4)
