@@ -16,8 +16,10 @@ from keras_relora.layers import SharedLoraA
 from keras_relora.reducer import ReducerCallback
 from keras_relora.reducer import prune
 from keras_relora.saving import ReloraModel
+from keras_relora.saving import load_peft
 from keras_relora.saving import load_relora_weights
 from keras_relora.saving import merge_relora
+from keras_relora.saving import save_peft
 from keras_relora.saving import save_relora_weights
 from keras_relora.saving import unload
 

@@ -6,6 +6,7 @@ Keras model's logits.
 `KERAS_BACKEND` is; the Keras side runs on the backend under test.
 """
 
+import json
 import os
 
 import keras
@@ -102,3 +103,170 @@ def test_merged_export_loads_in_transformers(tmp_path, capsys, experts):
     expected = _keras_logits(merged, x)
     assert np.abs(expected - _keras_logits(_causal_lm(), x)).max() > 1e-3
     np.testing.assert_allclose(_hf_logits(hf, x), expected, atol=1e-4)
+
+
+# --- 3. PEFT adapter folders --------------------------------------------
+
+ALL_ROLES = ["q", "k", "v", "o", "gate", "up", "down"]
+
+
+def _exported_base(lm, folder):
+    """keras-hub's own export of the (not yet adapted) base model."""
+    lm.export_to_transformers(str(folder))
+    return _hf_model(folder)
+
+
+@pytest.mark.parametrize("variant", ["lora", "lora_fa", "sharelora", "relora"])
+def test_save_peft_loads_in_peft_with_equal_logits(tmp_path, variant):
+    lm = _causal_lm()
+    hf = _exported_base(lm, tmp_path / "base")
+    x = tm.token_batch()
+    base = _keras_logits(lm, x)
+    lm.enable_relora(rank=2, alpha=3.0, targets=ALL_ROLES,
+                     **keras_relora.VARIANTS[variant])
+    _randomize_b(lm)
+    adapted = _keras_logits(lm, x)
+    assert np.abs(adapted - base).max() > 1e-2
+    keras_relora.save_peft(lm, tmp_path / "adapter")
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json")
+                        .read_text())
+    assert config["r"] == 2 and config["lora_alpha"] == 3.0
+    assert sorted(config["target_modules"]) == sorted(
+        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+         "down_proj"])
+    served = peft.PeftModel.from_pretrained(hf, str(tmp_path / "adapter"))
+    np.testing.assert_allclose(_hf_logits(served.eval(), x), adapted,
+                               atol=1e-4)
+
+
+def test_save_peft_leaves_pruned_adapters_out(tmp_path):
+    lm = _causal_lm()
+    hf = _exported_base(lm, tmp_path / "base")
+    lm.enable_relora(rank=2, experts=1)
+    _randomize_b(lm)
+    state = keras_relora.get_state(lm)
+    pruned = [p for p in state.adapters if "query" in p][0]
+    state.adapters[pruned].prune()
+    x = tm.token_batch()
+    adapted = _keras_logits(lm, x)
+    keras_relora.save_peft(lm, tmp_path / "adapter")
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json")
+                        .read_text())
+    # Full module names: q_proj of block 1 only, not block 0's.
+    assert "model.layers.0.self_attn.q_proj" not in config["target_modules"]
+    assert "model.layers.1.self_attn.q_proj" in config["target_modules"]
+    served = peft.PeftModel.from_pretrained(hf, str(tmp_path / "adapter"))
+    assert not hasattr(
+        served.base_model.model.model.layers[0].self_attn.q_proj, "lora_A"
+    )
+    np.testing.assert_allclose(_hf_logits(served.eval(), x), adapted,
+                               atol=1e-4)
+
+
+def test_save_peft_refuses_routed_experts(tmp_path):
+    lm = _causal_lm()
+    lm.enable_relora(rank=2, experts=2)
+    with pytest.raises(ValueError, match=r"routed experts.*merge_relora"
+                       r".*Received: experts=2"):
+        keras_relora.save_peft(lm, tmp_path / "adapter")
+    assert not (tmp_path / "adapter").exists()
+
+
+def _peft_folder(hf, folder, *, use_rslora=False, seed=0):
+    """A LoRA folder written by `peft` itself, with non-zero lora_B."""
+    config = peft.LoraConfig(
+        r=4, lora_alpha=8, lora_dropout=0.0, use_rslora=use_rslora,
+        target_modules=["q_proj", "v_proj", "o_proj", "down_proj"],
+    )
+    model = peft.get_peft_model(hf, config)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=generator))
+    model.save_pretrained(str(folder))
+    return model.eval()
+
+
+@pytest.mark.parametrize("use_rslora", [False, True])
+def test_peft_folder_loads_into_the_lora_variant(tmp_path, use_rslora):
+    lm = _causal_lm()
+    hf = _exported_base(lm, tmp_path / "base")
+    served = _peft_folder(hf, tmp_path / "adapter", use_rslora=use_rslora)
+    x = tm.token_batch()
+    expected = _hf_logits(served, x)
+    assert np.abs(expected - _keras_logits(lm, x)).max() > 1e-2
+    keras_relora.load_peft(lm, tmp_path / "adapter")
+    state = keras_relora.get_state(lm)
+    assert state.settings["experts"] == 1
+    assert state.settings["share_a"] == "layer"
+    assert len(state.adapters) == 2 * 4
+    np.testing.assert_allclose(_keras_logits(lm, x), expected, atol=1e-4)
+
+
+def test_save_then_load_peft_round_trip_shared_a(tmp_path):
+    source, target = _causal_lm(), _causal_lm()
+    for s, t in zip(source.weights, target.weights, strict=True):
+        t.assign(s)
+    source.enable_relora(rank=2, **keras_relora.VARIANTS["sharelora"])
+    _randomize_b(source)
+    keras_relora.save_peft(source, tmp_path / "adapter")
+    x = tm.token_batch()
+    target.enable_relora(rank=2, **keras_relora.VARIANTS["sharelora"])
+    assert np.abs(_keras_logits(target, x)
+                  - _keras_logits(source, x)).max() > 1e-3
+    keras_relora.load_peft(target, tmp_path / "adapter")
+    np.testing.assert_allclose(_keras_logits(target, x),
+                               _keras_logits(source, x), atol=1e-5)
+
+
+def _values(model):
+    return [np.array(keras.ops.convert_to_numpy(v)) for v in model.weights]
+
+
+def _assert_unchanged(model, before):
+    after = _values(model)
+    assert len(after) == len(before)
+    for a, b in zip(after, before, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_load_peft_refuses_mismatches_before_changing_anything(tmp_path):
+    lm = _causal_lm()
+    hf = _exported_base(lm, tmp_path / "base")
+    _peft_folder(hf, tmp_path / "adapter")  # r=4, its own A per layer
+    # Another rank.
+    lm.enable_relora(rank=2, experts=1, share_a="layer",
+                     targets=["q", "v", "o", "down"])
+    before = _values(lm)
+    with pytest.raises(ValueError, match=r"rank: folder 4, model 2"):
+        keras_relora.load_peft(lm, tmp_path / "adapter")
+    _assert_unchanged(lm, before)
+    # A shared A cannot hold a different A per layer.
+    keras_relora.unload(lm)
+    lm.enable_relora(rank=4, alpha=8, experts=1, share_a="role",
+                     targets=["q", "v", "o", "down"])
+    before = _values(lm)
+    with pytest.raises(ValueError, match=r"share_a='role'.*different"):
+        keras_relora.load_peft(lm, tmp_path / "adapter")
+    _assert_unchanged(lm, before)
+    # Other modules adapted.
+    keras_relora.unload(lm)
+    lm.enable_relora(rank=4, alpha=8, experts=1, share_a="layer",
+                     targets=["q", "v"])
+    with pytest.raises(ValueError, match=r"adapted, not in the folder: \[\]"
+                       r"|modules in the folder, not adapted"):
+        keras_relora.load_peft(lm, tmp_path / "adapter")
+    # A plain model of another size: nothing enabled.
+    small = tm.llama3_causal_lm(num_layers=1, tie_word_embeddings=True)
+    with pytest.raises(ValueError, match=r"model.layers.1.* is not in the "
+                       r"model"):
+        keras_relora.load_peft(small, tmp_path / "adapter")
+    assert keras_relora.get_state(small) is None
+    # PEFT features with no equivalent.
+    config_path = tmp_path / "adapter" / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    config["use_dora"] = True
+    config_path.write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"plain LoRA.*use_dora=True"):
+        keras_relora.load_peft(small, tmp_path / "adapter")

@@ -1,0 +1,222 @@
+"""`load_peft`: a Hugging Face PEFT LoRA folder into a keras-hub model.
+
+The folder format, the module names and the `A`/`B` layouts are
+`peft_format`'s.
+"""
+
+import json
+import math
+import os
+
+import numpy as np
+
+from keras_relora.adapt import targets as targets_lib
+from keras_relora.adapt.enable_relora import enable_relora
+from keras_relora.adapt.state import adapted_model
+from keras_relora.adapt.state import get_state
+from keras_relora.layers.relora_dense import ReloraDense
+from keras_relora.saving import model_saving
+from keras_relora.saving import peft_format
+from keras_relora.saving.peft_format import CONFIG_NAME
+from keras_relora.saving.peft_format import PREFIX
+from keras_relora.saving.peft_format import WEIGHTS_NAME
+from keras_relora.saving.peft_format import A_SUFFIX
+from keras_relora.saving.peft_format import B_SUFFIX
+
+
+def load_peft(model, folder):
+    """Loads a Hugging Face PEFT LoRA folder into a keras-hub model.
+
+    The other way of `save_peft`: a folder written by `save_peft` or by
+    `peft` itself (`get_peft_model(hf_model, LoraConfig(...))
+    .save_pretrained(folder)`) for the transformers form of the same base.
+    Into a model without adapters, the `lora` variant (`experts=1`,
+    `share_a="layer"`) is enabled with the folder's rank, alpha, dropout
+    and exactly its modules, then loaded. Into an adapted model, its
+    settings must match: `experts=1`, the same rank, scale and adapted
+    modules, and with `share_a="role"` every layer of a group must have
+    the same `A` in the folder (a folder written by `save_peft` of that
+    model does). Everything is checked before anything changes: on any
+    difference, or a PEFT feature with no equivalent here (DoRA, biases,
+    per-module ranks, `modules_to_save`, embedding adapters), a
+    `ValueError` lists it and `model` is left as it was.
+
+    Args:
+        model: A keras-hub Llama 3, Mistral, Qwen or Gemma backbone or
+            CausalLM, built, with or without ReLoRA adapters.
+        folder: str or `os.PathLike`. Holds `adapter_config.json` and
+            `adapter_model.safetensors`.
+
+    Returns:
+        `model`.
+
+    Example:
+
+    ```python
+    lm = keras_hub.models.Llama3CausalLM.from_preset(path)
+    keras_relora.load_peft(lm, "adapter")   # enables `lora`, loads
+    ```
+    """
+    folder = os.fspath(folder)
+    config, tensors = _read(folder)
+    rank, alpha, dropout = _lora_settings(config, folder)
+    modules = peft_format.hf_modules(model)
+    weights, problems = _pairs(tensors, modules)
+    for name, (a, b) in weights.items():
+        axes = ReloraDense.axes_of(modules[name])
+        if a.shape != (rank, axes.d_in) or b.shape != (axes.d_out, rank):
+            problems.append(
+                f"{name}: lora_A {a.shape}, lora_B {b.shape}; the model "
+                f"needs {(rank, axes.d_in)} and {(axes.d_out, rank)}"
+            )
+    state = get_state(model)
+    if state is not None and not problems:
+        problems += _differences(state, modules, weights, rank, alpha)
+    if problems:
+        lines = "\n".join(f"  - {p}" for p in problems)
+        raise ValueError(
+            f"Cannot load the PEFT adapter into model {model.name!r}; "
+            f"nothing was loaded. Differences:\n{lines}\nReceived: "
+            f"folder={folder!r}"
+        )
+    if state is not None:
+        _assign(state, modules, weights)
+        return model
+    paths = {
+        id(layer): path for path, (layer, _) in
+        targets_lib.candidates(adapted_model(model)).items()
+    }
+    targets = model_saving.exact_targets(
+        paths[id(modules[name])] for name in weights
+    )
+    enable_relora(model, rank, 1, alpha=alpha, share_a="layer",
+                  dropout=dropout, targets=targets)
+    try:
+        _assign(get_state(model), modules, weights)
+    except BaseException:
+        from keras_relora.saving.merge import unload
+
+        unload(model)
+        raise
+    return model
+
+
+def _read(folder):
+    paths = [os.path.join(folder, n) for n in (CONFIG_NAME, WEIGHTS_NAME)]
+    missing = [p for p in paths if not os.path.isfile(p)]
+    if missing:
+        raise ValueError(
+            f"`folder` must be a PEFT adapter folder with {CONFIG_NAME} and "
+            f"{WEIGHTS_NAME}; missing: {missing}. Received: folder={folder!r}"
+        )
+    with open(paths[0]) as f:
+        config = json.load(f)
+    with open(paths[1], "rb") as f:
+        header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+    if any(v.get("dtype") == "BF16" for k, v in header.items()
+           if k != "__metadata__"):
+        import safetensors.torch  # numpy has no bfloat16.
+
+        tensors = {
+            k: v.float().numpy()
+            for k, v in safetensors.torch.load_file(paths[1]).items()
+        }
+    else:
+        tensors = peft_format.safetensors_numpy().load_file(paths[1])
+    return config, {k: np.asarray(v, "float32") for k, v in tensors.items()}
+
+
+def _lora_settings(config, folder):
+    """`(rank, alpha, dropout)` with `alpha / rank` PEFT's scale."""
+    unsupported = [
+        f"{key}={config.get(key)!r}"
+        for key in ("use_dora", "lora_bias", "fan_in_fan_out",
+                    "modules_to_save", "rank_pattern", "alpha_pattern",
+                    "target_parameters", "layer_replication")
+        if config.get(key)
+    ]
+    if config.get("bias", "none") != "none":
+        unsupported.append(f"bias={config['bias']!r}")
+    if config.get("peft_type") != "LORA" or unsupported:
+        raise ValueError(
+            "`load_peft` reads plain LoRA folders (`peft_type: LORA`, no "
+            "DoRA, biases, per-module ranks or alphas, `modules_to_save`): "
+            "found peft_type="
+            f"{config.get('peft_type')!r} {' '.join(unsupported)}. Merge "
+            "such an adapter with `peft` (`merge_and_unload()`) and load "
+            f"the merged weights instead. Received: folder={folder!r}"
+        )
+    rank, alpha = int(config["r"]), float(config["lora_alpha"])
+    if config.get("use_rslora"):
+        alpha = alpha * math.sqrt(rank)  # alpha / sqrt(r) == this / r.
+    return rank, alpha, float(config.get("lora_dropout") or 0.0)
+
+
+def _pairs(tensors, modules):
+    """`({module: (lora_A, lora_B)}, problems)` of the folder's tensors."""
+    found, problems = {}, []
+    for key in sorted(tensors):
+        suffix = key.endswith((A_SUFFIX, B_SUFFIX))
+        if not (key.startswith(PREFIX) and suffix):
+            problems.append(f"tensor {key!r} is not a LoRA A or B weight")
+            continue
+        name = key[len(PREFIX):-len(A_SUFFIX)]
+        if name not in modules:
+            problems.append(f"module {name!r} is not in the model")
+            continue
+        pair = found.setdefault(name, [None, None])
+        pair[key.endswith(B_SUFFIX)] = tensors[key]
+    for name, (a, b) in found.items():
+        if a is None or b is None:
+            problems.append(f"{name}: lora_A or lora_B missing")
+    if not found and not problems:
+        problems.append("no LoRA weight in the folder")
+    return {n: tuple(p) for n, p in found.items()}, problems
+
+
+def _differences(state, modules, weights, rank, alpha):
+    settings = state.settings
+    problems = []
+    if settings["experts"] != 1:
+        problems.append(
+            f"experts: folder 1 (PEFT LoRA), model {settings['experts']}"
+        )
+    if settings["rank"] != rank:
+        problems.append(f"rank: folder {rank}, model {settings['rank']}")
+    by_layer = {id(a._base_layer): a for a in state.adapters.values()}
+    alphas = {float(a.alpha) for a in state.adapters.values()}
+    if any(abs(a - alpha) > 1e-6 * abs(alpha) for a in alphas):
+        problems.append(f"alpha: folder {alpha}, model {sorted(alphas)}")
+    adapted = {
+        name for name, layer in modules.items()
+        if id(layer) in by_layer and not by_layer[id(layer)].pruned
+    }
+    if adapted != set(weights):
+        problems.append(
+            f"modules in the folder, not adapted: "
+            f"{sorted(set(weights) - adapted)}; adapted, not in the "
+            f"folder: {sorted(adapted - set(weights))}"
+        )
+    if problems or settings.get("share_a") != "role":
+        return problems
+    groups = {}
+    for name, (a, _) in weights.items():
+        adapter = by_layer[id(modules[name])]
+        groups.setdefault(id(adapter.shared_a), []).append((name, a))
+    for members in groups.values():
+        if any(not np.array_equal(a, members[0][1]) for _, a in members):
+            problems.append(
+                f"share_a='role': the model shares one A by "
+                f"{[n for n, _ in members]}, the folder has different ones. "
+                "Load into a model without adapters (the `lora` variant)"
+            )
+    return problems
+
+
+def _assign(state, modules, weights):
+    by_layer = {id(a._base_layer): a for a in state.adapters.values()}
+    for name, (a, b) in weights.items():
+        adapter = by_layer[id(modules[name])]
+        axes = adapter.axes
+        adapter.shared_a.kernel.assign(peft_format.a_from_hf(a, axes))
+        adapter.b_kernel.assign(peft_format.b_from_hf(b, axes)[None])
