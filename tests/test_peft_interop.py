@@ -270,3 +270,25 @@ def test_load_peft_refuses_mismatches_before_changing_anything(tmp_path):
     config_path.write_text(json.dumps(config))
     with pytest.raises(ValueError, match=r"plain LoRA.*use_dora=True"):
         keras_relora.load_peft(small, tmp_path / "adapter")
+
+
+def test_save_peft_gemma_loads_in_peft(tmp_path):
+    import keras_hub
+
+    backbone = keras_hub.models.GemmaBackbone(
+        vocabulary_size=tm.VOCAB, num_layers=2, num_query_heads=2,
+        num_key_value_heads=1, hidden_dim=8, intermediate_dim=16,
+        head_dim=4,
+    )
+    lm = keras_hub.models.GemmaCausalLM(backbone, preprocessor=None)
+    hf = _exported_base(lm, tmp_path / "base")
+    x = tm.token_batch()
+    np.testing.assert_allclose(_hf_logits(hf, x), _keras_logits(lm, x),
+                               atol=1e-4)
+    lm.enable_relora(rank=2, targets=ALL_ROLES,
+                     **keras_relora.VARIANTS["sharelora"])
+    _randomize_b(lm)
+    keras_relora.save_peft(lm, tmp_path / "adapter")
+    served = peft.PeftModel.from_pretrained(hf, str(tmp_path / "adapter"))
+    np.testing.assert_allclose(_hf_logits(served.eval(), x),
+                               _keras_logits(lm, x), atol=1e-4)
