@@ -20,9 +20,16 @@ ways that rely on Keras's behaviour rather than its private names:
   calibration).
 * `swap_class` changes a model's class to a per-class saving subclass and
   back (`saving.model_saving`, `saving.merge`).
+* `optimizer_built_for` reads a built optimizer's `_trainable_variables`
+  (`adapt.enable_relora`: `fit` refuses a stale compile).
+* `refuse_graph_clones` overrides `Functional._run_through_graph` in the
+  saving subclass (`saving.model_saving`: `clone_model` refuses to drop
+  adapters).
 """
 
 import contextlib
+
+import keras
 
 
 def set_untracked(obj, name, value):
@@ -101,3 +108,49 @@ def flatten_layers(model):
     blocks keep sub-layers as attributes), which `model.layers` does not.
     """
     return model._flatten_layers(include_self=False)
+
+
+def optimizer_built_for(optimizer):
+    """The variables a built optimizer updates; None if it is not built.
+
+    `BaseOptimizer.build(variables)` keeps them in `_trainable_variables`
+    (a `LossScaleOptimizer` in its `inner_optimizer`). `fit` with a model
+    whose trainable set changed since breaks on JAX ("optimizer_variables
+    ... 1:1", and the model's state is lost), raises on torch and trains
+    the old set on TensorFlow; `adapt.enable_relora` refuses it first.
+    """
+    optimizer = getattr(optimizer, "inner_optimizer", optimizer)
+    if optimizer is None or not getattr(optimizer, "built", False):
+        return None
+    return list(getattr(optimizer, "_trainable_variables", None) or [])
+
+
+def refuse_graph_clones(namespace, cls, refuse):
+    """Makes a functional class's `clone_model` call `refuse(model, layer)`.
+
+    `keras.models.clone_model` of a functional model (keras-hub backbones
+    and tasks included) runs `Functional._run_through_graph` with an
+    `operation_fn` that returns a clone of each layer, made from its
+    config: injected adapters are in no config, so the clone silently
+    loses them, and Keras has no public hook. This adds to `namespace`
+    (of a subclass of `cls`) a `_run_through_graph` that calls
+    `refuse(self, layer)` for each layer replaced by a new one, before the
+    clone is assembled (a call of the model returns callables, not layers,
+    and is not checked).
+    """
+    original = getattr(cls, "_run_through_graph", None)
+    if original is None:
+        return
+
+    def _run_through_graph(self, inputs, operation_fn, call_fn=None):
+        def checked(operation):
+            result = operation_fn(operation)
+            if result is not operation and isinstance(
+                result, keras.layers.Layer
+            ):
+                refuse(self, operation)
+            return result
+
+        return original(self, inputs, checked, call_fn=call_fn)
+
+    namespace["_run_through_graph"] = _run_through_graph

@@ -19,21 +19,19 @@ from keras_relora.layers.relora_dense import ReloraDense
 from keras_relora.layers.relora_dense import adapter_dtype
 from keras_relora.layers.relora_dense import linear_call
 from keras_relora.layers.shared_lora_a import SharedLoraA
+from keras_relora.layers.shared_lora_a import float_arg
+from keras_relora.layers.shared_lora_a import int_arg
 
 SHARE_A = ("role", "layer")
 
 
 def _check_args(rank, experts, alpha, share_a, train_a, dropout,
-                router_input, top_k, balance_loss):
-    if not isinstance(rank, int) or isinstance(rank, bool) or rank <= 0:
-        raise ValueError(
-            f"`rank` must be a positive int, e.g. `rank=16`. Received: rank={rank}"
-        )
-    if not isinstance(experts, int) or isinstance(experts, bool) or experts < 1:
-        raise ValueError(
-            "`experts` must be an int >= 1 (1 = a single B per layer). "
-            f"Received: experts={experts}"
-        )
+                router_input, top_k, balance_loss, targets):
+    """Checks the arguments; returns the numbers as python ints/floats."""
+    rank = int_arg("rank", rank, 1, "a positive int, e.g. `rank=16`")
+    experts = int_arg(
+        "experts", experts, 1, "an int >= 1 (1 = a single B per layer)"
+    )
     if share_a not in SHARE_A:
         raise ValueError(
             f"`share_a` must be one of {SHARE_A}: 'role' shares one A by "
@@ -41,25 +39,51 @@ def _check_args(rank, experts, alpha, share_a, train_a, dropout,
             f"own A (LoRA, HydraLoRA). Received: share_a={share_a!r}"
         )
     if not isinstance(train_a, bool):
-        raise ValueError(f"`train_a` must be a bool. Received: train_a={train_a!r}")
+        raise ValueError(
+            f"`train_a` must be a bool. Received: train_a={train_a!r}"
+        )
     if router_input not in ROUTER_INPUTS:
         raise ValueError(
             f"`router_input` must be one of {ROUTER_INPUTS}. "
             f"Received: router_input={router_input!r}"
         )
-    if top_k is not None and (not isinstance(top_k, int) or not 1 <= top_k <= experts):
-        raise ValueError(
-            f"`top_k` must be None or an int in [1, experts={experts}]. "
-            f"Received: top_k={top_k!r}"
+    if top_k is not None:
+        top_k = int_arg(
+            "top_k", top_k, 1, f"None or an int in [1, experts={experts}]"
         )
-    if alpha is not None and not alpha > 0:
-        raise ValueError(f"`alpha` must be positive or None. Received: alpha={alpha}")
-    if not 0.0 <= dropout < 1.0:
-        raise ValueError(f"`dropout` must be in [0, 1). Received: dropout={dropout}")
-    if balance_loss < 0:
-        raise ValueError(
-            f"`balance_loss` must be >= 0. Received: balance_loss={balance_loss}"
+        if top_k > experts:
+            raise ValueError(
+                f"`top_k` must be None or an int in [1, experts={experts}]."
+                f" Received: top_k={top_k!r}"
+            )
+    if alpha is not None:
+        alpha = float_arg(
+            "alpha", alpha, "a positive finite float or None (None: `rank`)",
+            lambda v: v > 0,
         )
+    dropout = float_arg(
+        "dropout", dropout, "a float in [0, 1)", lambda v: 0.0 <= v < 1.0
+    )
+    balance_loss = float_arg(
+        "balance_loss", balance_loss, "a finite float >= 0 (0 disables it)",
+        lambda v: v >= 0,
+    )
+    _check_targets(targets)
+    return rank, experts, alpha, dropout, top_k, balance_loss
+
+
+def _check_targets(targets):
+    if targets is None or isinstance(targets, str):
+        return
+    if isinstance(targets, (list, tuple)) and all(
+        isinstance(t, str) for t in targets
+    ):
+        return
+    raise TypeError(
+        "`targets` must be None (the family default), a list of role "
+        "aliases, layer names or paths (str), or a regex string, e.g. "
+        f"`targets=['q', 'v']`. Received: targets={targets!r}"
+    )
 
 
 def enable_relora(
@@ -141,8 +165,10 @@ def enable_relora(
             "`model` must be a `keras.Model`. "
             f"Received: model of type {type(model).__name__}"
         )
-    _check_args(rank, experts, alpha, share_a, train_a, dropout,
-                router_input, top_k, balance_loss)
+    rank, experts, alpha, dropout, top_k, balance_loss = _check_args(
+        rank, experts, alpha, share_a, train_a, dropout, router_input, top_k,
+        balance_loss, targets,
+    )
     if layout_map is not None:
         layouts.check_layout_map(layout_map)
     if get_state(model) is not None:
@@ -277,20 +303,69 @@ def _patch_call(layer, adapter):
 
 
 def _record_fit_data(model, state):
-    """Wraps `model.fit` (on this instance) to keep a handle on its data."""
-    fit = model.fit
+    """Wraps `model.fit` (on this instance) to keep a handle on its data.
 
-    def recording_fit(x=None, y=None, batch_size=None, *args, **kwargs):
-        state.fit_data = {
-            "x": x,
-            "y": y,
-            "sample_weight": kwargs.get("sample_weight"),
-            "batch_size": batch_size,
-        }
+    The wrapper also refuses a `fit` whose compiled optimizer was built for
+    another set of trainable variables (see `guard_fit`).
+    """
+    guard_fit(model, state)
+
+
+def guard_fit(model, state=None):
+    """Wraps `model.fit` on this instance; refuses a stale compile.
+
+    `enable_relora`, `load_relora_weights` (when it enables adapters),
+    `prune` and `unload` change the trainable variables; a model compiled
+    and trained before keeps an optimizer built for the old set. Keras's
+    `fit` then breaks the model on JAX, raises on torch and trains the old
+    set on TensorFlow. The wrapper raises a `ValueError` that says to
+    compile again, before Keras touches any variable. With `state`, it
+    also records the fit data for the Reducer's probe; without (after
+    `unload`), it removes itself at the first `fit` that is not refused.
+    """
+    fit = model.fit
+    fit = getattr(fit, "_relora_original", fit)
+
+    def guarded_fit(x=None, y=None, batch_size=None, *args, **kwargs):
+        check_compiled_variables(model)
+        if state is None:
+            if model.__dict__.get("fit") is guarded_fit:
+                del model.__dict__["fit"]
+        else:
+            state.fit_data = {
+                "x": x,
+                "y": y,
+                "sample_weight": kwargs.get("sample_weight"),
+                "batch_size": batch_size,
+            }
         return fit(x, y, batch_size, *args, **kwargs)
 
-    recording_fit.__doc__ = fit.__doc__
-    _keras_internals.set_untracked(model, "fit", recording_fit)
+    guarded_fit.__doc__ = fit.__doc__
+    guarded_fit._relora_original = fit
+    _keras_internals.set_untracked(model, "fit", guarded_fit)
+
+
+def check_compiled_variables(model):
+    """Raises if `model`'s built optimizer is for other trainable variables."""
+    if not getattr(model, "compiled", False):
+        return
+    built_for = _keras_internals.optimizer_built_for(
+        getattr(model, "optimizer", None)
+    )
+    if built_for is None:
+        return
+    current = model.trainable_variables
+    if {id(v) for v in built_for} != {id(v) for v in current}:
+        raise ValueError(
+            f"Model {model.name!r} was compiled and trained before its "
+            "trainable variables changed (by `enable_relora`, "
+            "`load_relora_weights`, `keras_relora.prune` or "
+            "`keras_relora.unload`): its optimizer was built for "
+            f"{len(built_for)} trainable variables, the model now has "
+            f"{len(current)}. Call `model.compile()` again, with a new "
+            "optimizer, before `fit`. Nothing was trained; the model is "
+            "unchanged."
+        )
 
 
 def unpatch_call(layer):

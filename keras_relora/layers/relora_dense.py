@@ -4,6 +4,8 @@ from keras import ops
 from keras_relora import _keras_internals
 from keras_relora.layers.einsum_axes import EinsumAxes
 from keras_relora.layers.shared_lora_a import SharedLoraA
+from keras_relora.layers.shared_lora_a import float_arg
+from keras_relora.layers.shared_lora_a import int_arg
 
 ROUTER_INPUTS = ("projected", "input")
 
@@ -133,40 +135,36 @@ class ReloraDense(keras.layers.Layer):
                 "`SharedLoraA(input_dim, rank)`. "
                 f"Received: shared_a={shared_a!r}"
             )
-        if not isinstance(experts, int) or experts < 1:
-            raise ValueError(
-                "`experts` must be an int >= 1 (1 means a single B, no "
-                f"router). Received: experts={experts}"
-            )
+        experts = int_arg(
+            "experts", experts, 1,
+            "an int >= 1 (1 means a single B, no router)",
+        )
         if router_input not in ROUTER_INPUTS:
             raise ValueError(
                 f"`router_input` must be one of {ROUTER_INPUTS}. "
                 f"Received: router_input={router_input!r}"
             )
-        if top_k is not None and (
-            not isinstance(top_k, int) or not 1 <= top_k <= experts
-        ):
-            raise ValueError(
-                "`top_k` must be None (dense gates) or an int between 1 and "
-                f"`experts`={experts}. Received: top_k={top_k}"
+        if top_k is not None:
+            what = f"None (dense gates) or an int in [1, experts={experts}]"
+            top_k = int_arg("top_k", top_k, 1, what)
+            if top_k > experts:
+                raise ValueError(
+                    f"`top_k` must be {what}. Received: top_k={top_k!r}"
+                )
+        dropout = float_arg(
+            "dropout", dropout, "a float in [0, 1)", lambda v: 0 <= v < 1
+        )
+        balance_loss = float_arg(
+            "balance_loss", balance_loss,
+            "a finite float >= 0 (0 disables it)", lambda v: v >= 0,
+        )
+        if alpha is not None:
+            alpha = float_arg(
+                "alpha", alpha, "a positive finite float or None",
+                lambda v: v > 0,
             )
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(
-                f"`dropout` must be in [0, 1). Received: dropout={dropout}"
-            )
-        if balance_loss < 0:
-            raise ValueError(
-                "`balance_loss` must be >= 0 (0 disables it). "
-                f"Received: balance_loss={balance_loss}"
-            )
-        if alpha is not None and alpha <= 0:
-            raise ValueError(
-                f"`alpha` must be positive or None. Received: alpha={alpha}"
-            )
-        if block is not None and (not isinstance(block, int) or block < 0):
-            raise ValueError(
-                f"`block` must be None or an int >= 0. Received: block={block}"
-            )
+        if block is not None:
+            block = int_arg("block", block, 0, "None or an int >= 0")
         kwargs.setdefault("dtype", adapter_dtype(layer))
         super().__init__(**kwargs)
         self.experts = experts

@@ -1,3 +1,6 @@
+import math
+import numbers
+
 import keras
 from keras import ops
 
@@ -47,16 +50,8 @@ class SharedLoraA(keras.layers.Layer):
         **kwargs,
     ):
         super().__init__(trainable=trainable, **kwargs)
-        if not isinstance(input_dim, int) or input_dim <= 0:
-            raise ValueError(
-                "`input_dim` must be a positive int. "
-                f"Received: input_dim={input_dim}"
-            )
-        if not isinstance(rank, int) or rank <= 0:
-            raise ValueError(
-                "`rank` must be a positive int, e.g. `rank=16`. "
-                f"Received: rank={rank}"
-            )
+        input_dim = int_arg("input_dim", input_dim, 1, "a positive int")
+        rank = int_arg("rank", rank, 1, "a positive int, e.g. `rank=16`")
         self.input_dim = input_dim
         self.rank = rank
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
@@ -86,3 +81,36 @@ class SharedLoraA(keras.layers.Layer):
             ),
         }
         return {**super().get_config(), **config}
+
+
+
+def int_arg(name, value, minimum, what):
+    """`value` as a python int >= `minimum`; numpy integers pass, bools not.
+
+    Raises a `ValueError` naming `name`, saying it must be `what`.
+    """
+    if (
+        not isinstance(value, numbers.Integral)
+        or isinstance(value, bool)
+        or value < minimum
+    ):
+        raise ValueError(f"`{name}` must be {what}. Received: {name}={value!r}")
+    return int(value)
+
+
+def float_arg(name, value, what, valid):
+    """`value` as a finite python float for which `valid(value)` holds.
+
+    Raises a `TypeError` for a non-number (a str, a bool), a `ValueError`
+    for a non-finite or invalid number; both name `name`.
+    """
+    is_number = isinstance(value, numbers.Real) and not isinstance(
+        value, bool
+    )
+    if not is_number:
+        raise TypeError(f"`{name}` must be {what}. Received: {name}={value!r}")
+    if not math.isfinite(value) or not valid(float(value)):
+        raise ValueError(
+            f"`{name}` must be {what}. Received: {name}={value!r}"
+        )
+    return float(value)

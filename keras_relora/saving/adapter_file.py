@@ -1,8 +1,14 @@
 """The adapter file format: a safetensors file with settings and a digest.
 
 Writing is atomic (a partial file is moved into place); reading checks the
-header, the format and version, and the SHA-256 digest before returning
-anything. What the tensors and settings mean is `checkpoint`'s concern.
+header (through `safetensors.safe_open`), the format and version, and the
+SHA-256 digest before returning anything. What the tensors and settings
+mean is `checkpoint`'s concern.
+
+Versions: "2" (written since issue 14) digests the format, the version, the
+`relora` settings and the `base` description as well as the tensors, so a
+changed setting in the header (`alpha`, `top_k`) is refused like a changed
+tensor. "1" digests the tensors only; such files still load.
 """
 
 import hashlib
@@ -10,7 +16,10 @@ import json
 import os
 
 FORMAT = "keras_relora.adapters"
-VERSION = "1"
+VERSION = "2"
+READABLE_VERSIONS = ("1", "2")
+# The metadata fields a version-2 digest covers, in order.
+_DIGESTED = ("format", "version", "relora", "base")
 SUFFIX = ".safetensors"
 
 
@@ -42,8 +51,8 @@ def write(filepath, tensors, *, relora, base):
         "version": VERSION,
         "relora": json.dumps(relora),
         "base": json.dumps(base),
-        "sha256": _digest(tensors),
     }
+    metadata["sha256"] = _digest(tensors, metadata)
     data = safetensors_numpy().save(tensors, metadata=metadata)
     partial = f"{filepath}.partial-{os.getpid()}"
     try:
@@ -55,8 +64,13 @@ def write(filepath, tensors, *, relora, base):
             os.remove(partial)
 
 
-def _digest(tensors):
+def _digest(tensors, metadata):
+    """SHA-256 of the tensors and, from version 2, of the metadata."""
     sha = hashlib.sha256()
+    if metadata.get("version") != "1":
+        for key in _DIGESTED:
+            value = str(metadata.get(key))
+            sha.update(f"{key}|{len(value)}|{value}|".encode())
     for key in sorted(tensors):
         value = tensors[key]
         sha.update(f"{key}|{value.dtype.str}|{value.shape}|".encode())
@@ -67,8 +81,8 @@ def _digest(tensors):
 def read(filepath):
     """`(relora, base, tensors)` of a checked adapter file."""
     filepath = check_path(filepath)
-    with open(filepath, "rb") as f:
-        data = f.read()
+    safetensors_numpy()  # A clear ImportError if it is missing.
+    from safetensors import safe_open
 
     def invalid(reason):
         return ValueError(
@@ -77,34 +91,29 @@ def read(filepath):
             "by `save_relora_weights`; nothing was loaded."
         )
 
-    if len(data) < 8:
-        raise invalid(f"it has only {len(data)} bytes")
-    size = int.from_bytes(data[:8], "little")
-    if 8 + size > len(data):
-        raise invalid(
-            f"its header needs {size} bytes but the file has "
-            f"{len(data) - 8} after the length field"
-        )
+    if not os.path.isfile(filepath):
+        raise FileNotFoundError(f"No adapter file at {filepath!r}.")
     try:
-        header = json.loads(data[8 : 8 + size])
-        metadata = header.get("__metadata__") or {}
-    except (ValueError, AttributeError) as error:
-        raise invalid(f"its header is not valid JSON ({error})") from None
+        with safe_open(filepath, framework="numpy") as f:
+            metadata = f.metadata() or {}
+            tensors = {key: f.get_tensor(key) for key in f.keys()}
+    except Exception as error:  # SafetensorError is not importable alone.
+        raise invalid(f"safetensors could not read it ({error})") from None
     if metadata.get("format") != FORMAT:
         raise invalid(
             f"its format is {metadata.get('format')!r}, not {FORMAT!r}"
         )
-    if metadata.get("version") != VERSION:
+    if metadata.get("version") not in READABLE_VERSIONS:
         raise invalid(
             f"its version is {metadata.get('version')!r}; this "
-            f"keras_relora reads version {VERSION}"
+            f"keras_relora reads versions {', '.join(READABLE_VERSIONS)}"
         )
-    try:
-        tensors = safetensors_numpy().load(data)
-    except Exception as error:  # SafetensorError is not importable alone.
-        raise invalid(f"safetensors could not read it ({error})") from None
-    if _digest(tensors) != metadata.get("sha256"):
-        raise invalid("its tensor data does not match its SHA-256 digest")
+    if _digest(tensors, metadata) != metadata.get("sha256"):
+        covered = (
+            "tensor data" if metadata["version"] == "1"
+            else "settings, base description or tensor data"
+        )
+        raise invalid(f"its {covered} does not match its SHA-256 digest")
     try:
         relora = json.loads(metadata["relora"])
         base = json.loads(metadata["base"])

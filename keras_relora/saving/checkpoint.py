@@ -8,8 +8,9 @@ The file is safetensors: loading it runs no code (no pickle, unlike
 `torch.save` or `np.load(allow_pickle=True)`), the same file is read on the
 three backends through numpy, its JSON header holds the settings next to the
 tensors, and its header and offsets are checked on load, so a truncated
-file is caught. The tensors carry a SHA-256 digest in the header, so changed
-bytes are caught too. It is also readable by other tools (`safetensors`,
+file is caught. A SHA-256 digest in the header covers the tensors, the
+settings and the base description (file version 2), so changed bytes are
+caught too. It is also readable by other tools (`safetensors`,
 Hugging Face) without Keras.
 
 Layout:
@@ -21,7 +22,8 @@ Layout:
 * metadata `format`, `version`, `relora` (JSON: the `enable_relora`
   settings, targets as layer paths, pruned adapters, each adapter's A
   group), `base` (JSON: the base class, each target's kernel shape and a
-  few of its values, to recognise another base model), `sha256`.
+  few of its values, or of its quantized values and scales, to recognise
+  another base model), `sha256` (see `adapter_file`).
 """
 
 import os
@@ -103,7 +105,9 @@ def load_relora_weights(model, filepath, *, check_base=True):
             layer with those recorded at save time, to refuse adapters
             trained on another base model of the same architecture. Pass
             `False` to load onto a changed base (e.g. further fine-tuned).
-            Int8-quantized layers are not compared. Defaults to `True`.
+            Quantized layers compare their quantized values and scales; a
+            float base and its quantized copy are not compared. Defaults
+            to `True`.
 
     Returns:
         `model`.
@@ -217,13 +221,28 @@ def _base_description(model, state):
 
 
 def _fingerprint(layer):
-    """A few kernel values at fixed positions; None for a quantized one."""
-    if getattr(layer.dtype_policy, "quantization_mode", None) is not None:
-        return None
-    kernel = layer.kernel
-    size = int(np.prod(kernel.shape))
+    """A few kernel values at fixed positions, to recognise the base.
+
+    A list for a float kernel; for a quantized one (`model.quantize`),
+    `{"mode": ..., "kernel": [...], "scale": [...]}` with the quantized
+    values and their scales, so adapters saved on one int8 base refuse
+    another.
+    """
+    mode = getattr(layer.dtype_policy, "quantization_mode", None)
+    if mode is None:
+        return _sample(layer.kernel)
+    scale = getattr(layer, "kernel_scale", None)
+    return {
+        "mode": mode,
+        "kernel": _sample(layer.kernel),
+        "scale": None if scale is None else _sample(scale),
+    }
+
+
+def _sample(variable):
+    size = int(np.prod(variable.shape))
     index = np.linspace(0, size - 1, _FINGERPRINT_SIZE).astype("int32")
-    values = ops.take(ops.reshape(kernel, (-1,)), index)
+    values = ops.take(ops.reshape(variable, (-1,)), index)
     return ops.convert_to_numpy(ops.cast(values, "float32")).tolist()
 
 
@@ -283,9 +302,27 @@ def _base_differences(layers, base, check_base):
 
 
 def _same_fingerprint(saved, current):
-    if saved is None or current is None:  # A quantized kernel.
-        return True
+    """Whether two fingerprints can come from the same base.
+
+    A float kernel and a quantized one (or a file written before quantized
+    kernels were fingerprinted: `None`) are not compared.
+    """
+    if isinstance(saved, dict) and isinstance(current, dict):
+        return saved.get("mode") == current.get("mode") and all(
+            _close(saved.get(key), current.get(key))
+            for key in ("kernel", "scale")
+        )
+    if isinstance(saved, list) and isinstance(current, list):
+        return _close(saved, current)
+    return True
+
+
+def _close(saved, current):
+    if saved is None or current is None:
+        return saved is current
     saved, current = np.asarray(saved), np.asarray(current)
+    if saved.shape != current.shape:
+        return False
     tolerance = 2e-2 * np.maximum(np.abs(saved), np.abs(current)) + 1e-6
     return bool(np.all(np.abs(saved - current) <= tolerance))
 

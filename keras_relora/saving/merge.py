@@ -5,11 +5,13 @@ import numpy as np
 from keras import ops
 
 from keras_relora import _keras_internals
+from keras_relora.adapt.enable_relora import guard_fit
 from keras_relora.adapt.enable_relora import unpatch_call
 from keras_relora.adapt.state import adapted_model
 from keras_relora.adapt.state import require_state
 from keras_relora.reducer.reducer_state import STATE_ATTRIBUTE
 from keras_relora.saving import model_saving
+from keras_relora.saving import tied_embeddings
 
 
 def merge_relora(
@@ -165,6 +167,8 @@ def unload(model):
             holder.__dict__.pop("_relora_state")
             holder.__dict__.pop("fit", None)  # enable_relora's fit wrapper
             model_saving.detach(holder)
+    # Refuse a `fit` with the optimizer compiled for the adapters.
+    guard_fit(model)
     return model
 
 
@@ -300,13 +304,13 @@ def _rebuild_base(model):
         for m, cls in saved:
             _keras_internals.swap_class(m, cls)
     config.pop("compile_config", None)
-    tied = model_saving.omitted_tied_embeddings(model)
-    model_saving.add_tied_embeddings(config, tied)
+    tied = tied_embeddings.omitted_tied_embeddings(model)
+    tied_embeddings.add_tied_embeddings(config, tied)
     merged = keras.saving.deserialize_keras_object(
         config, custom_objects=custom
     )
     if tied is not None:
-        model_saving.keep_tied_embeddings_in_config(
+        tied_embeddings.keep_tied_embeddings_in_config(
             getattr(merged, "backbone", None) or merged, tied
         )
     if not merged.built:

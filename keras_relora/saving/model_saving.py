@@ -32,10 +32,11 @@ class without adapters; the exporter writes the base kernels), raise a
 `ValueError` that says what to use instead.
 `keras_relora.unload` gives the model its own class back.
 
-Known gap, outside this module's reach: Keras's `load_weights` of a
-`.weights.h5` file written by an adapted model into a model *without*
-adapters ignores the adapter entries silently (Keras skips unknown
-entries). Load such files into a model adapted with the same settings.
+`.weights.h5` files of adapted models carry a manifest of the adapters
+that `load_weights` checks first (see `weights_file`, also for the known
+gap: a model *without* adapters ignores them). `keras.models.clone_model`
+of an adapted functional model refuses (Keras would clone the layers
+without their adapters); a subclassed one is cloned with its adapters.
 
 Why not the alternatives: writing merged kernels on save, as Keras's own
 LoRA does, is exact only for `experts=1` and ends further training; wrapping
@@ -57,6 +58,9 @@ from keras_relora.adapt.state import adapted_model
 from keras_relora.adapt.state import get_state
 from keras_relora.reducer.reducer_state import existing_reducer_state
 from keras_relora.reducer.reducer_state import reducer_state
+from keras_relora.saving import weights_file
+from keras_relora.saving.tied_embeddings import add_tied_embeddings
+from keras_relora.saving.tied_embeddings import omitted_tied_embeddings
 
 LOADER_NAME = "keras_relora>ReloraModel"
 FORMAT_VERSION = 1
@@ -130,7 +134,41 @@ class _SavesRelora:
 
     @classmethod
     def from_config(cls, config, custom_objects=None):
-        return ReloraModel.from_config(config)
+        if isinstance(config, dict) and {"base", "relora"} <= set(config):
+            return ReloraModel.from_config(config)
+        # `keras.models.clone_model` of a subclassed model deserializes the
+        # base config with this class as a custom object.
+        return cls._relora_base_class.from_config(config)
+
+    def compile_from_config(self, config):
+        # Keras skips this for a class with its own `compile` (keras-hub
+        # tasks): a reloaded task kept its fresh default optimizer at step
+        # 0 and the Reducer repeated its decisions. The saved config holds
+        # `compile`'s public arguments, which a task's `compile` takes;
+        # building the optimizer gives its saved state somewhere to load.
+        config = keras.saving.deserialize_keras_object(config)
+        self.compile(**config)
+        if getattr(self, "optimizer", None) is not None and self.built:
+            self.optimizer.build(self.trainable_variables)
+
+    def save_weights(self, filepath, *args, **kwargs):
+        result = super().save_weights(filepath, *args, **kwargs)
+        if weights_file.is_single_h5(filepath):
+            weights_file.write_manifest(
+                filepath, relora_state_config(get_state(self), self)
+            )
+        return result
+
+    def load_weights(self, filepath, *args, **kwargs):
+        if weights_file.is_single_h5(filepath):
+            saved = weights_file.read_manifest(filepath)
+            weights_file.check_load(
+                self.name, filepath,
+                relora_state_config(get_state(self), self), saved,
+            )
+            if saved.get("reducer"):
+                add_reducer_state(self)  # Its scores load like any weight.
+        return super().load_weights(filepath, *args, **kwargs)
 
     def save(self, filepath, *args, **kwargs):
         if str(filepath).endswith((".h5", ".hdf5")):
@@ -176,12 +214,37 @@ _REFUSALS = {
 }
 
 
+def _refuse_clone(model, layer):
+    """Raises if `keras.models.clone_model(model)` is cloning an adapted
+    `layer` (or a layer holding one) from its config, without adapters."""
+    state = get_state(model)
+    if state is None:
+        return
+    adapted = {id(a._base_layer) for a in state.adapters.values()}
+    inner = [layer, *_keras_internals.flatten_layers(layer)]
+    if any(id(sub) in adapted for sub in inner):
+        raise ValueError(
+            f"`keras.models.clone_model` cannot clone model {model.name!r} "
+            "with its ReLoRA adapters: Keras clones a functional model "
+            "layer by layer from their configs, which hold no adapters, so "
+            "the clone would be the base model. Save and load it instead "
+            "(`model.save('model.keras')`, `keras.models.load_model`), or "
+            "clone the base before `enable_relora` and load the adapters "
+            "into the clone with `load_relora_weights`. "
+            f"Received: layer {layer.name!r} to clone"
+        )
+
+
 def _subclass_of(cls):
     sub = _SUBCLASSES.get(cls)
     if sub is not None:
         return sub
     namespace = {
-        "__module__": cls.__module__,
+        # The `module` of the saved config: loading without
+        # `import keras_relora` then fails with Keras's "Could not locate
+        # class ... make sure they are all imported ... 'module':
+        # 'keras_relora'" rather than a generic `from_config` TypeError.
+        "__module__": "keras_relora",
         "__qualname__": cls.__qualname__,
         "__doc__": cls.__doc__,
         "_relora_base_class": cls,
@@ -189,6 +252,7 @@ def _subclass_of(cls):
     for name, refusal in _REFUSALS.items():
         if hasattr(cls, name):
             namespace[name] = refusal
+    _keras_internals.refuse_graph_clones(namespace, cls, _refuse_clone)
     sub = type(cls.__name__, (_SavesRelora, cls), namespace)
     # Serialize instances of `sub` under the loader's registered name, and
     # keep the name pointing at the loader (registration also maps the name
@@ -246,61 +310,6 @@ def relora_config(model):
     base.pop("shared_object_id", None)
     add_tied_embeddings(base, omitted_tied_embeddings(model))
     return {"base": base, "relora": relora_state_config(state, model)}
-
-
-def omitted_tied_embeddings(model):
-    """The backbone's `tie_word_embeddings` where its config leaves it out.
-
-    keras-hub (0.32) Llama backbones take `tie_word_embeddings` (SmolLM2,
-    Llama 3.2) but their `get_config` omits it, so a backbone rebuilt from
-    its config, a preset or a `.keras` file gets an untied output head with
-    one more weight ("expected 2 variables" on load). Returns `None` where
-    the config is complete.
-    """
-    backbone = adapted_model(model)
-    tied = getattr(backbone, "tie_word_embeddings", None)
-    if not isinstance(tied, bool):
-        return None
-    if "tie_word_embeddings" in base_config(backbone):
-        return None
-    return tied
-
-
-def base_config(model):
-    """`model.get_config()` of its own class (not the saving subclass's)."""
-    return base_class(model).get_config(model)
-
-
-def add_tied_embeddings(serialized, tied):
-    """Writes `tie_word_embeddings` into a serialized model or task config.
-
-    `serialized` is `keras.saving.serialize_keras_object(model)` of the
-    backbone or of a task holding it; `tied` comes from
-    `omitted_tied_embeddings` (None: nothing to add).
-    """
-    if tied is None:
-        return
-    config = serialized["config"]
-    if config.get("backbone") is not None:  # A task: its backbone's config.
-        config = config["backbone"]["config"]
-    config["tie_word_embeddings"] = tied
-
-
-def keep_tied_embeddings_in_config(backbone, tied):
-    """Adds `tie_word_embeddings` to this backbone's `get_config`.
-
-    On the instance only, so a merged model stays of the original class,
-    and its `save_to_preset` and `.keras` files rebuild it with the right
-    head.
-    """
-    get_config = backbone.get_config
-
-    def get_config_with_tied_embeddings():
-        return {**get_config(), "tie_word_embeddings": tied}
-
-    _keras_internals.set_untracked(
-        backbone, "get_config", get_config_with_tied_embeddings
-    )
 
 
 def add_reducer_state(model):
