@@ -57,7 +57,9 @@ class ReducerCallback(keras.callbacks.Callback):
     `save_weights`, `.keras` files and adapter checkpoints carry them;
     with the optimizer's variables (its step counter and moments), a run
     resumed from a checkpoint takes the same decisions as an uninterrupted
-    one. `keras.models.load_model` restores both by itself. To resume from
+    one. `keras.models.load_model` restores both by itself, also for a
+    keras-hub task (whose custom `compile` Keras skips on load; the
+    adapted model compiles from the saved config). To resume from
     `save_weights` into a new compiled model, call
     `callback.set_model(model)` before `model.load_weights(path)`: it
     creates the Reducer's variables and builds the optimizer, so that both
