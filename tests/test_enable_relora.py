@@ -162,12 +162,34 @@ def test_bert_encoder_classifier_fit():
     backbone = tm.bert_backbone()
     clf = keras_hub.models.BertTextClassifier(backbone, num_classes=2,
                                               preprocessor=None)
+    head = [v.path for v in clf.weights if v.path.startswith("logits/")]
     clf.enable_relora(rank=R, experts=M)
     x = tm.bert_data()
     y = np.array([0, 1, 0, 1])
-    expected = llama_count(q_out=8, kv_out=8)
-    fit_and_check(clf, x, y, keras.losses.SparseCategoricalCrossentropy(
-        from_logits=True), expected)
+    # The task's own head (logits: 8 x 2 + 2) trains with the adapters, as
+    # with keras-hub's enable_lora (`train_layers=None`).
+    trainable = {v.path for v in clf.trainable_weights}
+    assert set(head) <= trainable
+    assert trainable - set(head) == {
+        p for p in trainable if "relora" in p or "lora_a" in p
+    }
+    before = weights_by_path(clf)
+    clf.compile(optimizer=keras.optimizers.Adam(1e-2),
+                loss=keras.losses.SparseCategoricalCrossentropy(
+                    from_logits=True))
+    clf.fit(x, y, epochs=2, verbose=0)
+    after = weights_by_path(clf)
+    for path, value in before.items():
+        if path not in trainable:
+            np.testing.assert_array_equal(after[path], value, err_msg=path)
+    assert all(np.abs(after[p] - before[p]).max() > 0 for p in head)
+    # train_layers=[]: the head is frozen with the rest of the base.
+    frozen = keras_hub.models.BertTextClassifier(
+        tm.bert_backbone(), num_classes=2, preprocessor=None
+    )
+    frozen.enable_relora(rank=R, experts=M, train_layers=[])
+    fit_and_check(frozen, x, y, keras.losses.SparseCategoricalCrossentropy(
+        from_logits=True), llama_count(q_out=8, kv_out=8))
 
 
 def test_functional_model_adapts_every_dense():

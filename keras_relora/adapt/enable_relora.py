@@ -14,6 +14,8 @@ from keras_relora.adapt.state import adapted_model
 from keras_relora.adapt.state import get_state
 from keras_relora.adapt.state import require_state
 from keras_relora.adapt.state import set_state
+from keras_relora.adapt.train_layers import check_train_layers
+from keras_relora.adapt.train_layers import trained_variables
 from keras_relora.layers.relora_dense import ROUTER_INPUTS
 from keras_relora.layers.relora_dense import ReloraDense
 from keras_relora.layers.relora_dense import adapter_dtype
@@ -100,13 +102,15 @@ def enable_relora(
     top_k=None,
     balance_loss=0.0,
     layout_map=None,
+    train_layers=None,
 ):
     """Freezes `model` and adds ReLoRA adapters to its target layers.
 
     Changes `model` in place: every existing weight is frozen
-    (`variable.trainable = False`), then each target `Dense`/`EinsumDense`
-    gets a `ReloraDense` sub-layer (named `relora`) whose output is added
-    to the layer's own, before its activation. Works on keras-hub backbones
+    (`variable.trainable = False`) except those of `train_layers` (by
+    default a keras-hub Task's own head), then each target `Dense` and
+    `EinsumDense` gets a `ReloraDense` sub-layer (named `relora`) whose
+    output is added to the layer's own, before its activation. Works on keras-hub backbones
     and tasks (a task's backbone is adapted), functional, sequential and
     subclassed models, including layers that are nodes of a functional
     graph, on every backend. Compile the model after this call.
@@ -148,6 +152,14 @@ def enable_relora(
             variables get what the active distribution gives their paths:
             replicated under `DataParallel`, and under `ModelParallel` when
             no pattern of its map matches them, as with keras-hub's maps).
+        train_layers: Layers that stay trainable in full next to the
+            adapters, as PEFT's `modules_to_save`: `None` keeps a keras-hub
+            Task's own layers outside its backbone trainable (a
+            classifier's head; keras-hub's `enable_lora` does the same),
+            and nothing else; a list of layer names or paths keeps those
+            trainable; `[]` freezes every layer. Their weights go into
+            `save_relora_weights` files and into `merge_relora`'s result.
+            Defaults to `None`.
 
     Returns:
         A `ReloraReport`: trainable and total parameters, percent of the
@@ -182,10 +194,15 @@ def enable_relora(
             f"Model {model.name!r} is not built: call it on a batch or "
             "`model.build(input_shape)` before `enable_relora`."
         )
+    train_layers = check_train_layers(train_layers)
     root = adapted_model(model)
     chosen = targets_lib.select(root, targets)
+    trained = trained_variables(
+        model, train_layers, [layer for _, layer, _ in chosen]
+    )
+    kept = {id(v) for v in trained.values()}
     base_params = sum(_size(v) for v in model.weights)
-    frozen = [v for v in model.weights if v.trainable]
+    frozen = [v for v in model.weights if v.trainable and id(v) not in kept]
     for variable in frozen:
         variable.trainable = False
 
@@ -211,9 +228,10 @@ def enable_relora(
         rank=rank, experts=experts, alpha=alpha,
         targets=[path for path, _, _ in chosen], share_a=share_a,
         train_a=train_a, dropout=dropout, router_input=router_input,
-        top_k=top_k, balance_loss=balance_loss,
+        top_k=top_k, balance_loss=balance_loss, train_layers=train_layers,
     )
     state = ReloraState(settings, adapters, shared, blocks, frozen)
+    state.trained = trained  # `{relative path: variable}`, train in full.
     set_state(model, state)
     _record_fit_data(model, state)
     for hook in ENABLE_HOOKS:  # `.keras` files keep the adapters.

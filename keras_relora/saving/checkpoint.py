@@ -18,7 +18,9 @@ Layout:
 * tensors `shared_a/<group>/kernel` (one per shared A; `<group>` is
   `<role>:<d_in>` with `share_a="role"`, the layer path with `"layer"`),
   `adapters/<layer path>/<variable>` (`b_kernel`, `router_kernel`,
-  `suppression`) and `extra/<variable path>` (e.g. the Reducer's scores);
+  `suppression`), `extra/<variable path>` (e.g. the Reducer's scores) and
+  `trained/<variable path>` (the layers of `train_layers`, such as a
+  Task's head, which train in full);
 * metadata `format`, `version`, `relora` (JSON: the `enable_relora`
   settings, targets as layer paths, pruned adapters, each adapter's A
   group), `base` (JSON: the base class, each target's kernel shape and a
@@ -169,6 +171,8 @@ def _variables(model, state):
                 found[f"adapters/{path}/{variable.name}"] = variable
     for path, variable in state.extra_variables.items():
         found[f"extra/{path}"] = variable
+    for path, variable in getattr(state, "trained", {}).items():
+        found[f"trained/{path}"] = variable  # `train_layers`: a Task's head.
     return found
 
 

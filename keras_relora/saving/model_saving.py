@@ -379,6 +379,8 @@ def enable_from_config(model, relora):
             "keras_relora to load this file."
         )
     settings = dict(relora["settings"])
+    # Saved before `train_layers` existed: every layer was frozen.
+    settings.setdefault("train_layers", [])
     targets = list(settings["targets"])
     found = adaptable_layers(model)
     missing = [path for path in targets if path not in found]

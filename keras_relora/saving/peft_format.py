@@ -162,11 +162,11 @@ def save_peft(model, folder, *, base_model_name_or_path=None):
 
 
 def _refuse_trained_layers(state):
-    trained = getattr(state, "trained_layers", None) or {}
-    if any(layer.weights for layer in trained.values()):
+    trained = getattr(state, "trained", {})
+    if trained:
         raise ValueError(
-            "`save_peft` writes LoRA weights only, and layers of this model "
-            f"train in full ({sorted(trained)}, `train_layers`). Export "
+            "`save_peft` writes LoRA weights only, and variables of this "
+            f"model train in full ({sorted(trained)}, `train_layers`). Export "
             "the merged model instead: `keras_relora.merge_relora(model)"
             ".export_to_transformers(path)` (it keeps the trained layers), "
             "or enable the adapters with `train_layers=[]`."
