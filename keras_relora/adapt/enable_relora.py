@@ -110,10 +110,10 @@ def enable_relora(
     (`variable.trainable = False`) except those of `train_layers` (by
     default a keras-hub Task's own head), then each target `Dense` and
     `EinsumDense` gets a `ReloraDense` sub-layer (named `relora`) whose
-    output is added to the layer's own, before its activation. Works on keras-hub backbones
-    and tasks (a task's backbone is adapted), functional, sequential and
-    subclassed models, including layers that are nodes of a functional
-    graph, on every backend. Compile the model after this call.
+    output is added to the layer's own, before its activation. Works on
+    keras-hub backbones and tasks (a task's backbone is adapted),
+    functional, sequential and subclassed models, including layers that
+    are nodes of a functional graph, on every backend. Compile the model after this call.
 
     Args:
         model: A built `keras.Model`.
