@@ -113,7 +113,8 @@ def enable_relora(
     output is added to the layer's own, before its activation. Works on
     keras-hub backbones and tasks (a task's backbone is adapted),
     functional, sequential and subclassed models, including layers that
-    are nodes of a functional graph, on every backend. Compile the model after this call.
+    are nodes of a functional graph, on every backend. Compile the model
+    after this call.
 
     Args:
         model: A built `keras.Model`.
