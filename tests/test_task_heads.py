@@ -156,3 +156,17 @@ def test_keras_file_keeps_the_trainable_head(tmp_path):
     np.testing.assert_allclose(_predict(restored, x), _predict(clf, x),
                                atol=1e-6)
     assert sorted(keras_relora.get_state(restored).trained) == sorted(HEAD)
+
+
+def test_the_head_trains_under_the_reducer():
+    clf = _classifier()
+    clf.enable_relora(rank=2, experts=2)
+    before = _values(clf)
+    x, y = tm.bert_data(), np.array([0, 1, 0, 1])
+    clf.compile(optimizer=keras.optimizers.Adam(1e-2), loss=LOSS)
+    clf.fit(x, y, epochs=3, verbose=0, callbacks=[
+        keras_relora.ReducerCallback(update_layers=1, interval=1, trials=2)
+    ])
+    after = _values(clf)
+    for path in HEAD:  # No mask holds the head: it moves every step.
+        assert np.abs(after[path] - before[path]).max() > 0, path
