@@ -1,0 +1,560 @@
+"""Train-step time against Hugging Face PEFT LoRA on the same model.
+
+The baseline is what a torch user would pick: `transformers` +
+`peft` LoRA, eager torch, `torch.optim.AdamW`. Every row trains the SAME
+weights (one Hugging Face folder, read by `transformers` and by
+`keras_hub.models.Llama3Backbone.from_preset`) on the SAME token batches
+(batch 4 x 128 by default), rank 8 on q, k, v, up, down, alpha = rank,
+no dropout, AdamW(2e-4), one thread, sparse cross-entropy from logits
+over every position:
+
+* `peft_lora`: `peft.get_peft_model(LoraConfig(r=8, ...))`, a plain torch
+  loop (forward, `F.cross_entropy`, backward, `AdamW.step`, `zero_grad`).
+* torch backend, in this process: `keras_lora` (Keras's
+  `layer.enable_lora(8)` on the same layers), `lora` and `relora_multi`
+  (4 experts) of `keras_relora.VARIANTS`, and `relora_multi+reducer`
+  (`ReducerCallback(update_layers=L // 4, interval=10)`), trained by
+  `model.fit` (Keras's default `jit_compile="auto"`: eager on torch).
+* `jax:relora_multi`, `tensorflow:relora_multi` (and `:lora`): the same
+  configuration in a child process per backend (Keras picks its backend
+  once per process). Each child is held warm and runs one round when the
+  parent asks (a line on its stdin); the parent waits meanwhile, so the
+  two never share the cores.
+
+Timing: every round times each row once, in a rotated order, children
+included, so a slow spell of the shared machine hits every row. A Keras
+row's round is one `fit` of `steps + 1` batches stamped at every batch end
+(the first step is dropped); the PEFT round is `steps` timed steps after
+one untimed one. Reported: the median over rounds of the per-round ratio
+to `peft_lora` in the same round, with its range. For the Reducer row,
+the steps where a probe ran are left out of the steady ratio and the
+probe's cost is amortised over `interval` steps separately.
+
+Memory: for each row, the growth of the process's peak resident set
+(Linux `VmHWM`, reset through `/proc/self/clear_refs`) during one round
+after warm-up, above the resident set before it: activations, gradients
+and temporaries of a training step, not the weights or optimizer state
+already allocated. torch on CPU has no allocator statistics; RSS is what
+every backend shares.
+
+Usage:
+
+```
+python benchmarks/vs_peft.py                       # SmolLM2-135M
+python benchmarks/vs_peft.py --quick               # tiny random Llama
+python benchmarks/vs_peft.py --backends jax --rounds 3
+```
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import common
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+RANK = 8
+LR = 2e-4
+HF_TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
+QUICK_CONFIG = {
+    "vocab_size": 256,
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 16,
+    "tie_word_embeddings": True,
+}
+TORCH_ROWS = ("keras_lora", "lora", "relora_multi", "relora_multi+reducer")
+CHILD_ROWS = ("relora_multi",)
+TARGETS = {"torch:relora_multi": 1.0, "jax:relora_multi": 0.8,
+           "tensorflow:relora_multi": 1.0}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true",
+                   help="tiny random Llama, 2 rounds (CI smoke run)")
+    p.add_argument("--batch", type=int, default=None,
+                   help="default 4 (quick: 2)")
+    p.add_argument("--seq", type=int, default=None,
+                   help="default 128 (quick: 16)")
+    p.add_argument("--rounds", type=int, default=None,
+                   help="default 5 (quick: 2)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="timed steps per round, default 2")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--rows", default=",".join(TORCH_ROWS),
+                   help="torch-backend rows to run")
+    p.add_argument("--backends", default="jax,tensorflow",
+                   help="other backends, each in a child process "
+                   "(empty: none)")
+    p.add_argument("--child-rows", default=",".join(CHILD_ROWS))
+    p.add_argument("--jit-compile", action="store_true",
+                   help="compile the torch rows with jit_compile=True")
+    p.add_argument("--json", default=None)
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--folder", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    common.fill_preset(
+        args,
+        {"batch": 4, "seq": 128, "rounds": 5, "steps": 2},
+        {"batch": 2, "seq": 16, "rounds": 2, "steps": 2},
+    )
+    return args
+
+
+# -- model folder -------------------------------------------------------------
+
+
+def model_folder(args):
+    """The Hugging Face folder both sides load (SmolLM2, or a tiny Llama)."""
+    if not args.quick:
+        import relora_offline
+
+        return relora_offline.convert_smollm2()
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(**QUICK_CONFIG)
+    config.architectures = ["LlamaForCausalLM"]
+    model = transformers.LlamaForCausalLM(config)
+    folder = tempfile.mkdtemp(prefix="vs_peft_tiny_")
+    model.save_pretrained(folder)
+    return folder
+
+
+def make_tokens(args, vocab, steps):
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    return rng.integers(
+        1, vocab, (steps, args.batch, args.seq + 1)
+    ).astype("int64")
+
+
+# -- memory -------------------------------------------------------------------
+
+
+def _status_kib(field):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def measure_peak(fn):
+    """Runs `fn()`; returns (its result, peak RSS growth in MiB)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # Resets VmHWM to the current RSS.
+    except OSError:
+        return fn(), None
+    before = _status_kib("VmRSS")
+    result = fn()
+    return result, (_status_kib("VmHWM") - before) / 1024
+
+
+# -- PEFT ---------------------------------------------------------------------
+
+
+class PeftRow:
+    name = "peft_lora"
+
+    def __init__(self, folder, tokens):
+        import peft
+        import torch
+        import transformers
+
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            folder, dtype=torch.float32
+        )
+        config = peft.LoraConfig(
+            r=RANK, lora_alpha=RANK, lora_dropout=0.0,
+            target_modules=HF_TARGETS,
+        )
+        self.model = peft.get_peft_model(model, config)
+        self.model.train()
+        self.optimizer = torch.optim.AdamW(
+            [p for p in self.model.parameters() if p.requires_grad], lr=LR
+        )
+        self.trainable = sum(
+            p.numel() for p in self.model.parameters() if p.requires_grad
+        )
+        self.tokens = torch.from_numpy(tokens)
+        self.note = (f"peft LoraConfig(r={RANK}, lora_alpha={RANK}, "
+                     f"targets={HF_TARGETS}), torch.optim.AdamW")
+        self.i = 0
+
+    def logits(self, x):
+        import torch
+
+        with torch.no_grad():
+            return self.model(input_ids=torch.from_numpy(x)).logits.numpy()
+
+    def step(self):
+        import torch.nn.functional as F
+
+        batch = self.tokens[self.i % len(self.tokens)]
+        self.i += 1
+        logits = self.model(input_ids=batch[:, :-1]).logits
+        loss = F.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1)
+        )
+        loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad()
+        return float(loss.detach())
+
+    def round(self, steps):
+        self.step()
+        times = []
+        for _ in range(steps):
+            start = time.perf_counter()
+            self.step()
+            times.append(time.perf_counter() - start)
+        return {"normal": times, "probing": []}
+
+
+# -- Keras rows (any backend) ------------------------------------------------
+
+
+class KerasRow:
+    def __init__(self, name, folder, tokens, jit_compile="auto"):
+        import keras
+        import keras_hub
+        import step_time
+
+        import keras_relora
+
+        self.name = name
+        keras.utils.set_random_seed(0)
+        backbone = keras_hub.models.Llama3Backbone.from_preset(folder)
+        model = keras_hub.models.Llama3CausalLM(
+            backbone=backbone, preprocessor=None
+        )
+        variant = name.split("+")[0]
+        if variant == "keras_lora":
+            self.note = step_time.setup_keras_lora(model, RANK)
+        else:
+            self.note = step_time.setup_variant(variant)(model, RANK)
+        self.callbacks = []
+        if name.endswith("+reducer"):
+            self.callbacks = step_time.reducer_callbacks(model)
+            self.note += (
+                f" + ReducerCallback(update_layers="
+                f"{self.callbacks[0].update_layers}, interval="
+                f"{self.callbacks[0].interval})"
+            )
+            self.interval = self.callbacks[0].interval
+        model.compile(
+            optimizer=keras.optimizers.AdamW(LR),
+            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+            weighted_metrics=[],
+            jit_compile=jit_compile,
+        )
+        self.model = model
+        self.args_batch = tokens.shape[1]
+        self.trainable = int(sum(
+            int(keras.ops.size(v)) for v in model.trainable_weights
+        ))
+        self.tokens = tokens
+        self.keras_relora = keras_relora
+
+    def data(self, steps):
+        tokens = self.tokens[[i % len(self.tokens) for i in range(steps)]]
+        tokens = tokens.reshape(-1, tokens.shape[-1]).astype("int32")
+        x = {
+            "token_ids": tokens[:, :-1],
+            "padding_mask": (tokens[:, :-1] * 0 + 1).astype("int32"),
+        }
+        return {steps: (x, tokens[:, 1:])}
+
+    def logits(self, x):
+        import keras
+
+        return keras.ops.convert_to_numpy(self.model.predict_on_batch({
+            "token_ids": x.astype("int32"),
+            "padding_mask": (x * 0 + 1).astype("int32"),
+        }))
+
+    def round(self, steps):
+        import step_time
+
+        normal, probing = step_time.run_fit(
+            self, self.data(steps + 1), steps + 1
+        )
+        return {"normal": normal, "probing": probing}
+
+    def warm_up(self, steps):
+        # With the Reducer: `interval` steps, so that the first probe (which
+        # traces the test step) falls in the warm-up.
+        count = getattr(self, "interval", steps + 1)
+        return self.round(max(count, steps + 1) - 1)
+
+
+def timed_round(row, steps):
+    out, peak = measure_peak(lambda: row.round(steps))
+    out["peak_mib"] = peak
+    return out
+
+
+# -- child process (another backend) -----------------------------------------
+
+
+def child_main(args):
+    common.pin_threads_env(args.threads)
+    import keras  # noqa: F401
+
+    common.pin_threads_runtime(args.threads)
+    sys.path.insert(0, HERE)
+    env = common.environment(args.threads)
+    folder = args.folder
+    import transformers
+
+    vocab = transformers.AutoConfig.from_pretrained(folder).vocab_size
+    tokens = make_tokens(args, vocab, args.steps + 1)
+    import numpy as np
+
+    folder_tmp = tempfile.mkdtemp(prefix=f"vs_peft_{env['backend']}_")
+    rows, logits = {}, {}
+    for name in args.child_rows.split(","):
+        start = time.perf_counter()
+        rows[name] = KerasRow(name, folder, tokens)
+        # Full logits are large (batch x seq x vocab): passed as a file.
+        logits[name] = os.path.join(folder_tmp, f"{name}.npy")
+        np.save(logits[name], rows[name].logits(tokens[0][:, :-1]))
+        rows[name].warm_up(args.steps)
+        print(f"[{env['backend']}] built and warmed {name} "
+              f"({time.perf_counter() - start:.1f} s)", file=sys.stderr,
+              flush=True)
+    reply({"ready": True, "env": env, "rows": {
+        name: {"note": row.note, "trainable": row.trainable}
+        for name, row in rows.items()
+    }, "logits": logits})
+    for line in sys.stdin:
+        command = line.split()
+        if not command or command[0] == "quit":
+            break
+        reply(timed_round(rows[command[1]], args.steps))
+
+
+def reply(obj):
+    sys.stdout.write(common.RESULT_TAG + json.dumps(obj) + "\n")
+    sys.stdout.flush()
+
+
+class ChildRow:
+    """A row run by a warm child process of another backend."""
+
+    def __init__(self, backend, name, process):
+        self.backend = backend
+        self.name = f"{backend}:{name}"
+        self.row = name
+        self.process = process
+
+    def round(self, steps):
+        self.process.send(f"round {self.row}")
+        return self.process.receive()
+
+
+class Child:
+    def __init__(self, backend, args, folder):
+        argv = [sys.executable, os.path.abspath(__file__), "--child",
+                "--folder", folder, "--child-rows", args.child_rows,
+                "--batch", str(args.batch), "--seq", str(args.seq),
+                "--steps", str(args.steps), "--threads", str(args.threads)]
+        if args.quick:
+            argv.append("--quick")
+        env = dict(os.environ, KERAS_BACKEND=backend)
+        self.backend = backend
+        self.proc = subprocess.Popen(
+            argv, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            text=True,
+        )
+
+    def send(self, line):
+        self.proc.stdin.write(line + "\n")
+        self.proc.stdin.flush()
+
+    def receive(self):
+        for line in self.proc.stdout:
+            if line.startswith(common.RESULT_TAG):
+                return json.loads(line[len(common.RESULT_TAG):])
+            print(f"[{self.backend}] {line}", end="")
+        raise RuntimeError(
+            f"the {self.backend} child exited with code {self.proc.wait()}"
+        )
+
+    def close(self):
+        try:
+            self.send("quit")
+        except (BrokenPipeError, OSError):
+            pass
+        self.proc.wait(timeout=60)
+
+
+# -- parent -------------------------------------------------------------------
+
+
+def main(args):
+    if args.child:
+        child_main(args)
+        return
+    os.environ["KERAS_BACKEND"] = "torch"
+    common.pin_threads_env(args.threads)
+    import keras
+    import numpy as np
+    import transformers
+
+    common.pin_threads_runtime(args.threads)
+    sys.path.insert(0, HERE)
+    env = common.environment(args.threads)
+    print(f"environment: {env}", flush=True)
+    folder = model_folder(args)
+    vocab = transformers.AutoConfig.from_pretrained(folder).vocab_size
+    tokens = make_tokens(args, vocab, args.steps + 1)
+    backends = [b for b in args.backends.split(",") if b]
+    # Children start first: they build and compile while the parent does.
+    # Their build competes with the parent's for the cores; no timing runs
+    # until every row is warm.
+    children = [Child(b, args, folder) for b in backends]
+    rows = {}
+    try:
+        start = time.perf_counter()
+        # Logits of every row before any training step: the same weights.
+        check = tokens[0][:, :-1]
+        rows["peft_lora"] = PeftRow(folder, tokens)
+        reference = rows["peft_lora"].logits(check)
+        same = {}
+        rows["peft_lora"].round(1)
+        print(f"built peft_lora ({time.perf_counter() - start:.1f} s)",
+              flush=True)
+        jit = True if args.jit_compile else "auto"
+        for name in [r for r in args.rows.split(",") if r]:
+            start = time.perf_counter()
+            rows[name] = KerasRow(name, folder, tokens, jit)
+            same[name] = rel_diff(rows[name].logits(check), reference)
+            rows[name].warm_up(args.steps)
+            print(f"built and warmed {name} "
+                  f"({time.perf_counter() - start:.1f} s)", flush=True)
+        notes = {n: {"note": r.note, "trainable": r.trainable}
+                 for n, r in rows.items()}
+        for child in children:
+            ready = child.receive()
+            env[f"{child.backend}_env"] = ready["env"]
+            for name, info in ready["rows"].items():
+                row = ChildRow(child.backend, name, child)
+                rows[row.name] = row
+                notes[row.name] = info
+                same[row.name] = rel_diff(
+                    np.load(ready["logits"][name]), reference
+                )
+        print("logits before training vs PEFT, max |diff| / max |ref|: "
+              f"{same}", flush=True)
+        samples = interleave(rows, args)
+    finally:
+        for child in children:
+            child.close()
+    env["loadavg_end"] = round(os.getloadavg()[0], 2)
+    report(args, env, samples, notes, same)
+    del keras
+
+
+def rel_diff(got, reference):
+    """max |got - reference| / max |reference|, as a float."""
+    import numpy as np
+
+    return float(np.max(np.abs(got - reference)) / np.max(np.abs(reference)))
+
+
+def interleave(rows, args):
+    """Each round times every row once, in a rotated order."""
+    names = list(rows)
+    samples = {name: [] for name in names}
+    for r in range(args.rounds):
+        shift = r % len(names)
+        order = names[shift:] + names[:shift]
+        if r % 2:
+            order = order[::-1]
+        for name in order:
+            row = rows[name]
+            if isinstance(row, ChildRow):
+                samples[name].append(row.round(args.steps))
+            else:
+                samples[name].append(timed_round(row, args.steps))
+        print(f"round {r + 1}/{args.rounds} done (load "
+              f"{os.getloadavg()[0]:.2f})", flush=True)
+    return samples
+
+
+def report(args, env, samples, notes, same):
+    base = [statistics.median(s["normal"]) for s in samples["peft_lora"]]
+    result = {"env": env, "args": vars(args), "logits_vs_peft": same,
+              "rows": {}}
+    rows = []
+    for name, rounds in samples.items():
+        label = name if ":" in name else (
+            name if name == "peft_lora" else f"torch:{name}"
+        )
+        medians = [statistics.median(s["normal"]) for s in rounds]
+        ratios = [a / b for a, b in zip(medians, base)]
+        stats = {"median": statistics.median(ratios), "min": min(ratios),
+                 "max": max(ratios)}
+        flat = [t for s in rounds for t in s["normal"]]
+        peaks = [s["peak_mib"] for s in rounds if s["peak_mib"] is not None]
+        entry = {
+            **notes[name],
+            "time": common.time_stats(flat),
+            "vs_peft": stats,
+            "rounds": rounds,
+            "peak_mib": statistics.median(peaks) if peaks else None,
+        }
+        probing = [t for s in rounds for t in s["probing"]]
+        cell_ratio = common.fmt_ratio(stats)
+        if name.endswith("+reducer") and probing:
+            interval = 10
+            steady = statistics.median(flat)
+            cost = statistics.median(probing) - steady
+            amortised = stats["median"] * (1 + cost / (interval * steady))
+            entry["probe_cost_ms"] = 1e3 * cost
+            entry["amortised_vs_peft"] = amortised
+            cell_ratio += f"; with probes amortised {amortised:.3f}"
+        result["rows"][label] = entry
+        target = TARGETS.get(label)
+        verdict = ""
+        if target is not None:
+            met = stats["median"] <= target
+            verdict = f"<= {target} {'MET' if met else 'NOT MET'}"
+        rows.append([
+            label, f"{entry['trainable']:,}", common.fmt_ms(entry["time"]),
+            cell_ratio,
+            "-" if entry["peak_mib"] is None else f"{entry['peak_mib']:.0f}",
+            verdict,
+        ])
+    model = "tiny random Llama" if args.quick else "SmolLM2-135M"
+    print(
+        f"\n{model}, batch {args.batch} x {args.seq}, rank {RANK}, "
+        f"rounds={args.rounds} steps/round={args.steps} "
+        f"threads={args.threads} jit_compile(torch)={args.jit_compile} "
+        f"loadavg {env['loadavg_start']} -> {env['loadavg_end']}"
+    )
+    print(common.markdown_table(
+        ["row", "trainable", "ms/step median [min, max]",
+         "x peft_lora median [min, max]", "peak RSS growth MiB", "target"],
+        rows,
+    ))
+    common.emit_result(result)
+    common.write_json(args.json, result)
+
+
+if __name__ == "__main__":
+    main(parse_args())

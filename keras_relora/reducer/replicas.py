@@ -1,0 +1,72 @@
+"""The Reducer's probe across replicas and processes: one answer for all.
+
+The update mask of a step is a function of `(scores, seed, step)` only
+(`block_sampling.update_mask`), and the probe's trials of `(seed, step,
+scores)`; what can differ between replicas is the probe LOSS, when each
+replica or process sees a different probe batch. These helpers make it
+the loss of the union of the probe batches, so every replica takes the
+same decisions, the ones one device would take on the whole batch:
+
+* TensorFlow (`tf.distribute` strategy with several replicas): Keras's
+  `predict_on_batch` hands the whole batch to every replica and
+  concatenates their outputs (twice the rows on 2 replicas); `predict`
+  splits the batch over the replicas and returns each row once.
+* torch (`torch.distributed` initialised with several processes, e.g.
+  `DistributedDataParallel`): each process probes its own batch, and the
+  sums of loss and weight are added over the processes (`all_reduce`), so
+  every process gets the mean loss per token of all their batches. The
+  callback must run on every process (as DDP's own training loop does).
+* JAX (`keras.distribution` over several processes): the compiled
+  predict step already works on the global batch (each process's batch
+  is its part of it) and every process gets the global outputs.
+"""
+
+import keras
+
+
+def predict_batch(model, x):
+    """The model's outputs on one probe batch, each row once.
+
+    Args:
+        model: The compiled model (a keras-hub task's preprocessor is not
+            applied: `x` is already preprocessed).
+        x: The batch's inputs.
+
+    Returns:
+        The outputs, as Keras's `predict_on_batch` returns them.
+    """
+    if keras.config.backend() == "tensorflow":
+        strategy = getattr(model, "distribute_strategy", None)
+        if strategy is not None and strategy.num_replicas_in_sync > 1:
+            rows = len(keras.tree.flatten(x)[0])
+            return keras.Model.predict(model, x, batch_size=rows, verbose=0)
+    return keras.Model.predict_on_batch(model, x)
+
+
+def sum_across_processes(total, count):
+    """`(total, count)` summed over the processes of a torch process group.
+
+    Args:
+        total: float. This process's sum of loss times weight.
+        count: float. This process's sum of weights.
+
+    Returns:
+        A tuple of two floats: the sums over every process (the inputs
+        unchanged outside a torch process group of several processes).
+    """
+    if keras.config.backend() != "torch":
+        return total, count
+    return _torch_sum(total, count)
+
+
+def _torch_sum(total, count):
+    import torch
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return total, count
+    if dist.get_world_size() == 1:
+        return total, count
+    sums = torch.tensor([total, count], dtype=torch.float64)
+    dist.all_reduce(sums, op=dist.ReduceOp.SUM)
+    return float(sums[0]), float(sums[1])
