@@ -214,27 +214,6 @@ _REFUSALS = {
 }
 
 
-def _refuse_clone(model, layer):
-    """Raises if `keras.models.clone_model(model)` is cloning an adapted
-    `layer` (or a layer holding one) from its config, without adapters."""
-    state = get_state(model)
-    if state is None:
-        return
-    adapted = {id(a._base_layer) for a in state.adapters.values()}
-    inner = [layer, *_keras_internals.flatten_layers(layer)]
-    if any(id(sub) in adapted for sub in inner):
-        raise ValueError(
-            f"`keras.models.clone_model` cannot clone model {model.name!r} "
-            "with its ReLoRA adapters: Keras clones a functional model "
-            "layer by layer from their configs, which hold no adapters, so "
-            "the clone would be the base model. Save and load it instead "
-            "(`model.save('model.keras')`, `keras.models.load_model`), or "
-            "clone the base before `enable_relora` and load the adapters "
-            "into the clone with `load_relora_weights`. "
-            f"Received: layer {layer.name!r} to clone"
-        )
-
-
 def _subclass_of(cls):
     sub = _SUBCLASSES.get(cls)
     if sub is not None:
@@ -252,7 +231,9 @@ def _subclass_of(cls):
     for name, refusal in _REFUSALS.items():
         if hasattr(cls, name):
             namespace[name] = refusal
-    _keras_internals.refuse_graph_clones(namespace, cls, _refuse_clone)
+    _keras_internals.refuse_graph_clones(
+        namespace, cls, weights_file.refuse_clone
+    )
     sub = type(cls.__name__, (_SavesRelora, cls), namespace)
     # Serialize instances of `sub` under the loader's registered name, and
     # keep the name pointing at the loader (registration also maps the name

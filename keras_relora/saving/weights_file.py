@@ -1,4 +1,4 @@
-"""Keras's own weight files (`.weights.h5`) of models with ReLoRA adapters.
+"""Keras's own paths for models with ReLoRA adapters: `.weights.h5`, clones.
 
 Keras's `load_weights` matches a file to a model by layer paths and skips
 what it does not find: an adapted model with fewer targets than the file
@@ -17,9 +17,17 @@ Known gap: a model *without* adapters uses Keras's own `load_weights`,
 which ignores the adapter entries of such a file (Keras has no hook for
 it). Enable adapters with the same settings first, or use
 `save_relora_weights`/`load_relora_weights`.
+
+`keras.models.clone_model` of a functional model clones each layer from its
+config, without the adapters; `refuse_clone` makes it refuse instead (the
+saving subclass calls it for each cloned layer, see
+`_keras_internals.refuse_graph_clones`).
 """
 
 import json
+
+from keras_relora import _keras_internals
+from keras_relora.adapt.state import get_state
 
 MANIFEST = "keras_relora"
 MANIFEST_VERSION = 1
@@ -118,3 +126,24 @@ def _effective(settings, key):
     if key == "alpha":
         return float(settings["rank"] if value is None else value)
     return value
+
+
+def refuse_clone(model, layer):
+    """Raises if `keras.models.clone_model(model)` is cloning an adapted
+    `layer` (or a layer holding one) from its config, without adapters."""
+    state = get_state(model)
+    if state is None:
+        return
+    adapted = {id(a._base_layer) for a in state.adapters.values()}
+    inner = [layer, *_keras_internals.flatten_layers(layer)]
+    if any(id(sub) in adapted for sub in inner):
+        raise ValueError(
+            f"`keras.models.clone_model` cannot clone model {model.name!r} "
+            "with its ReLoRA adapters: Keras clones a functional model "
+            "layer by layer from their configs, which hold no adapters, so "
+            "the clone would be the base model. Save and load it instead "
+            "(`model.save('model.keras')`, `keras.models.load_model`), or "
+            "clone the base before `enable_relora` and load the adapters "
+            "into the clone with `load_relora_weights`. "
+            f"Received: layer {layer.name!r} to clone"
+        )
