@@ -135,7 +135,9 @@ def unload(model):
     their `relora` sub-layers (and the shared `A`s) are removed, the
     variables that `enable_relora` froze are trainable again, and the
     model loses its ReLoRA state and saving class. The outputs are the
-    base model's again. Compile the model again before training it.
+    base model's again. Compile the model again before training it: a
+    model trained before refuses `fit` until then (its optimizer was built
+    for the adapters).
 
     Args:
         model: A `keras.Model` with ReLoRA adapters.
