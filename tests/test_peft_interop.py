@@ -292,3 +292,24 @@ def test_save_peft_gemma_loads_in_peft(tmp_path):
     served = peft.PeftModel.from_pretrained(hf, str(tmp_path / "adapter"))
     np.testing.assert_allclose(_hf_logits(served.eval(), x),
                                _keras_logits(lm, x), atol=1e-4)
+
+
+def test_save_peft_refuses_what_peft_cannot_hold(tmp_path):
+    # Layers trained in full (`train_layers`) are not LoRA weights.
+    lm = _causal_lm()
+    lm.enable_relora(rank=2, experts=1,
+                     train_layers=["sequence_output_layernorm"])
+    with pytest.raises(ValueError, match=r"train in full.*merge_relora"):
+        keras_relora.save_peft(lm, tmp_path / "adapter")
+    # A family without a transformers exporter has no module names.
+    import keras_hub
+
+    encoder = keras_hub.models.BertBackbone(
+        vocabulary_size=tm.VOCAB, num_layers=1, num_heads=2, hidden_dim=8,
+        intermediate_dim=16, max_sequence_length=8,
+    )
+    encoder.enable_relora(rank=2, experts=1)
+    with pytest.raises(ValueError, match=r"Received: model of family "
+                       r"BertBackbone"):
+        keras_relora.save_peft(encoder, tmp_path / "adapter")
+    assert not (tmp_path / "adapter").exists()
