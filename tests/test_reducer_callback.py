@@ -42,12 +42,12 @@ def adapted_mlp(optimizer=None, metrics=None):
 
 
 def count_traces(model):
-    """Counts python executions of `train_step` and `test_step`.
+    """Counts python executions of `train_step` and `predict_step`.
 
     On JAX and TensorFlow these run once per trace of the compiled
-    function; on torch, once per step.
+    function; on torch, once per step. (The probes run the predict step.)
     """
-    counts = {"train": 0, "test": 0}
+    counts = {"train": 0, "predict": 0}
     for kind in counts:
         original = getattr(model, f"{kind}_step")
 
@@ -72,9 +72,9 @@ def test_one_trace_for_a_30_step_fit():
     steps, _ = reducer.importance_history
     np.testing.assert_array_equal(steps, [0, 10, 20, 30])  # 3 probes
     if keras.config.backend() in ("jax", "tensorflow"):
-        assert counts == {"train": 1, "test": 1}
+        assert counts == {"train": 1, "predict": 1}
     else:  # torch runs eagerly: one call per step, one per probe trial.
-        assert counts == {"train": 30, "test": 9}
+        assert counts == {"train": 30, "predict": 9}
 
 
 @pytest.mark.skipif(
@@ -242,17 +242,63 @@ def test_importance_history_logs_and_plot(tmp_path):
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_probe_data_argument_and_default_batch():
+def record_probe_batches(reducer):
+    """Wraps the callback's probe loss to record each trial's `(x, y)`."""
+    seen = []
+    probe_loss = reducer._probe_loss
+
+    def recording(x, y, sample_weight):
+        seen.append((np.array(x), np.array(y)))
+        return probe_loss(x, y, sample_weight)
+
+    reducer._probe_loss = recording
+    return seen
+
+
+def test_probes_draw_successive_training_batches_by_default():
+    model = adapted_mlp()
+    x, y = mlp_data(rows=20)
+    reducer = keras_relora.ReducerCallback(interval=1, trials=2, seed=0)
+    seen = record_probe_batches(reducer)
+    model.fit(x, y, batch_size=8, epochs=2, verbose=0, callbacks=[reducer])
+    assert len(seen) == 12  # 3 steps per epoch: 6 probes of 2 trials.
+    for probe in range(6):
+        # Successive slices of `batch_size` rows, wrapping around at 20.
+        rows = (8 * probe + np.arange(8)) % 20
+        for trial in range(2):  # Every trial of a probe: the same batch.
+            got_x, got_y = seen[2 * probe + trial]
+            np.testing.assert_array_equal(got_x, x[rows])
+            np.testing.assert_array_equal(got_y, y[rows])
+
+
+def test_probe_data_arrays_and_dataset():
+    import tensorflow as tf
+
     model = adapted_mlp()
     x, y = mlp_data(rows=48)
-    held = keras_relora.ReducerCallback(seed=0)
-    model.fit(x, y, batch_size=8, epochs=1, verbose=0, callbacks=[held])
-    np.testing.assert_array_equal(held._probe[0], x[:8])
-    np.testing.assert_array_equal(held._probe[1], y[:8])
-    probe = (x[-4:], y[-4:])
-    given = keras_relora.ReducerCallback(seed=0, probe_data=probe)
+    # Fewer rows than `batch_size`: every probe uses those rows.
+    given = keras_relora.ReducerCallback(
+        interval=2, trials=2, seed=0, probe_data=(x[-4:], y[-4:])
+    )
+    seen = record_probe_batches(given)
     model.fit(x, y, batch_size=8, epochs=1, verbose=0, callbacks=[given])
-    np.testing.assert_array_equal(given._probe[0], x[-4:])
+    assert len(seen) == 6
+    for got_x, _ in seen:
+        np.testing.assert_array_equal(got_x, x[-4:])
+    # A dataset: its successive batches, from the start when exhausted.
+    dataset = tf.data.Dataset.from_tensor_slices((x[:12], y[:12])).batch(4)
+    drawn = keras_relora.ReducerCallback(
+        interval=1, trials=2, seed=0, probe_data=dataset
+    )
+    seen = record_probe_batches(drawn)
+    model.fit(x, y, batch_size=8, epochs=1, verbose=0, callbacks=[drawn])
+    assert len(seen) == 12  # 6 probes of 2 trials.
+    for probe in range(6):
+        start = 4 * (probe % 3)
+        for trial in range(2):
+            np.testing.assert_array_equal(
+                seen[2 * probe + trial][0], x[start:start + 4]
+            )
 
 
 def test_generator_data_needs_probe_data():
@@ -365,19 +411,19 @@ def test_probe_losses_are_the_losses_with_the_sampled_blocks_suppressed(
 
 def test_a_failing_probe_leaves_no_adapter_suppressed():
     model = adapted_mlp()
-    test_on_batch = model.test_on_batch
+    reducer = keras_relora.ReducerCallback(
+        update_layers=1, suppress_layers=2, interval=5, seed=0
+    )
+    probe_loss = reducer._probe_loss
     calls = []
 
     def failing(*args, **kwargs):
         calls.append(1)
         if len(calls) == 2:  # The second trial: one trial's blocks are set.
             raise RuntimeError("probe interrupted")
-        return test_on_batch(*args, **kwargs)
+        return probe_loss(*args, **kwargs)
 
-    object.__setattr__(model, "test_on_batch", failing)
-    reducer = keras_relora.ReducerCallback(
-        update_layers=1, suppress_layers=2, interval=5, seed=0
-    )
+    reducer._probe_loss = failing
     x, y = mlp_data(rows=40)
     with pytest.raises(RuntimeError, match="probe interrupted"):
         model.fit(x, y, batch_size=8, epochs=1, verbose=0,

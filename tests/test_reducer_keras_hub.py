@@ -18,7 +18,7 @@ def test_llama_fit_30_steps_one_trace_and_frozen_blocks():
         optimizer=keras.optimizers.AdamW(1e-2),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
     )
-    counts = {"train": 0, "test": 0}
+    counts = {"train": 0, "predict": 0}
     for kind in counts:
         original = getattr(lm, f"{kind}_step")
 
@@ -61,13 +61,13 @@ def test_llama_fit_30_steps_one_trace_and_frozen_blocks():
            verbose=0, callbacks=[reducer, CountUpdates()])
 
     if keras.config.backend() in ("jax", "tensorflow"):
-        assert counts == {"train": 1, "test": 1}
+        assert counts == {"train": 1, "predict": 1}
     steps, table = reducer.importance_history
     np.testing.assert_array_equal(steps, [0, 10, 20, 30])
     assert np.any(table[-1] != 0)
-    # The held probe batch is the first training batch.
+    # Each probe draws the next training batch: the third one, rows 4:6.
     np.testing.assert_array_equal(
-        reducer._probe[0]["token_ids"], x["token_ids"][:2]
+        reducer._probe[0]["token_ids"], x["token_ids"][4:6]
     )
     # Every layer of a block moved exactly when its block was sampled.
     by_block = {}
@@ -111,9 +111,10 @@ def test_llama_with_preprocessor_probes_raw_strings(container):
     assert np.all(np.isfinite(table))
     assert np.any(table[-1] != 0)  # The probes moved the scores.
     assert np.isfinite(history.history["loss"][-1])
-    # The held probe batch is the first two strings, preprocessed once.
+    # The third probe's batch is the third pair of strings, preprocessed
+    # once.
     expected, _, _ = keras.utils.unpack_x_y_sample_weight(
-        preprocessor(texts[:2].tolist())
+        preprocessor(texts[4:6].tolist())
     )
     np.testing.assert_array_equal(
         reducer._probe[0]["token_ids"],
@@ -131,3 +132,61 @@ def test_llama_with_preprocessor_probes_raw_strings(container):
         np.any(ops.convert_to_numpy(adapter.b_kernel) != 0)
         for adapter in state.adapters.values()
     )
+
+
+def test_llama_probe_loss_is_the_mean_loss_per_target_token(monkeypatch):
+    # The probe loss is sum(cross-entropy * weight) / sum(weight) over the
+    # probe batch's tokens, with the sampled blocks suppressed. Independent
+    # reference: numpy's log-softmax cross-entropy of the model's logits,
+    # with the suppressed blocks' B scaled by the suppression factor (the
+    # adapter output is linear in B). Only the last 2 of 6 tokens carry
+    # weight, as answer tokens do: Keras's own loss would be 3x smaller.
+    from keras_relora.reducer import block_sampling
+
+    keras.utils.set_random_seed(0)
+    lm = tiny_models.llama3_causal_lm(num_layers=3)
+    lm.enable_relora(rank=2, experts=2)
+    lm.compile(
+        optimizer=keras.optimizers.AdamW(1e-2),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    adapters = list(keras_relora.get_state(lm).adapters.values())
+    rng = np.random.default_rng(2)
+    for adapter in adapters:
+        adapter.b_kernel.assign(
+            rng.normal(size=adapter.b_kernel.shape).astype("float32")
+        )
+    x, y, _ = tiny_models.lm_data(batch=8, seq=6)
+    weights = np.zeros(y.shape, "float32")
+    weights[:, -2:] = 1.0
+    calls = []
+    update_scores = block_sampling.update_scores
+
+    def spy(scores, suppressed, losses, score_lr):
+        calls.append((np.array(suppressed), list(losses)))
+        return update_scores(scores, suppressed, losses, score_lr)
+
+    monkeypatch.setattr(block_sampling, "update_scores", spy)
+    reducer = keras_relora.ReducerCallback(
+        update_layers=1, suppress_layers=1, interval=2, trials=3, seed=1
+    )
+    lm.fit(x, y, sample_weight=weights, batch_size=2, epochs=1,
+           shuffle=False, verbose=0, callbacks=[reducer])
+    assert len(calls) == 2  # Probes at steps 2 and 4.
+    # The last probe ran on the final weights, with the second batch.
+    suppressed, losses = calls[-1]
+    rows = slice(2, 4)
+    trained = [ops.convert_to_numpy(a.b_kernel).copy() for a in adapters]
+    for blocks, loss in zip(suppressed, losses):
+        for adapter, b in zip(adapters, trained):
+            factor = 0.25 if adapter.block in blocks else 1.0
+            adapter.b_kernel.assign(b * factor)
+        batch = {key: value[rows] for key, value in x.items()}
+        logits = ops.convert_to_numpy(lm(batch)).astype("float64")
+        top = logits.max(-1, keepdims=True)
+        log_p = logits - top - np.log(np.exp(logits - top).sum(-1,
+                                                              keepdims=True))
+        ce = -np.take_along_axis(log_p, y[rows][..., None], -1)[..., 0]
+        expected = (ce * weights[rows]).sum() / weights[rows].sum()
+        np.testing.assert_allclose(loss, expected, rtol=1e-5)
+    assert len({round(loss, 6) for loss in losses}) > 1

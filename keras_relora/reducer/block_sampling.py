@@ -147,10 +147,20 @@ def suppressed_blocks(scores, count, trials, rng, active=None):
         An int array of shape `(trials, min(count, active blocks))`.
     """
     scores = np.asarray(scores, dtype="float64")
+    if not np.all(np.isfinite(scores)):
+        raise ValueError(
+            "`scores` must be finite to sample blocks from. "
+            f"Received: scores={scores!r}"
+        )
     weights = 1.0 / (1.0 + np.exp(-scores))
     if active is not None:
         weights = weights * np.asarray(active, dtype="float64")
     count = min(count, int(np.count_nonzero(weights)))
+    if count == 0:
+        raise ValueError(
+            "No active block to suppress: every block is pruned. "
+            f"Received: active={active!r}"
+        )
     return np.stack(
         [
             rng.choice(
@@ -180,8 +190,15 @@ def update_scores(scores, suppressed, losses, lr):
         The new scores, a float32 array of shape `(L,)`.
     """
     scores = np.asarray(scores, dtype="float64")
+    losses = np.asarray(losses, dtype="float64")
+    if not (np.all(np.isfinite(losses)) and np.all(np.isfinite(scores))):
+        raise ValueError(
+            "The score update needs finite `scores` and `losses` (the "
+            "`ReducerCallback` skips a probe with a non-finite loss). "
+            f"Received: scores={scores!r}, losses={losses!r}"
+        )
     p = 1.0 / (1.0 + np.exp(-scores))
-    rewards = np.exp(-np.asarray(losses, dtype="float64"))
+    rewards = np.exp(-losses)
     centred = rewards - rewards.mean()
     new = scores.copy()
     for blocks, reward in zip(np.asarray(suppressed), centred):

@@ -1,4 +1,4 @@
-"""Where the Reducer's probe batches come from."""
+"""Where the Reducer's probe batches come from: a fresh batch per probe."""
 
 import keras
 import numpy as np
@@ -9,51 +9,165 @@ from keras_relora.adapt.state import require_state
 _DEFAULT_PROBE_BATCH = 32
 
 
-def probe_batch(model, probe_data):
-    """`(batch, preprocessed)`: the Reducer's probe batch, host arrays.
+class ProbeBatches:
+    """The Reducer's probe batches: `batch(i)` is the batch of probe `i`.
 
-    From `probe_data` if given, else the head of the training data that
-    the latest `model.fit` call received. A keras-hub task's batch goes
-    through its preprocessor here (`preprocessed` is then True).
+    Probe `i` (counted from the first step of training, so that a resumed
+    run probes the batches an uninterrupted one would) gets batch
+    `i mod n` of its source, which has `n` batches:
+
+    * arrays `(x, y[, sample_weight])` (`probe_data`, or the arrays the
+      latest `fit` call received): successive slices of `batch_size` rows,
+      wrapping around at the end so that every batch has the same shape
+      (one trace of the compiled predict step);
+    * a re-iterable dataset (`tf.data.Dataset`, `keras.utils.PyDataset`,
+      a torch `DataLoader`): its successive batches, again from its start
+      when it is exhausted.
+
+    A keras-hub task's batch goes through its preprocessor here. Batches
+    are host (numpy) arrays.
+
+    Args:
+        model: The adapted, compiled model.
+        probe_data: The `ReducerCallback`'s `probe_data` argument.
     """
-    if probe_data is not None:
-        data, batch_size = probe_data, None
-        if isinstance(data, (list, tuple)):
-            batch = tuple(data) + (None,) * (3 - len(data))
+
+    def __init__(self, model, probe_data):
+        self._model = model
+        if probe_data is not None:
+            what, self._name = "`probe_data`", "probe_data"
+            data, batch_size = probe_data, None
+            if isinstance(data, (list, tuple)):
+                data = tuple(data) + (None,) * (3 - len(data))
         else:
-            batch = _first_batch(data, "probe_data")
-    else:
-        state = require_state(model, "`ReducerCallback`")
-        fit_data = state.fit_data
-        if fit_data is None or fit_data["x"] is None:
-            raise ValueError(
-                "`ReducerCallback` found no training data to hold a "
-                "probe batch from. Pass `probe_data=(x, y)`."
-            )
-        batch_size = fit_data["batch_size"] or _DEFAULT_PROBE_BATCH
-        x = fit_data["x"]
-        if _is_array_like(x):
+            what, self._name = "the training data", "x"
+            state = require_state(model, "`ReducerCallback`")
+            fit_data = state.fit_data
+            if fit_data is None or fit_data["x"] is None:
+                raise ValueError(
+                    "`ReducerCallback` found no training data to draw probe "
+                    "batches from. Pass `probe_data=(x, y)`."
+                )
+            batch_size = fit_data["batch_size"]
+            data = fit_data["x"]
+            if _is_array_like(data):
+                data = (data, fit_data["y"], fit_data["sample_weight"])
+        self._what = what
+        batch_size = batch_size or _DEFAULT_PROBE_BATCH
+        if isinstance(data, tuple):
+            self._arrays = data
+            self._rows = _num_rows(data, what, self._name)
+            self._size = min(batch_size, self._rows)
+        else:
+            self._arrays = None
+            self._dataset = _check_dataset(data, what)
+            self._iterator = None
+            self._position = 0
+            self._count = None  # Batches in the dataset, once known.
+            first = self._raw(0)  # Fails now if the dataset is empty.
+            self._cached = (0, first)
+
+    def batch(self, index):
+        """`(x, y, sample_weight)` of probe `index`, preprocessed, on host."""
+        if self._arrays is not None:
+            rows = (index * self._size + np.arange(self._size)) % self._rows
             batch = tuple(
-                None if part is None else _head(part, batch_size)
-                for part in (x, fit_data["y"], fit_data["sample_weight"])
+                None if part is None else _take(part, rows)
+                for part in self._arrays
             )
+        elif self._cached is not None and self._cached[0] == index:
+            batch = self._cached[1]
         else:
-            batch = _first_batch(x, "the training data")
-    # Preprocess once here, as a keras-hub task's `fit` does with every
-    # batch, so that each probe only runs the compiled test step.
-    preprocessed = getattr(model, "preprocessor", None) is not None
-    if preprocessed:
+            batch = self._raw(index)
+        self._cached = None
+        return _prepare(self._model, batch)
+
+    def _raw(self, index):
+        data = self._dataset
+        if isinstance(data, keras.utils.PyDataset):
+            if len(data) == 0:
+                self._empty()
+            return _unpack(data[index % len(data)])
+        if self._count is not None:
+            index %= self._count
+        if self._iterator is None or index < self._position:
+            self._iterator, self._position = iter(data), 0
+        while self._position <= index:
+            try:
+                batch = next(self._iterator)
+            except StopIteration:  # Exhausted: start again from the top.
+                self._count = self._position
+                if self._count == 0:
+                    self._empty()
+                index %= self._count
+                self._iterator, self._position = iter(data), 0
+                continue
+            self._position += 1
+        return _unpack(batch)
+
+    def _empty(self):
+        raise ValueError(
+            f"{self._what} is empty: the Reducer's probes need at least one "
+            "batch. Pass `probe_data=` with samples in it. "
+            f"Received: {self._name} with no batch"
+        )
+
+
+def _check_dataset(data, what):
+    if isinstance(data, keras.utils.PyDataset):
+        return data
+    if hasattr(data, "__next__"):
+        raise ValueError(
+            f"`ReducerCallback` cannot draw probe batches from {what}: it is "
+            "an iterator (a generator), and taking a batch would take it "
+            "from training (nor can it start again when exhausted). Pass "
+            "`probe_data=(x, y)` or a re-iterable dataset. "
+            f"Received: {type(data).__name__}"
+        )
+    if not hasattr(data, "__iter__"):
+        raise ValueError(
+            f"`ReducerCallback` cannot draw probe batches from {what}. Pass "
+            "`probe_data=(x, y)`, `(x, y, sample_weight)` or a dataset. "
+            f"Received: {type(data).__name__}"
+        )
+    return data
+
+
+def _num_rows(arrays, what, name):
+    counts = {len(leaf) for part in arrays if part is not None
+              for leaf in _parts(part)}
+    if len(counts) != 1:
+        raise ValueError(
+            f"The arrays of {what} must all have the same number of "
+            f"samples. Received: sample counts {sorted(counts)}"
+        )
+    rows = counts.pop()
+    if rows == 0:
+        raise ValueError(
+            f"{what} is empty: the Reducer's probes need at least one "
+            f"sample. Pass `probe_data=` with samples in it. "
+            f"Received: {name} with 0 samples"
+        )
+    return rows
+
+
+def _unpack(batch):
+    batch = keras.utils.unpack_x_y_sample_weight(batch)
+    return tuple(batch) + (None,) * (3 - len(batch))
+
+
+def _prepare(model, batch):
+    """Preprocesses a keras-hub task's batch (as its `fit` does); host."""
+    if getattr(model, "preprocessor", None) is not None:
         preprocess = getattr(model, "preprocess_samples", None)
         if preprocess is None:
             preprocess = model.preprocessor
         batch = _strings_to_python(batch)
-        batch = keras.utils.unpack_x_y_sample_weight(preprocess(*batch))
-        batch = tuple(batch) + (None,) * (3 - len(batch))
-    batch = tuple(
+        batch = _unpack(preprocess(*batch))
+    return tuple(
         None if part is None else keras.tree.map_structure(_host, part)
         for part in batch
     )
-    return batch, preprocessed
 
 
 def _is_string_list(x):
@@ -83,15 +197,15 @@ def _is_array_like(x):
     )
 
 
-def _head(x, size):
-    """The first `size` samples of arrays or lists of strings."""
+def _take(x, rows):
+    """The samples `rows` of arrays or lists of strings."""
     if _is_string_list(x):
-        return list(x[:size])
+        return [x[int(row)] for row in rows]
     if isinstance(x, dict):
-        return {key: _head(value, size) for key, value in x.items()}
+        return {key: _take(value, rows) for key, value in x.items()}
     if isinstance(x, (list, tuple)):
-        return type(x)(_head(value, size) for value in x)
-    return x[:size]
+        return type(x)(_take(value, rows) for value in x)
+    return np.take(_host(x), rows, axis=0)
 
 
 def _strings_to_python(batch):
@@ -112,33 +226,10 @@ def _strings_to_python(batch):
     return tuple(convert(part) for part in batch)
 
 
-def _first_batch(data, what):
-    """The first batch of a dataset, without consuming a user's iterator."""
-    if hasattr(data, "take") and hasattr(data, "element_spec"):  # tf.data
-        batch = next(iter(data.take(1)))
-    elif isinstance(data, keras.utils.PyDataset):
-        batch = data[0]
-    elif hasattr(data, "__next__"):
-        raise ValueError(
-            f"`ReducerCallback` cannot hold a probe batch from {what}: it is "
-            "an iterator (a generator), and taking a batch would take it "
-            "from training. Pass `probe_data=(x, y)`. "
-            f"Received: {type(data).__name__}"
-        )
-    elif hasattr(data, "__iter__"):  # e.g. a torch DataLoader
-        batch = next(iter(data))
-    else:
-        raise ValueError(
-            f"`ReducerCallback` cannot hold a probe batch from {what}. Pass "
-            "`probe_data=(x, y)` or `(x, y, sample_weight)`. "
-            f"Received: {type(data).__name__}"
-        )
-    batch = keras.utils.unpack_x_y_sample_weight(batch)
-    return tuple(batch) + (None,) * (3 - len(batch))
-
-
 def _host(value):
     """A numpy copy of a tensor from any framework (TF tensors included)."""
+    if isinstance(value, np.ndarray):
+        return value
     if type(value).__module__.startswith("tensorflow"):
         return np.asarray(value)
     return ops.convert_to_numpy(value)

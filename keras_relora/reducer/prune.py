@@ -91,11 +91,24 @@ def _importance(model, importance, num_blocks):
                 "block, higher = more important), or use "
                 "`strategy='random'`. Received: importance=None"
             )
-        return -ops.convert_to_numpy(reducer.scores).astype("float64")
+        values = -ops.convert_to_numpy(reducer.scores).astype("float64")
+        if not np.all(np.isfinite(values)):
+            raise ValueError(
+                "The learned importance of this model (`-scores` of its "
+                "`relora_reducer`) is not finite, so it cannot rank blocks: "
+                "pass `importance=` or use `strategy='random'`. "
+                f"Received: importance={values!r}"
+            )
+        return values
     values = np.asarray(importance, dtype="float64")
     if values.shape != (num_blocks,):
         raise ValueError(
             f"`importance` must have one value per block, shape "
             f"({num_blocks},). Received: importance of shape {values.shape}"
+        )
+    if not np.all(np.isfinite(values)):
+        raise ValueError(
+            "`importance` must be finite (NaN or inf cannot be ranked). "
+            f"Received: importance={values!r}"
         )
     return values

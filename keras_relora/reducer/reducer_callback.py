@@ -1,18 +1,19 @@
 """`ReducerCallback`: the paper's Reducer (§3.2), as a Keras callback."""
 
-import functools
 import warnings
 
 import keras
 import numpy as np
 from keras import ops
 
-from keras_relora.reducer import block_sampling
-from keras_relora.reducer import probe_data as probe_data_lib
 from keras_relora.adapt.state import require_state
+from keras_relora.reducer import block_sampling
+from keras_relora.reducer import importance_plot
+from keras_relora.reducer import probe_loss
+from keras_relora.reducer import replicas
 from keras_relora.reducer.masked_update import MaskedUpdate
+from keras_relora.reducer.probe_data import ProbeBatches
 from keras_relora.reducer.reducer_state import reducer_state
-
 
 
 def _check_count(name, value):
@@ -47,10 +48,19 @@ class ReducerCallback(keras.callbacks.Callback):
     Every `interval` steps, the probe runs `trials` rounds: it samples
     `suppress_layers` blocks with probability proportional to
     `sigmoid(scores)`, scales their adapters' outputs by
-    `suppression_factor`, computes the loss on the probe batch, and with
+    `suppression_factor`, computes the probe loss, and with
     `p = sigmoid(scores)`, rewards `r_k = exp(-loss_k)` centred over the
     trials, adds `score_lr * r̂_k * p_l * (1 - p_l)` to the score of every
     block `l` suppressed in round `k`.
+
+    The probe loss follows IST's code: the mean loss per target token,
+    `sum(loss * sample_weight) / sum(sample_weight)` over the loss values
+    of the model's compiled loss (the plain mean without a
+    `sample_weight`), on the model's outputs in inference mode. Each probe
+    draws a fresh batch, and all its trials use that batch, so that the
+    rewards compare suppression sets rather than batches. A probe whose
+    loss is not finite (a NaN in the batch, or weights that became NaN) is
+    skipped with a warning; the scores never become NaN.
 
     The scores and the seed live in variables on the model (a small layer
     at the attribute `relora_reducer` of the adapted model), so
@@ -76,11 +86,20 @@ class ReducerCallback(keras.callbacks.Callback):
         suppression_factor: float in `[0, 1)`. Scale of a suppressed
             block's adapter outputs. Defaults to `0.25`.
         score_lr: float. Step size of the score update. Defaults to `10.0`.
-        probe_data: The probe batch: a tuple `(x, y)` or
-            `(x, y, sample_weight)`, or a dataset whose first batch is used,
-            in the form `fit` takes (a keras-hub task's preprocessor is
-            applied). Defaults to the first batch of the data of the latest
-            `fit` call.
+        probe_data: Where the probe batches come from, in the form `fit`
+            takes (a keras-hub task's preprocessor is applied): a tuple of
+            arrays `(x, y)` or `(x, y, sample_weight)`, from which
+            successive slices of the `fit` call's `batch_size` rows (32 if
+            it has none) are drawn, wrapping around at the end; or a
+            re-iterable dataset (`tf.data.Dataset`, `PyDataset`, torch
+            `DataLoader`) whose successive batches are drawn, from its start
+            again when exhausted. Probe `i` (counted from the start of
+            training, so a resumed run probes what an uninterrupted one
+            would) uses batch `i mod n`. Pass held-out data here to score
+            blocks on data the model does not train on. Defaults to the
+            training data of the latest `fit` call, drawn the same way
+            (when it is arrays or a re-iterable dataset; a generator cannot
+            be shared with training and needs `probe_data`).
         seed: int. Seed of the sampling, stored with the model's Reducer
             state when that state is created; a model that already has one
             (an earlier `fit`, a loaded checkpoint) keeps its seed. Defaults
@@ -94,6 +113,8 @@ class ReducerCallback(keras.callbacks.Callback):
 
     Attributes:
         importance: numpy array `(L,)`, `-scores`: higher is more important.
+        skipped_probes: list of the training steps whose probe was skipped
+            because a probe loss was not finite.
         importance_history: `(steps, importance)`: int array `(T,)` and
             float array `(T, L)`, one row per probe (and the start).
 
@@ -186,8 +207,10 @@ class ReducerCallback(keras.callbacks.Callback):
         self._steps = []
         self._history = []
         self._masked = None
-        self._probe = None
-        self._preprocessed = False
+        self._probes = None
+        self._probe = None  # The latest probe batch.
+        self._loss_fn = None
+        self.skipped_probes = []
         self._step = 0
         self._batch_begin = 0
 
@@ -212,6 +235,13 @@ class ReducerCallback(keras.callbacks.Callback):
         for adapter in self._adapters:
             if getattr(adapter, "b_kernel", None) is not None:
                 self._active[adapter.block] = True
+        if not self._active.any():
+            raise ValueError(
+                "`ReducerCallback` has no block to sample: every block's B "
+                "experts were pruned (`keras_relora.prune`), so there is no "
+                "B to update or to probe. Train without the callback. "
+                f"Received: 0 of {num_blocks} blocks with B experts"
+            )
         if self._k > self._active.sum():
             warnings.warn(
                 f"`update_layers`={self._k} is not less than the "
@@ -227,7 +257,7 @@ class ReducerCallback(keras.callbacks.Callback):
                 # numpy's global RNG: `keras.utils.set_random_seed` seeds it.
                 seed = int(np.random.randint(0, 2**31 - 1))
             self._state = reducer_state(model, create_seed=seed)
-        self._scores = ops.convert_to_numpy(self._state.scores).copy()
+        self._scores = self._read_scores()
         masked, installed = MaskedUpdate.install(
             model, self._adapters, num_blocks
         )
@@ -248,16 +278,27 @@ class ReducerCallback(keras.callbacks.Callback):
             )
         return int(value)
 
+    def _read_scores(self):
+        scores = ops.convert_to_numpy(self._state.scores).copy()
+        if not np.all(np.isfinite(scores)):
+            raise ValueError(
+                "The Reducer's stored scores (`relora_reducer/scores`) are "
+                "not finite, so no block can be sampled from them. Load a "
+                "checkpoint with finite scores or assign zeros to "
+                f"`relora_reducer.scores`. Received: scores={scores!r}"
+            )
+        return scores
+
     def on_train_begin(self, logs=None):
         model = self.model  # On JAX, reading `self.model` syncs its state.
-        self._scores = ops.convert_to_numpy(self._state.scores).copy()
+        # Everything that can refuse runs before any state changes.
+        self._scores = self._read_scores()
+        self._loss_fn = probe_loss.loss_function(model)
+        self._probes = ProbeBatches(model, self.probe_data)
         self._seed = int(ops.convert_to_numpy(self._state.seed))
         self._masked.set_state(self._scores, self._active, self._seed,
                                self._k, enabled=True)
         self._step = int(ops.convert_to_numpy(model.optimizer.iterations))
-        self._probe, self._preprocessed = probe_data_lib.probe_batch(
-            model, self.probe_data
-        )
         if not self._steps:
             self._record()
 
@@ -286,25 +327,14 @@ class ReducerCallback(keras.callbacks.Callback):
     # -- the probe -----------------------------------------------------------
 
     def _run_probe(self):
-        model = self.model  # Sync the JAX state before assigning.
+        _ = self.model  # Sync the JAX state before assigning.
         rng = np.random.default_rng([self._seed, self._step])
         suppressed = block_sampling.suppressed_blocks(
             self._scores, self._m, self.trials, rng, self._active
         )
-        metrics = [ops.convert_to_numpy(v) for v in model.metrics_variables]
-        x, y, sample_weight = self._probe
-        test_on_batch = model.test_on_batch
-        if self._preprocessed:
-            # The probe batch went through the task's preprocessor once
-            # already; a keras-hub task's own `test_on_batch` would run it
-            # again on token ids. Keras's `test_on_batch` runs the same
-            # compiled test step without preprocessing.
-            test_on_batch = functools.partial(keras.Model.test_on_batch, model)
-            x, y, sample_weight = (
-                None if part is None
-                else keras.tree.map_structure(ops.convert_to_tensor, part)
-                for part in (x, y, sample_weight)
-            )
+        # A fresh batch for each probe, the same for all of its trials (so
+        # that the rewards compare suppression sets, not batches).
+        self._probe = self._probes.batch(self._step // self.interval - 1)
         losses = []
         # Blocks whose adapters hold the suppression factor now: each trial
         # assigns only the adapters whose factor changes.
@@ -319,12 +349,19 @@ class ReducerCallback(keras.callbacks.Callback):
                 self._set_suppressed(restore, 1.0)
                 self._set_suppressed(suppress, self.suppression_factor)
                 current = chosen
-                logs = test_on_batch(x, y, sample_weight, return_dict=True)
-                losses.append(float(logs["loss"]))
+                losses.append(self._probe_loss(*self._probe))
         finally:
             self._set_suppressed(current, 1.0)
-            for variable, value in zip(model.metrics_variables, metrics):
-                variable.assign(value)
+        if not np.all(np.isfinite(losses)):
+            self.skipped_probes.append(self._step)
+            warnings.warn(
+                f"Reducer step {self._step}: non-finite probe loss "
+                f"{losses}; this probe was skipped and the scores keep "
+                "their values. A NaN in the probe batch or in the model's "
+                "weights (a diverged training loss) causes this.",
+                stacklevel=2,
+            )
+            return
         self._scores = block_sampling.update_scores(
             self._scores, suppressed, losses, self.score_lr
         )
@@ -339,6 +376,24 @@ class ReducerCallback(keras.callbacks.Callback):
                 f"{np.round(losses, 4).tolist()}, importance "
                 f"{np.round(importance, 4).tolist()}"
             )
+
+    def _probe_loss(self, x, y, sample_weight):
+        """The mean loss per target token of the model on one probe batch.
+
+        `sum(loss * sample_weight) / sum(sample_weight)` over the values of
+        the compiled loss (their plain mean without `sample_weight`), on
+        the model's outputs in inference mode. The compiled predict step
+        computes the outputs: one trace per batch shape on JAX and
+        TensorFlow. Returns a Python float (NaN if the weights sum to 0).
+        """
+        # Keras's own predict step (`replicas.predict_batch`): a keras-hub
+        # task's would run its preprocessor again on the preprocessed batch.
+        y_pred = replicas.predict_batch(self.model, x)
+        sums = probe_loss.token_loss_sums(
+            self._loss_fn, y, y_pred, sample_weight
+        )
+        total, count = replicas.sum_across_processes(*sums)
+        return total / count if count > 0 else float("nan")
 
     def _set_suppressed(self, blocks, factor):
         for adapter in self._adapters:
@@ -377,33 +432,10 @@ class ReducerCallback(keras.callbacks.Callback):
         Returns:
             The matplotlib `Figure`.
         """
-        try:
-            from matplotlib.figure import Figure
-        except ImportError:
-            raise ImportError(
-                "`ReducerCallback.plot` needs matplotlib: "
-                "`pip install matplotlib`."
-            ) from None
         steps, importance = self.importance_history
         if not len(steps):
             raise ValueError(
                 "No importance recorded yet: `plot` works after `fit` with "
                 "this callback."
             )
-        figure = Figure(figsize=(max(4, len(steps) * 0.3 + 2), 3 + 0.15 *
-                                 importance.shape[1]))
-        axes = figure.subplots()
-        image = axes.imshow(
-            importance.T, aspect="auto", origin="lower",
-            cmap="viridis", interpolation="nearest",
-        )
-        ticks = np.linspace(0, len(steps) - 1, min(len(steps), 8)).round()
-        axes.set_xticks(ticks)
-        axes.set_xticklabels([str(steps[int(t)]) for t in ticks])
-        axes.set_xlabel("training step")
-        axes.set_ylabel("block")
-        axes.set_title("ReLoRA block importance (-scores)")
-        figure.colorbar(image, ax=axes)
-        figure.tight_layout()
-        figure.savefig(path)
-        return figure
+        return importance_plot.heat_map(steps, importance, path)

@@ -1,0 +1,159 @@
+"""The Reducer under hostile inputs: NaNs, empty probe data, all pruned.
+
+Issue 14, item 5. Each case used to crash deep inside numpy ("Probabilities
+contain NaN"), store NaN scores, raise a bare `StopIteration` out of `fit`,
+or silently do nothing; each now gets a clear error or a defined, reported
+behaviour.
+"""
+
+import keras
+import numpy as np
+import pytest
+from keras import ops
+
+import keras_relora
+
+NUM_BLOCKS = 4
+
+
+def adapted_mlp():
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((6,))
+    x = inputs
+    for i in range(NUM_BLOCKS):
+        x = keras.layers.Dense(6, activation="tanh", name=f"layer_{i}")(x)
+    model = keras.Model(inputs, keras.layers.Dense(3, name="head")(x))
+    model.enable_relora(rank=2, experts=2, targets=r"layer_\d")
+    model.compile(optimizer=keras.optimizers.Adam(0.05), loss="mse")
+    return model
+
+
+def mlp_data(rows=32, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(rows, 6)).astype("float32")
+    y = rng.normal(size=(rows, 3)).astype("float32")
+    return x, y
+
+
+def _numpy(variables):
+    return [ops.convert_to_numpy(v).copy() for v in variables]
+
+
+def test_fit_after_pruning_every_block_refuses_before_training():
+    model = adapted_mlp()
+    assert keras_relora.prune(model, 1.0, strategy="random", seed=0) == [
+        0, 1, 2, 3
+    ]
+    model.compile(optimizer=keras.optimizers.Adam(0.05), loss="mse")
+    before = _numpy(model.weights)
+    x, y = mlp_data()
+    with pytest.raises(ValueError, match="every block's B experts were "
+                       "pruned.*Received: 0 of 4 blocks"):
+        model.fit(x, y, batch_size=8, epochs=1, verbose=0, callbacks=[
+            keras_relora.ReducerCallback(interval=1, seed=0)
+        ])
+    for a, b in zip(before, _numpy(model.weights)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_nan_probe_loss_is_skipped_and_reported():
+    # A probe batch with a NaN input gives NaN probe losses: the probe is
+    # skipped with a warning and the scores keep their (finite) values.
+    model = adapted_mlp()
+    x, y = mlp_data()
+    bad_x = x[:8].copy()
+    bad_x[3, 2] = np.nan
+    reducer = keras_relora.ReducerCallback(
+        update_layers=1, interval=2, seed=0, probe_data=(bad_x, y[:8])
+    )
+    with pytest.warns(UserWarning, match="non-finite probe loss.*skipped"):
+        history = model.fit(x, y, batch_size=8, epochs=1, verbose=0,
+                            callbacks=[reducer])
+    assert np.isfinite(history.history["loss"][-1])  # Training went on.
+    steps, _ = reducer.importance_history
+    np.testing.assert_array_equal(steps, [0])  # No probe was recorded.
+    np.testing.assert_array_equal(reducer.importance, np.zeros(NUM_BLOCKS))
+    np.testing.assert_array_equal(
+        ops.convert_to_numpy(model.relora_reducer.scores), 0.0
+    )
+    assert reducer.skipped_probes == [2, 4]
+
+
+def test_nan_training_loss_never_makes_nan_scores():
+    # A NaN in the training data makes every weight NaN after the first
+    # step; the probes that follow must not crash or store NaN scores.
+    model = adapted_mlp()
+    x, y = mlp_data()
+    x[0, 0] = np.nan
+    reducer = keras_relora.ReducerCallback(update_layers=1, interval=1,
+                                           seed=0)
+    with pytest.warns(UserWarning, match="non-finite probe loss"):
+        model.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0,
+                  callbacks=[reducer])
+    assert reducer.skipped_probes == [1, 2, 3, 4]
+    assert np.all(np.isfinite(reducer.importance))
+    assert np.all(np.isfinite(ops.convert_to_numpy(
+        model.relora_reducer.scores
+    )))
+
+
+def test_non_finite_stored_scores_are_refused_before_training():
+    model = adapted_mlp()
+    reducer = keras_relora.ReducerCallback(interval=1, seed=0)
+    reducer.set_model(model)  # Creates the Reducer state.
+    model.relora_reducer.scores.assign(
+        np.array([0.0, np.nan, 0.0, 0.0], "float32")
+    )
+    before = _numpy(model.weights)
+    x, y = mlp_data()
+    with pytest.raises(ValueError, match="scores.*not finite"):
+        model.fit(x, y, batch_size=8, epochs=1, verbose=0,
+                  callbacks=[keras_relora.ReducerCallback(interval=1)])
+    for a, b in zip(before, _numpy(model.weights)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_prune_refuses_non_finite_importance():
+    model = adapted_mlp()
+    state = keras_relora.get_state(model)
+    with pytest.raises(ValueError, match="`importance` must be finite.*"
+                       "Received: importance="):
+        keras_relora.prune(model, 0.5, importance=[1.0, np.nan, 0.0, 2.0])
+    reducer = keras_relora.ReducerCallback(seed=0)
+    reducer.set_model(model)
+    model.relora_reducer.scores.assign(
+        np.array([0.0, 0.0, np.inf, 0.0], "float32")
+    )
+    with pytest.raises(ValueError, match="learned importance.*not finite"):
+        keras_relora.prune(model, 0.5)
+    assert not any(adapter.pruned for adapter in state.adapters.values())
+
+
+def test_empty_probe_arrays_are_refused():
+    model = adapted_mlp()
+    x, y = mlp_data()
+    before = _numpy(model.weights)
+    reducer = keras_relora.ReducerCallback(
+        interval=1, seed=0, probe_data=(x[:0], y[:0])
+    )
+    with pytest.raises(ValueError, match="`probe_data` is empty.*"
+                       "Received: probe_data with 0 samples"):
+        model.fit(x, y, batch_size=8, epochs=1, verbose=0,
+                  callbacks=[reducer])
+    for a, b in zip(before, _numpy(model.weights)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_empty_probe_dataset_is_refused():
+    import tensorflow as tf
+
+    model = adapted_mlp()
+    x, y = mlp_data()
+    empty = tf.data.Dataset.from_tensor_slices((x[:0], y[:0])).batch(8)
+    reducer = keras_relora.ReducerCallback(
+        interval=1, seed=0, probe_data=empty
+    )
+    with pytest.raises(ValueError, match="`probe_data` is empty.*"
+                       "Received: probe_data with no batch"):
+        model.fit(x, y, batch_size=8, epochs=1, verbose=0,
+                  callbacks=[reducer])
