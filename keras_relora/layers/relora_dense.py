@@ -39,6 +39,29 @@ def adapter_dtype(layer):
     return keras.DTypePolicy(policy.compute_dtype)
 
 
+def _matmul_path(axes):
+    """Whether the adapter's two einsums are plain matmuls, on torch.
+
+    True when the input's last axis is the only one contracted and the
+    output is the input's other axes followed by the kernel's free axes
+    (a `Dense`, and keras-hub's q/k/v `EinsumDense`s). torch's eager
+    `einsum` permutes and copies its operands around a `bmm` (184 -> 247
+    aten ops per adapter, `benchmarks/RESULTS.md`); a matmul on the last
+    axis runs as one `mm`. JAX and TensorFlow compile the einsums to the
+    same dot as a matmul, so they keep them.
+    """
+    if keras.config.backend() != "torch":
+        return False
+    inputs, rest = axes.project_equation.split(",")
+    kernel, outputs = rest.split("->")
+    batch, contracted = outputs[:-1], kernel[:-1]
+    if len(contracted) != 1 or inputs != batch + contracted:
+        return False
+    _, rest = axes.expand_equation.split(",")
+    kernel, outputs = rest.split("->")
+    return outputs == batch + kernel[2:]
+
+
 @keras.saving.register_keras_serializable(package="keras_relora")
 class ReloraDense(keras.layers.Layer):
     """A frozen `Dense`/`EinsumDense` plus a routed mixture of LoRA experts.
@@ -237,6 +260,7 @@ class ReloraDense(keras.layers.Layer):
         self.router_kernel = None
         if not self.pruned:
             self._build_experts()
+        self._matmul = _matmul_path(self.axes)
         self.built = True
 
     def _build_experts(self):
@@ -272,6 +296,8 @@ class ReloraDense(keras.layers.Layer):
 
     def _project(self, x, kernel, width):
         """`x @ kernel` over the contracted axes; kernel is `(d_in, width)`."""
+        if self._matmul:
+            return ops.matmul(x, kernel)
         kernel = ops.reshape(kernel, self.axes.in_shape + (width,))
         project, _ = self.axes.equations(len(x.shape))
         return ops.einsum(project, x, kernel)
@@ -316,6 +342,16 @@ class ReloraDense(keras.layers.Layer):
             # one einsum over (experts, rank).
             mixed = ops.expand_dims(gates, -1) * ops.expand_dims(h, -2)
         b = ops.cast(self.b_kernel, dtype)
+        if self._matmul:
+            # (..., experts * rank) @ (experts * rank, d_out).
+            inner = self.experts * self.rank
+            mixed = ops.reshape(mixed, tuple(mixed.shape[:-2]) + (inner,))
+            out = ops.matmul(mixed, ops.reshape(b, (inner, self.axes.d_out)))
+            if len(self.axes.out_shape) == 1:
+                return out
+            return ops.reshape(
+                out, tuple(out.shape[:-1]) + self.axes.out_shape
+            )
         b = ops.reshape(b, (self.experts, self.rank) + self.axes.out_shape)
         _, expand = self.axes.equations(len(x.shape))
         return ops.einsum(expand, mixed, b)
