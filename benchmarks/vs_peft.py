@@ -96,6 +96,10 @@ def parse_args(argv=None):
                    help="other backends, each in a child process "
                    "(empty: none)")
     p.add_argument("--child-rows", default=",".join(CHILD_ROWS))
+    p.add_argument("--forward", action="store_true",
+                   help="also time the base model's forward pass alone "
+                   "(no grad, no adapters) in transformers and in keras-hub "
+                   "on torch: where a gap to PEFT comes from")
     p.add_argument("--jit-compile", action="store_true",
                    help="compile the torch rows with jit_compile=True")
     p.add_argument("--json", default=None)
@@ -301,6 +305,55 @@ class KerasRow:
         return self.round(max(count, steps + 1) - 1)
 
 
+class ForwardRow:
+    """The base model's forward pass alone, no grad (`--forward`)."""
+
+    def __init__(self, name, model_logits, tokens):
+        self.name = name
+        self.model_logits = model_logits
+        self.x = tokens[0][:, :-1]
+        self.note = "forward only, no grad, no adapters"
+        self.trainable = 0
+
+    def round(self, steps):
+        self.model_logits(self.x)
+        times = []
+        for _ in range(steps):
+            start = time.perf_counter()
+            self.model_logits(self.x)
+            times.append(time.perf_counter() - start)
+        return {"normal": times, "probing": []}
+
+
+def forward_rows(folder, tokens):
+    import keras_hub
+    import torch
+    import transformers
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(
+        folder, dtype=torch.float32
+    )
+    hf.eval()
+
+    def hf_logits(x):
+        with torch.no_grad():
+            return hf(input_ids=torch.from_numpy(x)).logits
+
+    backbone = keras_hub.models.Llama3Backbone.from_preset(folder)
+    lm = keras_hub.models.Llama3CausalLM(backbone=backbone,
+                                         preprocessor=None)
+
+    def keras_logits(x):
+        with torch.no_grad():
+            return lm({"token_ids": x.astype("int32"),
+                       "padding_mask": (x * 0 + 1).astype("int32")})
+
+    return {
+        "hf_forward": ForwardRow("hf_forward", hf_logits, tokens),
+        "keras_forward": ForwardRow("keras_forward", keras_logits, tokens),
+    }
+
+
 def timed_round(row, steps):
     out, peak = measure_peak(lambda: row.round(steps))
     out["peak_mib"] = peak
@@ -446,6 +499,8 @@ def main(args):
             rows[name].warm_up(args.steps)
             print(f"built and warmed {name} "
                   f"({time.perf_counter() - start:.1f} s)", flush=True)
+        if args.forward:
+            rows.update(forward_rows(folder, tokens))
         notes = {n: {"note": r.note, "trainable": r.trainable}
                  for n, r in rows.items()}
         for child in children:
@@ -503,7 +558,7 @@ def report(args, env, samples, notes, same):
     rows = []
     for name, rounds in samples.items():
         label = name if ":" in name else (
-            name if name == "peft_lora" else f"torch:{name}"
+            name if name in ("peft_lora", "hf_forward") else f"torch:{name}"
         )
         medians = [statistics.median(s["normal"]) for s in rounds]
         ratios = [a / b for a, b in zip(medians, base)]
@@ -540,6 +595,17 @@ def report(args, env, samples, notes, same):
             "-" if entry["peak_mib"] is None else f"{entry['peak_mib']:.0f}",
             verdict,
         ])
+    if "hf_forward" in samples:
+        ratios = [
+            statistics.median(a["normal"]) / statistics.median(b["normal"])
+            for a, b in zip(samples["keras_forward"], samples["hf_forward"])
+        ]
+        result["keras_forward_vs_hf_forward"] = {
+            "median": statistics.median(ratios), "min": min(ratios),
+            "max": max(ratios),
+        }
+        print("base forward, keras-hub (torch) / transformers: "
+              f"{common.fmt_ratio(result['keras_forward_vs_hf_forward'])}")
     model = "tiny random Llama" if args.quick else "SmolLM2-135M"
     print(
         f"\n{model}, batch {args.batch} x {args.seq}, rank {RANK}, "
