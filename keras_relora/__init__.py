@@ -10,6 +10,7 @@ from keras_relora.adapt import ReloraReport
 from keras_relora.adapt import budget
 from keras_relora.adapt import enable_relora
 from keras_relora.adapt import get_state
+from keras_relora.adapt import paper_defaults
 from keras_relora.adapt import report
 from keras_relora.layers import ReloraDense
 from keras_relora.layers import SharedLoraA

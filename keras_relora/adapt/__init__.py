@@ -7,6 +7,7 @@ from keras_relora.adapt.enable_relora import report
 from keras_relora.adapt.report import ReloraReport
 from keras_relora.adapt.state import get_state
 from keras_relora.adapt.variants import VARIANTS
+from keras_relora.adapt.variants import paper_defaults
 
 __all__ = [
     "ReloraReport",
@@ -14,5 +15,6 @@ __all__ = [
     "budget",
     "enable_relora",
     "get_state",
+    "paper_defaults",
     "report",
 ]
