@@ -548,6 +548,11 @@ def interleave(rows, args):
                 samples[name].append(timed_round(row, args.steps))
         print(f"round {r + 1}/{args.rounds} done (load "
               f"{os.getloadavg()[0]:.2f})", flush=True)
+        if args.json:
+            # The samples so far: a long run killed later (e.g. for memory
+            # on a shared machine) leaves its finished rounds.
+            with open(args.json + ".partial", "w") as f:
+                json.dump(samples, f)
     return samples
 
 
