@@ -16,9 +16,10 @@ same decisions, the ones one device would take on the whole batch:
   sums of loss and weight are added over the processes (`all_reduce`), so
   every process gets the mean loss per token of all their batches. The
   callback must run on every process (as DDP's own training loop does).
-* JAX (`keras.distribution` over several processes): the compiled
-  predict step already works on the global batch (each process's batch
-  is its part of it) and every process gets the global outputs.
+* JAX (`keras.distribution` over several processes, after
+  `keras.distribution.initialize`): each process's `predict_on_batch`
+  returns the outputs of its own rows, and the sums are added over the
+  processes (`multihost_utils.process_allgather`) in the same way.
 """
 
 import keras
@@ -44,7 +45,7 @@ def predict_batch(model, x):
 
 
 def sum_across_processes(total, count):
-    """`(total, count)` summed over the processes of a torch process group.
+    """`(total, count)` summed over the processes of a multi-process run.
 
     Args:
         total: float. This process's sum of loss times weight.
@@ -52,11 +53,14 @@ def sum_across_processes(total, count):
 
     Returns:
         A tuple of two floats: the sums over every process (the inputs
-        unchanged outside a torch process group of several processes).
+        unchanged in a single process).
     """
-    if keras.config.backend() != "torch":
-        return total, count
-    return _torch_sum(total, count)
+    backend = keras.config.backend()
+    if backend == "torch":
+        return _torch_sum(total, count)
+    if backend == "jax":
+        return _jax_sum(total, count)
+    return total, count
 
 
 def _torch_sum(total, count):
@@ -69,4 +73,22 @@ def _torch_sum(total, count):
         return total, count
     sums = torch.tensor([total, count], dtype=torch.float64)
     dist.all_reduce(sums, op=dist.ReduceOp.SUM)
+    return float(sums[0]), float(sums[1])
+
+
+def _jax_sum(total, count):
+    import jax
+
+    if jax.process_count() == 1:
+        return total, count
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    # float32 on the way (JAX's default): each value travels as a float32
+    # and the float32 remainder, and is added up again in float64.
+    values = np.array([total, count], dtype="float64")
+    high = values.astype("float32")
+    low = (values - high).astype("float32")
+    gathered = multihost_utils.process_allgather(np.stack([high, low]))
+    sums = np.asarray(gathered, dtype="float64").sum(axis=(0, 1))
     return float(sums[0]), float(sums[1])
