@@ -131,7 +131,7 @@ class DecisionLog:
         return Log()
 
 
-def one_device_reference(reducer=False):
+def one_device_reference(reducer=False, reducer_args=None):
     """Trains with `fit` on one device; returns what the scripts compare.
 
     Returns:
@@ -148,7 +148,7 @@ def one_device_reference(reducer=False):
     reducer_cb = None
     if reducer:
         reducer_cb = keras_relora.ReducerCallback(
-            probe_data=probe_data(), **REDUCER
+            probe_data=probe_data(), **(reducer_args or REDUCER)
         )
         callbacks.insert(0, reducer_cb)
     x, y = data()
