@@ -54,13 +54,15 @@ AdamW 2e-3, rank 8, 4 experts) held out 400 documents and gave
     mix            58.0%  71.0%  +13.0% [+7.8%, +18.0%]
 
 with the gold continuation's loss per token 4.97 -> 0.40 (SST-2), 4.75
--> 2.76 (ARC-Easy), 4.80 -> 2.28 (mix). It took 33.4 min wall but only
-13.2 min of CPU time (this process, all threads): the first training step
-waited 11.5 min for XLA to compile at load ~25. Phases (wall / CPU s): load
-19 / 5, data 14 / 3, scoring before 716 / 241 (compiling included),
-training 1079 / 360, scoring after 162 / 172, merge and preset save 9 / 8.
-The 10-minute budget on 2 cores was not timed on a quiet machine: a timing
-alone from a cold cache is still to do (see RESULTS.md).
+-> 2.76 (ARC-Easy), 4.80 -> 2.28 (mix). Timed the same day from a cold
+cache (`KERAS_RELORA_CACHE` an empty folder: the GGUF conversion and every
+compilation included), load average 0.8 at the start and 2.2 at the end
+(other engineers' jobs beside it): 8 min 39 s wall, 10.1 min CPU time.
+Phases (wall / CPU s): load 22 / 23, scoring before 169 / 220 (compiling
+included), training 205 / 184 (60 steps), scoring after 106 / 169, merge
+and preset save 7 / 7. An earlier run at load 8-25 took 33.4 min wall
+(13.2 min CPU; its first training step waited 11.5 min for XLA) with the
+same numbers. torch and TensorFlow were not timed on the full run.
 """
 
 import argparse
@@ -80,8 +82,8 @@ from relora_offline import commonsense, olmo_data, olmo_scorer
 
 # Measured on this script's default settings; see the module docstring.
 MEASURED = (
-    "13.2 min of CPU time, 33.4 min wall on JAX at load 8-25 on 2 shared "
-    "CPU cores, 2026-12-01; held-out accuracy of the mix (400 documents) "
+    "8 min 39 s wall on JAX from a cold cache, 2 CPU cores at load "
+    "0.8-2.2, 2026-12-01; held-out accuracy of the mix (400 documents) "
     "58.0% zero-shot, 71.0% tuned, change +13.0% [+7.8%, +18.0%]"
 )
 
