@@ -251,13 +251,13 @@ def train_row(row, seed, data, args, backbone):
         backbone.trainable = False
         result["adapter_params"] = 0
     else:
+        # The head trains in full next to the adapters (`train_layers`).
         report = model.enable_relora(
-            rank=args.rank, **keras_relora.VARIANTS[variant]
+            rank=args.rank, train_layers=["head"],
+            **keras_relora.VARIANTS[variant],
         )
-        result["adapter_params"] = int(report.trainable_params)
-        model.head.trainable = True
-        for variable in model.head.weights:
-            variable.trainable = True
+        head_params = sum(int(np.prod(v.shape)) for v in model.head.weights)
+        result["adapter_params"] = int(report.trainable_params) - head_params
         if use_reducer:
             callbacks.append(
                 keras_relora.ReducerCallback(
