@@ -170,6 +170,22 @@ def measure_peak(fn):
 # -- PEFT ---------------------------------------------------------------------
 
 
+def load_backbone(folder):
+    """keras-hub's Llama 3 backbone of a Hugging Face folder, with the
+    folder's RMS-norm epsilon (keras-hub's converter keeps its own 1e-6
+    default; SmolLM2 uses 1e-5: without this, logits differ from
+    transformers' by ~6e-3 relative)."""
+    import json
+    import os
+
+    import keras_hub
+
+    with open(os.path.join(folder, "config.json")) as f:
+        epsilon = float(json.load(f).get("rms_norm_eps", 1e-6))
+    return keras_hub.models.Llama3Backbone.from_preset(
+        folder, layer_norm_epsilon=epsilon
+    )
+
 class PeftRow:
     name = "peft_lora"
 
@@ -241,7 +257,7 @@ class KerasRow:
 
         self.name = name
         keras.utils.set_random_seed(0)
-        backbone = keras_hub.models.Llama3Backbone.from_preset(folder)
+        backbone = load_backbone(folder)
         model = keras_hub.models.Llama3CausalLM(
             backbone=backbone, preprocessor=None
         )
@@ -339,7 +355,7 @@ def forward_rows(folder, tokens):
         with torch.no_grad():
             return hf(input_ids=torch.from_numpy(x)).logits
 
-    backbone = keras_hub.models.Llama3Backbone.from_preset(folder)
+    backbone = load_backbone(folder)
     lm = keras_hub.models.Llama3CausalLM(backbone=backbone,
                                          preprocessor=None)
 
