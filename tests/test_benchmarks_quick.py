@@ -121,6 +121,11 @@ def test_drop_ratio_quick(tmp_path, model, blocks, dropped):
     order = list(np.argsort(run["trained"]["importance"], kind="stable"))
     for point in run["points"][::2]:
         assert point["blocks"] == sorted(order[: len(point["blocks"])])
+    if model == "smollm2":
+        # OLMo's evaluator: held-out ce_loss per task at every point.
+        for point in run["points"]:
+            assert set(point["ce_loss"]) == set(payload["settings"]["tasks"])
+            assert all(0.0 < v < np.inf for v in point["ce_loss"].values())
     check = run["prune_check"]
     # The real `prune` picks the same blocks and gives the same logits as
     # setting their B kernels to zero.
@@ -132,17 +137,38 @@ def test_drop_ratio_quick(tmp_path, model, blocks, dropped):
 @smoke_backend("jax")
 @needs_smollm2
 def test_commonsense_quick(tmp_path):
-    run_script("commonsense.py", tmp_path,
-               "--only", "lora,relora_multi+reducer")
+    stdout = run_script("commonsense.py", tmp_path,
+                        "--only", "lora,relora_multi+reducer")
     with open(tmp_path / "commonsense.json") as f:
         payload = json.load(f)
     rows = [r["row"] for r in payload["results"]]
     assert rows == ["base (zero-shot)", "lora", "relora_multi+reducer"]
+    tasks = payload["settings"]["tasks"]
+    assert tasks == ["sst2", "arc_easy"]  # the main job's default tasks
     for result in payload["results"]:
-        check_result(result, payload["settings"]["tasks"])
-    assert len(payload["settings"]["tasks"]) == 8
+        check_result(result, tasks)
+        # OLMo's evaluator: per-document results behind each accuracy.
+        for task in tasks:
+            correct = result["documents"][task]["correct"]
+            assert len(correct) == payload["test_sizes"][task] == 3
+            assert result["accuracy"][task] == pytest.approx(
+                np.mean(correct)
+            )
+            # (The quick run keeps 4 of 30 blocks: far from a good LM.)
+            assert 0.0 < result["ce_loss"][task] < np.inf
     blocks = payload["settings"]["blocks"]  # the quick run's first blocks
     assert len(payload["results"][-1]["importance"]) == blocks
+    # Paired bootstrap against the lora row, over the 6 pooled documents.
+    versus = {c["row"]: c for c in payload["vs_lora"]}
+    assert set(versus) == {"base (zero-shot)", "relora_multi+reducer"}
+    for row, c in versus.items():
+        by_row = {r["row"]: r for r in payload["results"]}
+        assert c["documents"] == 6
+        assert c["change"] == pytest.approx(
+            by_row[row]["average"] - by_row["lora"]["average"]
+        )
+        assert c["low"] <= c["change"] <= c["high"]
+    assert "acc change vs lora" in stdout
 
 
 # -- helpers (every backend, seconds) -----------------------------------------
@@ -210,7 +236,8 @@ def test_common_flags_fill_each_scripts_sizes_and_seeds():
     minilm_tasks = benchmark_module("minilm_tasks")
     drop_ratio = benchmark_module("drop_ratio")
     full = commonsense.parse_args([])
-    assert (full.steps, full.test_per_task, full.seeds) == (40, 25, [0])
+    assert (full.steps, full.test_per_task, full.seeds) == (40, 100, [0])
+    assert full.tasks == ["sst2", "arc_easy"]
     assert full.output_dir == os.path.join("benchmarks", "results")
     quick = commonsense.parse_args(["--quick", "--steps", "3"])
     assert (quick.steps, quick.blocks, quick.seeds) == (3, 4, [0])

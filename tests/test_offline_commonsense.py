@@ -10,8 +10,8 @@ import keras
 import keras_hub
 import numpy as np
 import pytest
-
 import tiny_models
+
 from relora_offline import commonsense as cs
 
 pytest.importorskip("pyarrow")
@@ -193,76 +193,6 @@ def test_classification_formatting_matches_raw_row(name):
     assert len(example["label_names"]) == (3 if name == "cb" else 2)
 
 
-@pytest.mark.parametrize("name", cs.COMMONSENSE_TASKS)
-def test_each_candidate_is_scored_by_its_own_token(tokenizer, name):
-    example = cs.load_task(name, "test")[0]
-    context, candidates = cs.choice_tokens(tokenizer, example)
-    assert len(set(candidates)) == len(example["choices"])
-    text = tokenizer.detokenize(np.asarray(context))
-    text = keras.ops.convert_to_numpy(text).item()
-    text = text.decode() if isinstance(text, bytes) else text
-    assert text.startswith(example["prompt"] + "the correct answer is")
-    last = [
-        keras.ops.convert_to_numpy(tokenizer.detokenize([c])).item()
-        for c in candidates
-    ]
-    last = [t.decode() if isinstance(t, bytes) else t for t in last]
-    # e.g. "1" of "answer1" (after the shared " answer"), or " true".
-    for token, choice in zip(last, example["choices"]):
-        assert (text + token).endswith(choice)
-
-
-def _slow_predictions(causal_lm, tokenizer, examples):
-    """An unpadded forward pass of each candidate's whole text (one batch
-    per example: the candidates have equal lengths), then the
-    log-likelihood of the tokens after the candidates' common prefix, from
-    a log-softmax over the full vocabulary of the model's own logits."""
-    predictions = []
-    for example in examples:
-        sequences = [
-            np.asarray(
-                tokenizer(example["prompt"] + "the correct answer is " + c)
-            ).tolist()
-            for c in example["choices"]
-        ]
-        n = 0
-        while len({tuple(s[: n + 1]) for s in sequences}) == 1:
-            n += 1
-        ids = np.asarray(sequences, "int32")  # (choices, seq)
-        logits = causal_lm.predict_on_batch(
-            {"token_ids": ids, "padding_mask": np.ones_like(ids)}
-        )  # (choices, seq, vocabulary_size)
-        logits = keras.ops.convert_to_numpy(logits).astype("float64")
-        logits -= logits.max(-1, keepdims=True)
-        log_probs = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
-        scores = [
-            sum(log_probs[k, t - 1, seq[t]] for t in range(n, len(seq)))
-            for k, seq in enumerate(sequences)
-        ]
-        predictions.append(int(np.argmax(scores)))
-    return np.array(predictions)
-
-
-def test_score_choices_matches_slow_reference(tiny_lm, tokenizer):
-    # 2, 3, 4 and 4 choices; batches of 3 leave a part-filled last batch.
-    names = ["boolq", "siqa", "hellaswag", "arc_challenge"]
-    examples = [cs.load_task(name, "test")[0] for name in names]
-    accuracy = cs.score_choices(tiny_lm, examples, batch_size=3)
-    # Same backbone without preprocessor, tokenizer passed.
-    bare = keras_hub.models.Llama3CausalLM(
-        backbone=tiny_lm.backbone, preprocessor=None
-    )
-    logits = cs.choice_logits(bare, examples, batch_size=3, tokenizer=tokenizer)
-    predictions = np.array([int(np.argmax(x)) for x in logits])
-    labels = np.array([e["label"] for e in examples])
-    assert accuracy == pytest.approx(np.mean(predictions == labels))
-    np.testing.assert_array_equal(
-        predictions, _slow_predictions(bare, tokenizer, examples)
-    )
-    with pytest.raises(ValueError, match="tokenizer="):
-        cs.score_choices(bare, examples)
-
-
 def test_build_mixture_weights_only_the_answer(tiny_lm, tokenizer):
     tasks = ["piqa", "arc_challenge", "boolq"]
     x, y, weight = cs.build_mixture(
@@ -329,11 +259,14 @@ def test_boolq_as_classification_pairs_question_and_passage():
         cs.load_classification("piqa")
 
 
-def test_data_and_evaluation_modules_behind_one_name():
+def test_data_module_behind_one_name_and_label_scoring_removed():
+    import relora_offline
     from relora_offline import commonsense_data
-    from relora_offline import commonsense_eval
 
     assert cs.load_task is commonsense_data.load_task
     assert cs.build_mixture is commonsense_data.build_mixture
-    assert cs.score_choices is commonsense_eval.score_choices
-    assert cs.choice_logits is commonsense_eval.choice_logits
+    # The label-token scoring is gone: scoring is `olmo_scorer`.
+    assert importlib.util.find_spec("relora_offline.commonsense_eval") is None
+    for name in ("score_choices", "choice_logits", "choice_tokens"):
+        assert not hasattr(cs, name)
+        assert not hasattr(relora_offline, name)
