@@ -38,21 +38,12 @@ def to_numpy(x):
     return np.asarray(keras.ops.convert_to_numpy(x))
 
 
-def randomize_adapters(model, seed=0, scale=0.3):
-    rng = np.random.default_rng(seed)
-    for variable in keras_relora.get_state(model).variables().values():
-        if variable.trainable:
-            variable.assign(
-                rng.normal(size=variable.shape).astype("float32") * scale
-            )
-
-
 def adapted_dense(experts, **kwargs):
     x, _ = tm.dense_data()
     model = tm.functional_model()
     model(x)
     model.enable_relora(rank=2, experts=experts, **kwargs)
-    randomize_adapters(model)
+    tm.randomize_adapters(model)
     return model, x
 
 
@@ -90,7 +81,7 @@ def test_saved_model_of_an_adapted_keras_hub_backbone(tmp_path):
     x = tm.token_batch()
     backbone = tm.llama3_backbone()
     backbone.enable_relora(rank=2, experts=2)
-    randomize_adapters(backbone)
+    tm.randomize_adapters(backbone)
     # A fixed sequence length: on JAX, jax2tf cannot tell that the token
     # and mask lengths are equal (keras-hub's mask fails the same way
     # without adapters). Measured: on JAX the export then matches too.
@@ -153,7 +144,7 @@ def test_onnx_of_an_adapted_keras_hub_backbone(tmp_path):
     x = tm.token_batch()
     backbone = tm.llama3_backbone()
     backbone.enable_relora(rank=2, experts=2)
-    randomize_adapters(backbone)
+    tm.randomize_adapters(backbone)
     expected = to_numpy(backbone(x))
     spec = {
         name: keras.InputSpec(shape=(None, 6), dtype="int32", name=name)

@@ -36,15 +36,6 @@ def assert_unchanged(model, before):
         np.testing.assert_array_equal(after[path], value, err_msg=path)
 
 
-def randomize_adapters(model, seed=0, scale=0.3):
-    rng = np.random.default_rng(seed)
-    for variable in keras_relora.get_state(model).variables().values():
-        if variable.trainable:
-            variable.assign(
-                rng.normal(size=variable.shape).astype("float32") * scale
-            )
-
-
 def functional(x, **kwargs):
     model = tm.functional_model()
     model(x)
@@ -68,7 +59,7 @@ def test_fit_after_trainable_set_changed_refuses_and_model_stays_usable(
     path = str(tmp_path / "adapters.safetensors")
     if change == "load":
         donor = functional(x, rank=2, experts=2)
-        randomize_adapters(donor)
+        tm.randomize_adapters(donor)
         donor.save_relora_weights(path)
     model = functional(x, rank=2, experts=2) if change in (
         "prune", "unload") else functional(x)
@@ -172,7 +163,7 @@ def _rewrite_metadata(path, edit):
 def test_changed_settings_in_the_header_are_refused(tmp_path, key, value):
     x, _ = tm.dense_data()
     model = functional(x, rank=2, experts=2, alpha=8.0, top_k=2)
-    randomize_adapters(model)
+    tm.randomize_adapters(model)
     path = str(tmp_path / "adapters.safetensors")
     model.save_relora_weights(path)
 
@@ -248,7 +239,7 @@ def test_truncated_file_is_refused_clearly(tmp_path):
 def test_weights_h5_into_fewer_targets_refuses(tmp_path):
     x, _ = tm.dense_data()
     source = functional(x, rank=2, experts=2)
-    randomize_adapters(source)
+    tm.randomize_adapters(source)
     path = str(tmp_path / "model.weights.h5")
     source.save_weights(path)
     target = functional(x, rank=2, experts=2, targets=["hidden"])
@@ -261,7 +252,7 @@ def test_weights_h5_into_fewer_targets_refuses(tmp_path):
 def test_weights_h5_into_other_experts_refuses_before_loading(tmp_path):
     x, _ = tm.dense_data()
     source = functional(x, rank=2, experts=2)
-    randomize_adapters(source)
+    tm.randomize_adapters(source)
     path = str(tmp_path / "model.weights.h5")
     source.save_weights(path)
     keras.utils.set_random_seed(5)
@@ -286,7 +277,7 @@ def test_weights_h5_of_a_plain_model_into_an_adapted_one_refuses(tmp_path):
 def test_weights_h5_round_trip_is_exact(tmp_path):
     x, _ = tm.dense_data()
     source = functional(x, rank=2, experts=2)
-    randomize_adapters(source)
+    tm.randomize_adapters(source)
     path = str(tmp_path / "model.weights.h5")
     source.save_weights(path)
     target = functional(x, rank=2, experts=2)

@@ -13,15 +13,6 @@ def to_numpy(x):
     return np.asarray(keras.ops.convert_to_numpy(x))
 
 
-def randomize_adapters(model, seed=0, scale=0.3):
-    rng = np.random.default_rng(seed)
-    for variable in keras_relora.get_state(model).variables().values():
-        if variable.trainable:
-            variable.assign(
-                rng.normal(size=variable.shape).astype("float32") * scale
-            )
-
-
 def assert_plain(model):
     """No keras_relora layer, variable, state or class is left."""
     assert keras_relora.get_state(model) is None
@@ -36,7 +27,7 @@ def test_exact_merge_of_a_backbone_saves_as_preset(tmp_path):
     x = tm.token_batch()
     backbone = tm.llama3_backbone()
     backbone.enable_relora(rank=2, experts=1, alpha=4.0)
-    randomize_adapters(backbone)
+    tm.randomize_adapters(backbone)
     y = to_numpy(backbone(x))
 
     merged = keras_relora.merge_relora(backbone)
@@ -62,7 +53,7 @@ def test_exact_merge_of_a_task_and_dense_activations():
     x = tm.token_batch()
     lm = tm.llama3_causal_lm()
     lm.enable_relora(rank=2, experts=1, targets=["q", "up", "down"])
-    randomize_adapters(lm)
+    tm.randomize_adapters(lm)
     merged = keras_relora.merge_relora(lm)
     assert type(merged) is keras_hub.models.Llama3CausalLM
     assert_plain(merged)
@@ -75,7 +66,7 @@ def test_exact_merge_of_a_task_and_dense_activations():
     model = tm.functional_model()
     model(x)
     model.enable_relora(rank=3, experts=1, share_a="layer")
-    randomize_adapters(model)
+    tm.randomize_adapters(model)
     merged = keras_relora.merge_relora(model)
     assert_plain(merged)
     np.testing.assert_allclose(
@@ -90,7 +81,7 @@ def test_merge_keeps_tied_embeddings_through_a_preset(tmp_path):
     lm = tm.llama3_causal_lm(tie_word_embeddings=True)
     num_base_weights = len(lm.weights)
     lm.enable_relora(rank=2, experts=1)
-    randomize_adapters(lm)
+    tm.randomize_adapters(lm)
     merged = keras_relora.merge_relora(lm)
     assert type(merged) is keras_hub.models.Llama3CausalLM
     assert merged.backbone.tie_word_embeddings
@@ -110,7 +101,7 @@ def routed():
     model = tm.functional_model()
     model(x)
     model.enable_relora(rank=2, experts=2)
-    randomize_adapters(model)
+    tm.randomize_adapters(model)
     return model, x
 
 
@@ -155,7 +146,7 @@ def test_routed_merge_is_exact_when_experts_agree():
     model = tm.functional_model()
     model(x)
     model.enable_relora(rank=2, experts=2, top_k=1)
-    randomize_adapters(model)
+    tm.randomize_adapters(model)
     for adapter in keras_relora.get_state(model).adapters.values():
         b = to_numpy(adapter.b_kernel)
         adapter.b_kernel.assign(np.repeat(b[:1], 2, axis=0))
@@ -191,7 +182,7 @@ def test_unload_restores_the_base():
     y = to_numpy(backbone(x))
     trainable = len(backbone.trainable_weights)
     backbone.enable_relora(rank=2, experts=2)
-    randomize_adapters(backbone)
+    tm.randomize_adapters(backbone)
     assert np.abs(to_numpy(backbone(x)) - y).max() > 1e-2
     assert keras_relora.unload(backbone) is backbone
     assert_plain(backbone)

@@ -16,16 +16,6 @@ def to_numpy(x):
     return np.asarray(keras.ops.convert_to_numpy(x))
 
 
-def randomize_adapters(model, seed=0, scale=0.3):
-    """Non-zero B (at init B = 0 and the adapters change nothing)."""
-    rng = np.random.default_rng(seed)
-    for variable in keras_relora.get_state(model).variables().values():
-        if variable.trainable:
-            variable.assign(
-                rng.normal(size=variable.shape).astype("float32") * scale
-            )
-
-
 def base_weights(model):
     state = keras_relora.get_state(model)
     relora = {id(v) for v in state.variables().values()} if state else set()
@@ -47,7 +37,7 @@ def dense(tmp_path_factory):
     model = tm.functional_model()
     model(x)
     model.enable_relora(rank=2, experts=2)
-    randomize_adapters(model)
+    tm.randomize_adapters(model)
     path = tmp_path_factory.mktemp("ckpt") / "dense.safetensors"
     model.save_relora_weights(path)
     return {"model": model, "path": path, "x": x, "y": to_numpy(model(x))}
@@ -66,7 +56,7 @@ def adapter_values(model):
 def trained(tmp_path_factory):
     model = tm.llama3_backbone()
     model.enable_relora(rank=2, experts=2)
-    randomize_adapters(model)
+    tm.randomize_adapters(model)
     x = tm.token_batch()
     path = tmp_path_factory.mktemp("ckpt") / "adapters.safetensors"
     keras_relora.save_relora_weights(model, path)
@@ -128,7 +118,7 @@ def test_refuses_other_settings_and_leaves_model(dense, case):
     kwargs, expected = MISMATCHED[case]
     model = copy_of_dense(dense)
     model.enable_relora(**kwargs)
-    randomize_adapters(model, seed=1)
+    tm.randomize_adapters(model, seed=1)
     before = adapter_values(model)
     y = to_numpy(model(dense["x"]))
     with pytest.raises(ValueError, match="nothing was loaded") as info:
@@ -228,7 +218,7 @@ def test_pruned_blocks_and_reducer_scores_round_trip(tmp_path):
     model = tm.functional_model()
     model(x)
     model.enable_relora(rank=2, experts=2, share_a="layer")
-    randomize_adapters(model)
+    tm.randomize_adapters(model)
     reducer = reducer_state(model, create_seed=7)
     reducer.scores.assign(np.arange(3, dtype="float32"))
     keras_relora.prune(model, 1 / 3, strategy="random", seed=0)
@@ -261,7 +251,7 @@ def test_task_round_trip(tmp_path):
     x = tm.token_batch()
     lm = tm.llama3_causal_lm()
     lm.enable_relora(rank=2, experts=1, targets=["q", "v"])
-    randomize_adapters(lm)
+    tm.randomize_adapters(lm)
     y = to_numpy(lm(x))
     path = tmp_path / "lm.safetensors"
     lm.save_relora_weights(path)

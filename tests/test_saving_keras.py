@@ -20,15 +20,6 @@ def to_numpy(x):
     return np.asarray(keras.ops.convert_to_numpy(x))
 
 
-def randomize_adapters(model, seed=0, scale=0.3):
-    rng = np.random.default_rng(seed)
-    for variable in keras_relora.get_state(model).variables().values():
-        if variable.trainable:
-            variable.assign(
-                rng.normal(size=variable.shape).astype("float32") * scale
-            )
-
-
 def assert_same_adapters(a, b):
     va = keras_relora.get_state(a).variables()
     vb = keras_relora.get_state(b).variables()
@@ -42,7 +33,7 @@ def test_backbone_round_trip_keeps_live_adapters(tmp_path):
     backbone = tm.llama3_backbone()
     base_y = to_numpy(backbone(x))
     backbone.enable_relora(rank=2, experts=2)
-    randomize_adapters(backbone)
+    tm.randomize_adapters(backbone)
     y = to_numpy(backbone(x))
     assert np.abs(y - base_y).max() > 1e-2  # The adapters matter.
     path = tmp_path / "backbone.keras"
@@ -118,7 +109,7 @@ def test_subclassed_model_with_custom_objects(tmp_path):
     x, _ = tm.dense_data()
     model = tm.subclassed_model()
     model.enable_relora(rank=2, experts=1, share_a="layer")
-    randomize_adapters(model)
+    tm.randomize_adapters(model)
     y = to_numpy(model(x))
     path = tmp_path / "sub.keras"
     model.save(path)
@@ -134,7 +125,7 @@ def test_pruned_adapters_and_reducer_scores(tmp_path):
     model = tm.functional_model()
     model(x)
     model.enable_relora(rank=2, experts=2, share_a="layer")
-    randomize_adapters(model)
+    tm.randomize_adapters(model)
     reducer_state(model, create_seed=3).scores.assign([0.5, -1.0, 2.0])
     keras_relora.prune(model, 1 / 3, strategy="random", seed=1)
     y = to_numpy(model(x))
@@ -186,7 +177,7 @@ def test_int8_quantized_base(tmp_path):
     model(x)
     model.quantize("int8")
     model.enable_relora(rank=2, experts=2)
-    randomize_adapters(model)
+    tm.randomize_adapters(model)
     y = to_numpy(model(x))
     model.save(tmp_path / "int8.keras")
     loaded = keras.models.load_model(tmp_path / "int8.keras")
@@ -212,7 +203,7 @@ def test_tied_embeddings_round_trip(tmp_path, holder):
     lm = tm.llama3_causal_lm(tie_word_embeddings=True)
     model = lm if holder == "task" else lm.backbone
     model.enable_relora(rank=2, experts=2)
-    randomize_adapters(model)
+    tm.randomize_adapters(model)
     x = tm.token_batch()
     path = str(tmp_path / "tied.keras")
     model.save(path)

@@ -210,3 +210,16 @@ def dense_data(batch=8, seed=0):
     x = rng.normal(size=(batch, 6)).astype("float32")
     y = rng.normal(size=(batch, 3)).astype("float32")
     return x, y
+
+
+def randomize_adapters(model, seed=0, scale=0.3):
+    """Non-zero adapters (at init B = 0 and the adapters change nothing):
+    every trainable ReLoRA variable of `model` drawn from N(0, scale^2)."""
+    import keras_relora
+
+    rng = np.random.default_rng(seed)
+    for variable in keras_relora.get_state(model).variables().values():
+        if variable.trainable:
+            variable.assign(
+                rng.normal(size=variable.shape).astype("float32") * scale
+            )
