@@ -176,8 +176,11 @@ def metrics(lm, data, args):
         "average": float(sum(accuracy.values()) / len(accuracy)),
         "ce_loss": {n: float(s.gold_nll.sum() / s.gold_tokens.sum())
                     for n, s in scores.items()},
+        "icl_metrics": {n: s.metrics for n, s in scores.items()},
         "documents": {n: {"doc_ids": s.doc_ids.tolist(),
-                          "correct": s.correct.astype(int).tolist()}
+                          "correct": s.correct.astype(int).tolist(),
+                          "gold_nll": s.gold_nll.tolist(),
+                          "gold_tokens": s.gold_tokens.tolist()}
                       for n, s in scores.items()},
     }
 
@@ -199,8 +202,11 @@ def run_base(lm, data, args):
     }
 
 
-def train_row(row, seed, lm, data, args):
-    """Adapts `lm` in place, trains, evaluates; returns the result dict."""
+def train_row(row, seed, lm, data, args, rank=None, callbacks=()):
+    """Adapts `lm` in place, trains, evaluates; returns the result dict.
+
+    `rank` overrides `args.rank`; `callbacks` run before the Reducer's.
+    """
     import keras
 
     import keras_relora
@@ -208,12 +214,13 @@ def train_row(row, seed, lm, data, args):
     name, variant, use_reducer = row
     keras.utils.set_random_seed(seed)
     base_params = lm.backbone.count_params()
-    report = lm.enable_relora(rank=args.rank, **keras_relora.VARIANTS[variant])
+    rank = args.rank if rank is None else rank
+    report = lm.enable_relora(rank=rank, **keras_relora.VARIANTS[variant])
     lm.compile(
         optimizer=keras.optimizers.AdamW(args.learning_rate),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
     )
-    callbacks = []
+    callbacks = list(callbacks)
     if use_reducer:
         callbacks.append(
             keras_relora.ReducerCallback(
@@ -231,7 +238,7 @@ def train_row(row, seed, lm, data, args):
         with finetune.timed(seconds, "eval"):
             scored = metrics(lm, data, args)
     result = {
-        "row": name, "seed": seed, **scored,
+        "row": name, "seed": seed, "rank": rank, **scored,
         "adapter_params": int(report.trainable_params),
         "adapter_percent": 100.0 * report.trainable_params / base_params,
         "base_params": int(base_params),
@@ -239,8 +246,8 @@ def train_row(row, seed, lm, data, args):
         "train_seconds": seconds["train"], "eval_seconds": seconds["eval"],
         "peak_rss_mb": memory.peak_mb, "max_rss_mb": finetune.max_rss_mb(),
     }
-    if callbacks:
-        result["importance"] = callbacks[0].importance.tolist()
+    if use_reducer:
+        result["importance"] = callbacks[-1].importance.tolist()
     return result
 
 

@@ -156,7 +156,8 @@ def split_documents(task, num_train, num_test, seed=0):
     return train, test
 
 
-def _gold_samples(task, doc_ids):
+def gold_samples(task, doc_ids):
+    """The gold (context, continuation) samples of `doc_ids`."""
     wanted = {int(d) for d in doc_ids}
     return [
         s
@@ -183,7 +184,7 @@ def gold_training_arrays(task, doc_ids, sequence_length, pad_token_id):
         `padding_mask` `(n, sequence_length)`, `y` the next tokens, and
         the loss weights.
     """
-    samples = _gold_samples(task, doc_ids)
+    samples = gold_samples(task, doc_ids)
     n = len(samples)
     token_ids = np.full((n, sequence_length), pad_token_id, "int32")
     padding_mask = np.zeros((n, sequence_length), "int32")

@@ -102,6 +102,32 @@ def test_scorer_matches_icl_metric_on_full_logits(tiny_pair, name):
     assert got.gold_tokens.min() > 1
 
 
+@pytest.mark.parametrize("name", ["sst2", "arc_easy"])
+def test_gold_nll_matches_full_logits(tiny_pair, name):
+    """The gold-only loss (no other continuation run) equals the reference
+    gold NLL of full transformers logits, document by document."""
+    lm, hf, tokenizer = tiny_pair
+    task = olmo_data.build_task(name, tokenizer)
+    _, doc_ids = olmo_data.split_documents(task, 0, 5, seed=2)
+    _, expected = reference_scores(hf, task, doc_ids)
+    docs, nll, tokens = olmo_scorer.gold_nll(
+        olmo_scorer.keras_logits_fn(lm), task, doc_ids, batch_size=2,
+        bucket=32,
+    )
+    np.testing.assert_array_equal(docs, doc_ids)
+    np.testing.assert_allclose(nll, [expected[int(d)] for d in docs],
+                               rtol=1e-4)
+    gold = olmo_data.gold_samples(task, doc_ids)
+    assert sorted(tokens.tolist()) == sorted(
+        len(s["continuation"]) for s in gold
+    )
+    with pytest.raises(ValueError, match="doc_ids"):
+        olmo_scorer.gold_nll(olmo_scorer.keras_logits_fn(lm), task, [10**9])
+    with pytest.raises(ValueError, match="batch_size"):
+        olmo_scorer.gold_nll(olmo_scorer.keras_logits_fn(lm), task, docs,
+                             batch_size=0)
+
+
 def test_gold_training_arrays_are_the_scored_tokens(tiny_pair):
     _, _, tokenizer = tiny_pair
     task = olmo_data.build_task("arc_easy", tokenizer)
