@@ -12,27 +12,9 @@ import pytest
 from keras import ops
 
 import keras_relora
+from tests import tiny_models as tm
 
 NUM_BLOCKS = 4
-
-
-def adapted_mlp():
-    keras.utils.set_random_seed(0)
-    inputs = keras.Input((6,))
-    x = inputs
-    for i in range(NUM_BLOCKS):
-        x = keras.layers.Dense(6, activation="tanh", name=f"layer_{i}")(x)
-    model = keras.Model(inputs, keras.layers.Dense(3, name="head")(x))
-    model.enable_relora(rank=2, experts=2, targets=r"layer_\d")
-    model.compile(optimizer=keras.optimizers.Adam(0.05), loss="mse")
-    return model
-
-
-def mlp_data(rows=32, seed=0):
-    rng = np.random.default_rng(seed)
-    x = rng.normal(size=(rows, 6)).astype("float32")
-    y = rng.normal(size=(rows, 3)).astype("float32")
-    return x, y
 
 
 def _numpy(variables):
@@ -40,13 +22,13 @@ def _numpy(variables):
 
 
 def test_fit_after_pruning_every_block_refuses_before_training():
-    model = adapted_mlp()
+    model = tm.adapted_block_mlp()
     assert keras_relora.prune(model, 1.0, strategy="random", seed=0) == [
         0, 1, 2, 3
     ]
     model.compile(optimizer=keras.optimizers.Adam(0.05), loss="mse")
     before = _numpy(model.weights)
-    x, y = mlp_data()
+    x, y = tm.dense_data(32)
     with pytest.raises(ValueError, match="every block's B experts were "
                        "pruned.*Received: 0 of 4 blocks"):
         model.fit(x, y, batch_size=8, epochs=1, verbose=0, callbacks=[
@@ -59,8 +41,8 @@ def test_fit_after_pruning_every_block_refuses_before_training():
 def test_nan_probe_loss_is_skipped_and_reported():
     # A probe batch with a NaN input gives NaN probe losses: the probe is
     # skipped with a warning and the scores keep their (finite) values.
-    model = adapted_mlp()
-    x, y = mlp_data()
+    model = tm.adapted_block_mlp()
+    x, y = tm.dense_data(32)
     bad_x = x[:8].copy()
     bad_x[3, 2] = np.nan
     reducer = keras_relora.ReducerCallback(
@@ -82,8 +64,8 @@ def test_nan_probe_loss_is_skipped_and_reported():
 def test_nan_training_loss_never_makes_nan_scores():
     # A NaN in the training data makes every weight NaN after the first
     # step; the probes that follow must not crash or store NaN scores.
-    model = adapted_mlp()
-    x, y = mlp_data()
+    model = tm.adapted_block_mlp()
+    x, y = tm.dense_data(32)
     x[0, 0] = np.nan
     reducer = keras_relora.ReducerCallback(update_layers=1, interval=1,
                                            seed=0)
@@ -98,14 +80,14 @@ def test_nan_training_loss_never_makes_nan_scores():
 
 
 def test_non_finite_stored_scores_are_refused_before_training():
-    model = adapted_mlp()
+    model = tm.adapted_block_mlp()
     reducer = keras_relora.ReducerCallback(interval=1, seed=0)
     reducer.set_model(model)  # Creates the Reducer state.
     model.relora_reducer.scores.assign(
         np.array([0.0, np.nan, 0.0, 0.0], "float32")
     )
     before = _numpy(model.weights)
-    x, y = mlp_data()
+    x, y = tm.dense_data(32)
     with pytest.raises(ValueError, match="scores.*not finite"):
         model.fit(x, y, batch_size=8, epochs=1, verbose=0,
                   callbacks=[keras_relora.ReducerCallback(interval=1)])
@@ -114,7 +96,7 @@ def test_non_finite_stored_scores_are_refused_before_training():
 
 
 def test_prune_refuses_non_finite_importance():
-    model = adapted_mlp()
+    model = tm.adapted_block_mlp()
     state = keras_relora.get_state(model)
     with pytest.raises(ValueError, match="`importance` must be finite.*"
                        "Received: importance="):
@@ -130,8 +112,8 @@ def test_prune_refuses_non_finite_importance():
 
 
 def test_empty_probe_arrays_are_refused():
-    model = adapted_mlp()
-    x, y = mlp_data()
+    model = tm.adapted_block_mlp()
+    x, y = tm.dense_data(32)
     before = _numpy(model.weights)
     reducer = keras_relora.ReducerCallback(
         interval=1, seed=0, probe_data=(x[:0], y[:0])
@@ -147,8 +129,8 @@ def test_empty_probe_arrays_are_refused():
 def test_empty_probe_dataset_is_refused():
     import tensorflow as tf
 
-    model = adapted_mlp()
-    x, y = mlp_data()
+    model = tm.adapted_block_mlp()
+    x, y = tm.dense_data(32)
     empty = tf.data.Dataset.from_tensor_slices((x[:0], y[:0])).batch(8)
     reducer = keras_relora.ReducerCallback(
         interval=1, seed=0, probe_data=empty

@@ -8,30 +8,14 @@ import pytest
 from keras import ops
 
 import keras_relora
+from tests import tiny_models as tm
 
 NUM_BLOCKS = 4
 
 
-def mlp_model(num_blocks=NUM_BLOCKS):
-    """A functional MLP whose Dense layers `layer_<i>` are blocks."""
-    inputs = keras.Input((6,))
-    x = inputs
-    for i in range(num_blocks):
-        x = keras.layers.Dense(6, activation="tanh", name=f"layer_{i}")(x)
-    outputs = keras.layers.Dense(3, name="head")(x)
-    return keras.Model(inputs, outputs)
-
-
-def mlp_data(rows=80, seed=0):
-    rng = np.random.default_rng(seed)
-    x = rng.normal(size=(rows, 6)).astype("float32")
-    y = rng.normal(size=(rows, 3)).astype("float32")
-    return x, y
-
-
 def adapted_mlp(optimizer=None, metrics=None):
     keras.utils.set_random_seed(0)
-    model = mlp_model()
+    model = tm.block_mlp()
     model.enable_relora(rank=2, experts=2, targets=r"layer_\d")
     model.compile(
         optimizer=optimizer or keras.optimizers.AdamW(0.05, weight_decay=0.1),
@@ -67,7 +51,7 @@ def test_one_trace_for_a_30_step_fit():
     model = adapted_mlp()
     counts = count_traces(model)
     reducer = keras_relora.ReducerCallback(update_layers=1, seed=0)
-    x, y = mlp_data(rows=240)
+    x, y = tm.dense_data(240)
     model.fit(x, y, batch_size=8, epochs=1, verbose=0, callbacks=[reducer])
     steps, _ = reducer.importance_history
     np.testing.assert_array_equal(steps, [0, 10, 20, 30])  # 3 probes
@@ -83,12 +67,12 @@ def test_one_trace_for_a_30_step_fit():
 )
 def test_steps_per_execution():
     keras.utils.set_random_seed(0)
-    model = mlp_model()
+    model = tm.block_mlp()
     model.enable_relora(rank=2, experts=2, targets=r"layer_\d")
     model.compile(optimizer="adam", loss="mse", steps_per_execution=2)
     reducer = keras_relora.ReducerCallback(update_layers=1, interval=3,
                                            seed=0)
-    x, y = mlp_data(rows=96)
+    x, y = tm.dense_data(96)
     model.fit(x, y, batch_size=8, epochs=1, verbose=0, callbacks=[reducer])
     assert int(ops.convert_to_numpy(model.optimizer.iterations)) == 12
     # Probes at the first callback after each multiple of 3.
@@ -97,7 +81,7 @@ def test_steps_per_execution():
 
 
 def test_resume_from_checkpoint_is_exact(tmp_path):
-    x, y = mlp_data()  # 10 steps per epoch at batch size 8.
+    x, y = tm.dense_data(80)  # 10 steps per epoch at batch size 8.
 
     def reducer(seed):
         return keras_relora.ReducerCallback(
@@ -155,7 +139,7 @@ def test_checkpoint_optimizer_state_loads_without_the_reducer(tmp_path):
     # The Reducer's optimizer-side mirrors are not saved: a checkpoint of a
     # Reducer run has the optimizer variables of a plain optimizer, so it
     # loads into one (Keras skips a mismatched optimizer with a warning).
-    x, y = mlp_data(rows=24)
+    x, y = tm.dense_data(24)
     trained = adapted_mlp()
     trained.fit(x, y, batch_size=8, epochs=1, verbose=0, callbacks=[
         keras_relora.ReducerCallback(update_layers=1, seed=0)
@@ -192,7 +176,7 @@ def test_probes_do_not_change_training_logs():
     # With K = L every block updates every step, so training is the same
     # with or without probes: the logged loss and metric must be too. One
     # model, reset between the runs, so the step is compiled once.
-    x, y = mlp_data(rows=48)
+    x, y = tm.dense_data(48)
     model = adapted_mlp(metrics=["mae"])
     model.optimizer.build(model.trainable_variables)
     histories = []
@@ -219,7 +203,7 @@ def test_importance_history_logs_and_plot(tmp_path):
     model = adapted_mlp()
     reducer = keras_relora.ReducerCallback(update_layers=2, interval=2,
                                            seed=1)
-    x, y = mlp_data(rows=48)
+    x, y = tm.dense_data(48)
     history = model.fit(x, y, batch_size=8, epochs=2, verbose=0,
                         callbacks=[reducer])
     importance = reducer.importance
@@ -257,7 +241,7 @@ def record_probe_batches(reducer):
 
 def test_probes_draw_successive_training_batches_by_default():
     model = adapted_mlp()
-    x, y = mlp_data(rows=20)
+    x, y = tm.dense_data(20)
     reducer = keras_relora.ReducerCallback(interval=1, trials=2, seed=0)
     seen = record_probe_batches(reducer)
     model.fit(x, y, batch_size=8, epochs=2, verbose=0, callbacks=[reducer])
@@ -275,7 +259,7 @@ def test_probe_data_arrays_and_dataset():
     import tensorflow as tf
 
     model = adapted_mlp()
-    x, y = mlp_data(rows=48)
+    x, y = tm.dense_data(48)
     # Fewer rows than `batch_size`: every probe uses those rows.
     given = keras_relora.ReducerCallback(
         interval=2, trials=2, seed=0, probe_data=(x[-4:], y[-4:])
@@ -303,7 +287,7 @@ def test_probe_data_arrays_and_dataset():
 
 def test_generator_data_needs_probe_data():
     model = adapted_mlp()
-    x, y = mlp_data(rows=16)
+    x, y = tm.dense_data(16)
 
     def batches():
         while True:
@@ -338,7 +322,7 @@ def test_constructor_argument_errors(kwargs, received):
 
 
 def test_fit_start_argument_errors():
-    x, y = mlp_data(rows=16)
+    x, y = tm.dense_data(16)
     model = adapted_mlp()
     too_many = keras_relora.ReducerCallback(update_layers=NUM_BLOCKS + 1)
     with pytest.raises(ValueError, match="number of blocks of the model, L=4"):
@@ -346,13 +330,13 @@ def test_fit_start_argument_errors():
     with pytest.raises(ValueError, match="Received: suppress_layers=9"):
         keras_relora.ReducerCallback(suppress_layers=9).set_model(model)
 
-    plain = mlp_model()
+    plain = tm.block_mlp()
     plain.compile(optimizer="adam", loss="mse")
     with pytest.raises(ValueError, match="enable_relora"):
         plain.fit(x, y, epochs=1, verbose=0,
                   callbacks=[keras_relora.ReducerCallback()])
 
-    uncompiled = mlp_model()
+    uncompiled = tm.block_mlp()
     uncompiled.enable_relora(rank=2, experts=1, targets=r"layer_\d")
     with pytest.raises(ValueError, match="model.compile"):
         keras_relora.ReducerCallback().set_model(uncompiled)
@@ -375,7 +359,7 @@ def test_probe_losses_are_the_losses_with_the_sampled_blocks_suppressed(
         adapter.b_kernel.assign(
             rng.normal(size=adapter.b_kernel.shape).astype("float32")
         )
-    x, y = mlp_data(rows=40)
+    x, y = tm.dense_data(40)
     probe = (x[:8], y[:8])
     calls = []
     update_scores = block_sampling.update_scores
@@ -424,7 +408,7 @@ def test_a_failing_probe_leaves_no_adapter_suppressed():
         return probe_loss(*args, **kwargs)
 
     reducer._probe_loss = failing
-    x, y = mlp_data(rows=40)
+    x, y = tm.dense_data(40)
     with pytest.raises(RuntimeError, match="probe interrupted"):
         model.fit(x, y, batch_size=8, epochs=1, verbose=0,
                   callbacks=[reducer])

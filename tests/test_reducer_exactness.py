@@ -12,26 +12,10 @@ import pytest
 from keras import ops
 
 import keras_relora
+from tests import tiny_models as tm
 from keras_relora.reducer import block_sampling
 
 NUM_BLOCKS = 4
-
-
-def mlp_model(num_blocks=NUM_BLOCKS):
-    """A functional MLP whose Dense layers `layer_<i>` are blocks."""
-    inputs = keras.Input((6,))
-    x = inputs
-    for i in range(num_blocks):
-        x = keras.layers.Dense(6, activation="tanh", name=f"layer_{i}")(x)
-    outputs = keras.layers.Dense(3, name="head")(x)
-    return keras.Model(inputs, outputs)
-
-
-def mlp_data(rows=48, seed=0):
-    rng = np.random.default_rng(seed)
-    x = rng.normal(size=(rows, 6)).astype("float32")
-    y = rng.normal(size=(rows, 3)).astype("float32")
-    return x, y
 
 
 def _numpy(variables):
@@ -84,7 +68,7 @@ OPTIMIZERS = {
 def test_unsampled_blocks_are_bitwise_frozen(name):
     make_optimizer, num_slots = OPTIMIZERS[name]
     keras.utils.set_random_seed(0)
-    model = mlp_model()
+    model = tm.block_mlp()
     model.enable_relora(rank=2, experts=2, targets=r"layer_\d")
     model.compile(optimizer=make_optimizer(), loss="mse")
     frozen_before = _numpy(model.non_trainable_variables)
@@ -92,7 +76,7 @@ def test_unsampled_blocks_are_bitwise_frozen(name):
         update_layers=2, interval=2, seed=7
     )
     recorder = StepRecorder(reducer)
-    x, y = mlp_data()
+    x, y = tm.dense_data(48)
     model.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0,
               callbacks=[reducer, recorder])
 
@@ -136,10 +120,10 @@ def test_unsampled_blocks_are_bitwise_frozen(name):
 
 def test_fits_with_and_without_the_callback_alternate():
     keras.utils.set_random_seed(0)
-    model = mlp_model()
+    model = tm.block_mlp()
     model.enable_relora(rank=2, experts=1, targets=r"layer_\d")
     model.compile(optimizer=keras.optimizers.Adam(0.05), loss="mse")
-    x, y = mlp_data(rows=16)
+    x, y = tm.dense_data(16)
     state = keras_relora.get_state(model)
     kernels = [a.b_kernel for a in state.adapters.values()]
     reducer = keras_relora.ReducerCallback(update_layers=1, seed=0)

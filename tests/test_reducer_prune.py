@@ -5,36 +5,11 @@ import numpy as np
 import pytest
 from keras import ops
 
-import tiny_models
+import tiny_models as tm
 
 import keras_relora
 
 NUM_BLOCKS = 4
-
-
-def mlp_model(num_blocks=NUM_BLOCKS):
-    """A functional MLP whose Dense layers `layer_<i>` are blocks."""
-    inputs = keras.Input((6,))
-    x = inputs
-    for i in range(num_blocks):
-        x = keras.layers.Dense(6, activation="tanh", name=f"layer_{i}")(x)
-    outputs = keras.layers.Dense(3, name="head")(x)
-    return keras.Model(inputs, outputs)
-
-
-def adapted_mlp():
-    keras.utils.set_random_seed(0)
-    model = mlp_model()
-    model.enable_relora(rank=2, experts=2, targets=r"layer_\d")
-    model.compile(optimizer=keras.optimizers.Adam(0.05), loss="mse")
-    return model
-
-
-def mlp_data(rows=32, seed=0):
-    rng = np.random.default_rng(seed)
-    x = rng.normal(size=(rows, 6)).astype("float32")
-    y = rng.normal(size=(rows, 3)).astype("float32")
-    return x, y
 
 
 def randomize_b(state, seed=0):
@@ -57,7 +32,7 @@ def base_output(layer, x):
 
 def test_prune_half_of_llama_blocks(tmp_path):
     keras.utils.set_random_seed(0)
-    lm = tiny_models.llama3_causal_lm(num_layers=4)
+    lm = tm.llama3_causal_lm(num_layers=4)
     lm.enable_relora(rank=2, experts=2)
     state = keras_relora.get_state(lm)
     assert state.num_blocks == NUM_BLOCKS
@@ -95,7 +70,7 @@ def test_prune_half_of_llama_blocks(tmp_path):
     if hasattr(keras_relora, "save_relora_weights"):
         adapters_full = tmp_path / "full.safetensors"
         adapters_pruned = tmp_path / "pruned.safetensors"
-        lm2 = tiny_models.llama3_causal_lm(num_layers=4)
+        lm2 = tm.llama3_causal_lm(num_layers=4)
         lm2.enable_relora(rank=2, experts=2)
         keras_relora.save_relora_weights(lm2, str(adapters_full))
         keras_relora.save_relora_weights(lm, str(adapters_pruned))
@@ -117,8 +92,8 @@ def test_prune_half_of_llama_blocks(tmp_path):
 
 
 def test_prune_defaults_to_the_learned_importance():
-    model = adapted_mlp()
-    x, y = mlp_data()
+    model = tm.adapted_block_mlp()
+    x, y = tm.dense_data(32)
     reducer = keras_relora.ReducerCallback(update_layers=2, interval=1,
                                            seed=3)
     model.fit(x, y, batch_size=8, epochs=2, verbose=0, callbacks=[reducer])
@@ -152,10 +127,10 @@ def test_prune_defaults_to_the_learned_importance():
 
 
 def test_prune_random_is_seeded_and_counts_earlier_pruning():
-    model = adapted_mlp()
+    model = tm.adapted_block_mlp()
     first = keras_relora.prune(model, 0.25, strategy="random", seed=4)
     assert len(first) == 1
-    other = adapted_mlp()
+    other = tm.adapted_block_mlp()
     assert keras_relora.prune(other, 0.25, strategy="random", seed=4) == first
     # 50% of the 4 blocks: one more block, not two.
     second = keras_relora.prune(model, 0.5, strategy="random", seed=1)
@@ -164,7 +139,7 @@ def test_prune_random_is_seeded_and_counts_earlier_pruning():
 
 
 def test_prune_argument_errors():
-    model = adapted_mlp()
+    model = tm.adapted_block_mlp()
     with pytest.raises(ValueError, match="Received: drop_ratio=1.5"):
         keras_relora.prune(model, 1.5)
     with pytest.raises(ValueError, match="Received: strategy='lowest'"):
@@ -174,4 +149,4 @@ def test_prune_argument_errors():
     with pytest.raises(ValueError, match="ReducerCallback"):
         keras_relora.prune(model, 0.5)  # No importance learned yet.
     with pytest.raises(ValueError, match="enable_relora"):
-        keras_relora.prune(mlp_model(), 0.5)
+        keras_relora.prune(tm.block_mlp(), 0.5)

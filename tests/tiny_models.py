@@ -205,6 +205,27 @@ def subclassed_model():
     return model
 
 
+def block_mlp(num_blocks=4):
+    """A functional MLP (6 -> 3) whose Dense layers `layer_<i>` are the
+    Reducer's blocks, and a `head`."""
+    inputs = keras.Input((6,))
+    x = inputs
+    for i in range(num_blocks):
+        x = keras.layers.Dense(6, activation="tanh", name=f"layer_{i}")(x)
+    outputs = keras.layers.Dense(3, name="head")(x)
+    return keras.Model(inputs, outputs)
+
+
+def adapted_block_mlp():
+    """`block_mlp()` seeded, with 2 B experts of rank 2 per block, compiled
+    (Adam 0.05, mse)."""
+    keras.utils.set_random_seed(0)
+    model = block_mlp()
+    model.enable_relora(rank=2, experts=2, targets=r"layer_\d")
+    model.compile(optimizer=keras.optimizers.Adam(0.05), loss="mse")
+    return model
+
+
 def dense_data(batch=8, seed=0):
     rng = np.random.default_rng(seed)
     x = rng.normal(size=(batch, 6)).astype("float32")
