@@ -148,11 +148,16 @@ def build_data(args, tasks, seed):
             "train_pool": len(y)}
 
 
-def score(lm, data, args):
-    """`{task: olmo_scorer.TaskScores}` of the test documents."""
+def score(lm, data, args, logits_fn=None):
+    """`{task: olmo_scorer.TaskScores}` of the test documents.
+
+    Pass the same `logits_fn` (`olmo_scorer.keras_logits_fn(lm)`) to
+    evaluations of one model whose variables change in between: a new one
+    compiles again for every input shape (on TensorFlow, ~30 s a call).
+    """
     from relora_offline import olmo_scorer
 
-    logits_fn = olmo_scorer.keras_logits_fn(lm)
+    logits_fn = logits_fn or olmo_scorer.keras_logits_fn(lm)
     return {
         name: olmo_scorer.score_task(
             logits_fn, task, data["test"][name],
@@ -162,12 +167,12 @@ def score(lm, data, args):
     }
 
 
-def metrics(lm, data, args):
+def metrics(lm, data, args, logits_fn=None):
     """The result fields of one evaluation: accuracy and held-out ce_loss
     per task, and the per-document results the bootstrap needs."""
     from relora_offline import olmo_scorer
 
-    scores = score(lm, data, args)
+    scores = score(lm, data, args, logits_fn)
     accuracy = {}
     for name, s in scores.items():
         accuracy[name] = float(s.correct.mean())

@@ -260,12 +260,11 @@ def subset(data, per_task, seed=1):
     return dict(data, test=test)
 
 
-def pooled_gold_loss(lm, data, args):
+def pooled_gold_loss(logits_fn, data, args):
     """Held-out NLL per gold token over all tasks' documents (gold
     continuations only) and per task."""
     from relora_offline import olmo_scorer
 
-    logits_fn = olmo_scorer.keras_logits_fn(lm)
     nll = tokens = 0.0
     per_task = {}
     for name, task in data["tasks"].items():
@@ -295,16 +294,22 @@ def summary_fields(scored):
 
 
 def figure5(lm, data, importance, seed, args, log):
-    """Leave-one-block-out and the drop curves on a trained model."""
-    import keras_relora
+    """Leave-one-block-out and the drop curves on a trained model.
 
+    Every configuration zeroes B kernels in place and restores them, so one
+    compiled `logits_fn` serves them all.
+    """
+    import keras_relora
+    from relora_offline import olmo_scorer
+
+    logits_fn = olmo_scorer.keras_logits_fn(lm)
     fig = subset(data, args.fig5_per_task)
     num_blocks = keras_relora.get_state(lm).num_blocks
-    base_loss, _ = pooled_gold_loss(lm, fig, args)
+    base_loss, _ = pooled_gold_loss(logits_fn, fig, args)
     lobo = []
     for block in range(num_blocks):
         with drop_ratio.dropped(lm, [block]):
-            loss, _ = pooled_gold_loss(lm, fig, args)
+            loss, _ = pooled_gold_loss(logits_fn, fig, args)
         lobo.append(loss - base_loss)
     rho = spearman(importance, lobo)
     log(f"  leave-one-block-out: Spearman {rho:+.3f}, increases "
@@ -323,7 +328,7 @@ def figure5(lm, data, importance, seed, args, log):
             None if draw is None else 1000 * seed + draw,
         )
         with drop_ratio.dropped(lm, blocks):
-            scored = commonsense.metrics(lm, fig, args)
+            scored = commonsense.metrics(lm, fig, args, logits_fn)
         points.append({"ratio": ratio, "strategy": strategy, "draw": draw,
                        "blocks": blocks, **summary_fields(scored)})
         log(f"  drop {ratio:.2f} {strategy:<10} {draw}: acc "
