@@ -125,7 +125,8 @@ def parse_args(argv=None):
     parser.add_argument("--no-figure5", action="store_true",
                         help="skip claim 2 (leave-one-block-out and drops)")
     parser.add_argument("--from-json", default=None,
-                        help="re-render the report of a saved run")
+                        help="re-render the report of saved runs' JSON "
+                        "files (comma-separated: other seeds, merged)")
     args = parser.parse_args(argv)
     args = finetune.finish_args(args, SIZES, full_seeds="0,1,2")
     names = [n for n in args.only.split(",") if n]
@@ -684,9 +685,39 @@ def plot(path, curves, title):
     return path
 
 
-def render(path, append):
-    with open(path) as f:
-        payload = json.load(f)
+def merge_runs(payload, payloads):
+    """Joins runs of other seeds (same sizes): their rows and Figure 5
+    runs; the zero-shot row is kept once."""
+    keys = ("steps", "batch_size", "sequence_length", "train_per_task",
+            "test_per_task", "fig5_per_task", "random_draws",
+            "learning_rate", "rank", "blocks", "tasks", "interval")
+    for other in payloads[1:]:
+        for key in keys:
+            if other["settings"][key] != payload["settings"][key]:
+                raise ValueError(f"The runs differ in {key}.")
+    seen = set()
+    results = []
+    for r in (r for p in payloads for r in p["results"]):
+        if (r["row"], r["seed"]) not in seen:
+            seen.add((r["row"], r["seed"]))
+            results.append(r)
+    payload["results"] = results
+    payload["figure5"] = [f for p in payloads for f in p["figure5"]]
+    payload["settings"]["seeds"] = sorted(
+        {r["seed"] for r in results if r["seed"] is not None}
+    )
+    payload["complete"] = all(p.get("complete") for p in payloads)
+    payload["phases"] = {
+        k: sum(p["phases"].get(k, 0.0) for p in payloads)
+        for k in payload["phases"]
+    }
+    payload["environment"]["commit"] = [
+        p["environment"].get("commit") for p in payloads
+    ]
+
+
+def render(paths, append):
+    payload, path = finetune.load_runs(paths, merge_runs)
     args = argparse.Namespace(**payload["settings"])
     table = claim1_table(payload)
     lines = verdicts(payload)
