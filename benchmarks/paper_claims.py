@@ -480,7 +480,11 @@ def claim1_rows(payload):
             "accuracy": [summary_fields(r)["accuracy_mix"] for r in runs],
         }
         if seeds and name != REFERENCE:
-            pairs = [(per_seed.get(s, runs[0]), reference[s]) for s in seeds]
+            # The zero-shot row (seed None) pairs with every seed's lora;
+            # a trained row only with the seeds it has.
+            pairs = [(per_seed[None] if None in per_seed else per_seed[s],
+                      reference[s])
+                     for s in seeds if None in per_seed or s in per_seed]
             for key in ("gold_nll", "correct"):
                 diff = np.stack([pooled(a, key) - pooled(b, key)
                                  for a, b in pairs])
