@@ -638,10 +638,11 @@ def figure5_summary(payload):
             gap = t_interval(gaps) if gaps else None
             curves.setdefault(key, {}).setdefault("importance", []).append(
                 (ratio, scale * np.mean(imp)))
-            if rnd:
-                curves[key].setdefault("random", []).append(
-                    (ratio, scale * np.mean(rnd), scale * np.min(rnd),
-                     scale * np.max(rnd)))
+            # Both curves start at the undropped model.
+            drawn = rnd if rnd else imp
+            curves[key].setdefault("random", []).append(
+                (ratio, scale * np.mean(drawn), scale * np.min(drawn),
+                 scale * np.max(drawn)))
             cells += [
                 f"{scale * np.mean(imp):.{digits}f}",
                 (f"{scale * np.mean(rnd):.{digits}f} "
