@@ -468,7 +468,6 @@ def claim1_rows(payload):
         by_row.setdefault(r["row"], []).append(r)
     reference = {r["seed"]: r for r in by_row.get(REFERENCE, [])}
     seeds = sorted(reference)
-    tokens = pooled(by_row[REFERENCE][0], "gold_tokens") if seeds else None
     rows = {}
     for name, runs in by_row.items():
         per_seed = {r["seed"]: r for r in runs}
@@ -480,17 +479,9 @@ def claim1_rows(payload):
             "accuracy": [summary_fields(r)["accuracy_mix"] for r in runs],
         }
         if seeds and name != REFERENCE:
-            # The zero-shot row (seed None) pairs with every seed's lora;
-            # a trained row only with the seeds it has.
-            pairs = [(per_seed[None] if None in per_seed else per_seed[s],
-                      reference[s])
-                     for s in seeds if None in per_seed or s in per_seed]
-            for key in ("gold_nll", "correct"):
-                diff = np.stack([pooled(a, key) - pooled(b, key)
-                                 for a, b in pairs])
-                entry["vs_" + key] = two_level_bootstrap(
-                    diff, tokens if key == "gold_nll" else None
-                )
+            pairs = paired_runs(per_seed, reference)
+            for key, triple in bootstrap_pairs(pairs, seed=0).items():
+                entry["vs_" + key] = triple
             ratios = [median_step(a) / median_step(b) for a, b in pairs
                       if a.get("step_seconds")]
             entry["step_ratio"] = float(np.mean(ratios)) if ratios else None
@@ -498,25 +489,39 @@ def claim1_rows(payload):
     return rows
 
 
-def versus(payload, a, b):
-    """Two-level bootstrap of row `a` minus row `b` (ce_loss, accuracy)."""
+def paired_runs(runs_a, runs_b):
+    """`[(run of a, run of b)]` per seed (`{seed: run}` dicts): a zero-shot
+    row (seed None) pairs with every seed of `b`; a trained row only with
+    the seeds both have."""
+    if None in runs_a:
+        return [(runs_a[None], runs_b[s]) for s in sorted(runs_b)]
+    return [(runs_a[s], runs_b[s]) for s in sorted(set(runs_a) & set(runs_b))]
+
+
+def bootstrap_pairs(pairs, seed):
+    """`{"gold_nll": (value, low, high), "correct": ...}` of `a - b` over
+    the pairs, two-level bootstrap (ce_loss per token, accuracy)."""
     import numpy as np
 
+    tokens = pooled(pairs[0][0], "gold_tokens")
+    out = {}
+    for key in ("gold_nll", "correct"):
+        diff = np.stack([pooled(a, key) - pooled(b, key) for a, b in pairs])
+        out[key] = two_level_bootstrap(
+            diff, tokens if key == "gold_nll" else None, seed=seed
+        )
+    return out
+
+
+def versus(payload, a, b):
+    """Two-level bootstrap of row `a` minus row `b` (ce_loss, accuracy)."""
     runs = {}
     for r in payload["results"]:
         runs.setdefault(r["row"], {})[r["seed"]] = r
     if a not in runs or b not in runs:
         return None
-    seeds = sorted(set(runs[a]) & set(runs[b]))
-    tokens = pooled(runs[a][seeds[0]], "gold_tokens")
-    out = {}
-    for key in ("gold_nll", "correct"):
-        diff = np.stack([pooled(runs[a][s], key) - pooled(runs[b][s], key)
-                         for s in seeds])
-        out[key] = two_level_bootstrap(
-            diff, tokens if key == "gold_nll" else None, seed=len(seeds)
-        )
-    return out
+    pairs = paired_runs(runs[a], runs[b])
+    return bootstrap_pairs(pairs, seed=len(pairs))
 
 
 def verdicts(payload):
