@@ -28,7 +28,7 @@ seed and documents). Train step time: median of steps 2..60, as a ratio to
 `lora` of the same seed in the same process.
 
 Claim 2, on each seed's `relora_multi+reducer` model, on `--fig5-per-task`
-(40) of the held-out documents per task (a seeded subset; 61 evaluations
+(25) of the held-out documents per task (a seeded subset; 61 evaluations
 per seed, so this size sets whether the run fits its 2 hours: at 100 per
 task Figure 5 took 24 of a seed's 48 minutes):
 - ground truth: leave-one-block-out, each block's B kernels zeroed in turn
@@ -89,7 +89,7 @@ SIZES = {
         "blocks": 30,
         "train_per_task": 250,
         "test_per_task": 300,
-        "fig5_per_task": 40,
+        "fig5_per_task": 25,
         "random_draws": 10,
         "steps": 60,
         "batch_size": 8,
