@@ -50,6 +50,12 @@ Commands:
     KERAS_BACKEND=tensorflow .venv/bin/python benchmarks/paper_claims.py
     KERAS_BACKEND=jax .venv/bin/python benchmarks/paper_claims.py --quick
 
+With several seeds, each seed runs in a fresh process (the first adds
+the zero-shot row) and their JSON files are merged: in one process
+(`--one-process`) the same rows slowed from seed to seed (`lora`'s median
+step 1003, 1226, 1332 ms for seeds 0-2 in the 126.8-min run of commit
+90f7e7e).
+
 The full run (TensorFlow: the fastest backend for this model on 2 CPU
 cores) writes `paper_claims.json` and `paper_claims.png` to
 `--output-dir` after every row and appends its section to RESULTS.md.
@@ -129,6 +135,13 @@ def parse_args(argv=None):
     parser.add_argument("--from-json", default=None,
                         help="re-render the report of saved runs' JSON "
                         "files (comma-separated: other seeds, merged)")
+    parser.add_argument("--one-process", action="store_true",
+                        help="run every seed in this process (default: a "
+                        "fresh process per seed when there are several; "
+                        "in one process, rows slowed from seed to seed)")
+    parser.add_argument("--no-zero-shot", action="store_true",
+                        help="skip the zero-shot row (the per-seed "
+                        "processes after the first)")
     args = parser.parse_args(argv)
     args = finetune.finish_args(args, SIZES, full_seeds="0,1,2")
     names = [n for n in args.only.split(",") if n]
@@ -350,6 +363,8 @@ def main(argv=None):
     args = parse_args(argv)
     if args.from_json:
         return render(args.from_json, append=not args.no_append)
+    if len(args.seeds) > 1 and not args.one_process:
+        return run_seed_processes(argv, args)
     common.pin_threads_env(args.threads)
     import numpy as np
 
@@ -389,6 +404,7 @@ def main(argv=None):
         if fingerprint is None:
             batch = {k: v[:2] for k, v in data["train"][0].items()}
             fingerprint = (batch, commonsense.fingerprint(lm, batch))
+        if not args.no_zero_shot and not payload["results"]:
             with phase(payload, "zero-shot"):
                 scored = commonsense.metrics(lm, data, args)
             payload["results"].append({"row": ZERO_SHOT, "seed": None,
@@ -425,6 +441,29 @@ def main(argv=None):
     save()
     log(f"wrote {path}")
     return render(path, append=not args.no_append)
+
+
+def run_seed_processes(argv, args):
+    """Runs each seed in a fresh process (the first one adds the zero-shot
+    row), then merges their JSON files as `--from-json` does into
+    `<output-dir>/paper_claims.json` and renders the report."""
+    import shutil
+    import subprocess
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    paths = []
+    for i, seed in enumerate(args.seeds):
+        out = os.path.join(args.output_dir, f"seed{seed}")
+        subprocess.run(
+            [sys.executable, os.path.abspath(__file__), *argv,
+             "--seeds", str(seed), "--output-dir", out, "--no-append"]
+            + ([] if i == 0 else ["--no-zero-shot"]),
+            check=True,
+        )
+        paths.append(os.path.join(out, "paper_claims.json"))
+    paths[0] = shutil.copy(paths[0], os.path.join(args.output_dir,
+                                                  "paper_claims.json"))
+    return render(",".join(paths), append=not args.no_append)
 
 
 @contextlib.contextmanager
