@@ -154,14 +154,10 @@ def score(lm, data, args, logits_fn=None):
     Pass the same `logits_fn` (`olmo_scorer.keras_logits_fn(lm)`) to
     evaluations of one model whose variables change in between: a new one
     compiles again for every input shape (on TensorFlow, ~30 s a call).
-    Without one, a function for this one pass is made without XLA, which
-    costs less than compiling every shape (`keras_logits_fn`'s note).
     """
     from relora_offline import olmo_scorer
 
-    logits_fn = logits_fn or olmo_scorer.keras_logits_fn(
-        lm, jit_compile=False
-    )
+    logits_fn = logits_fn or olmo_scorer.keras_logits_fn(lm)
     return {
         name: olmo_scorer.score_task(
             logits_fn, task, data["test"][name],

@@ -25,7 +25,7 @@ only for tasks of that type, and SST-2 and ARC-Easy are `acc` tasks). Every row 
 95% interval of its difference to `lora` from a two-level paired bootstrap
 (seeds and documents resampled, each row paired with `lora` of the same
 seed and documents). Train step time: median of steps 2..60, as a ratio to
-`lora` of the same seed in the same process.
+`lora` of the same seed (run at the same time, see below).
 
 Claim 2, on each seed's `relora_multi+reducer` model, on `--fig5-per-task`
 (25) of the held-out documents per task (a seeded subset; 61 evaluations
@@ -50,11 +50,15 @@ Commands:
     KERAS_BACKEND=tensorflow .venv/bin/python benchmarks/paper_claims.py
     KERAS_BACKEND=jax .venv/bin/python benchmarks/paper_claims.py --quick
 
-With several seeds, each seed runs in a fresh process (the first adds
-the zero-shot row) and their JSON files are merged: in one process
-(`--one-process`) the same rows slowed from seed to seed (`lora`'s median
-step 1003, 1226, 1332 ms for seeds 0-2 in the 126.8-min run of commit
-90f7e7e).
+With several seeds, each seed runs in fresh processes, `--jobs` (2) side
+by side on `--threads // --jobs` threads each, its rows split between
+them (`row_groups`; the first adds the zero-shot row), and their JSON
+files are merged. In one process (`--one-process`) the same rows slowed
+from seed to seed (`lora`'s median step 1003, 1226, 1332 ms for seeds 0-2
+in the 126.8-min run of commit 90f7e7e), and one process leaves a core
+idle while TensorFlow traces a row's train step (single-threaded Python,
+~70-90 s a row). Step times are then of one thread per process, with the
+seed's other process running beside it.
 
 The full run (TensorFlow: the fastest backend for this model on 2 CPU
 cores) writes `paper_claims.json` and `paper_claims.png` to

@@ -58,12 +58,13 @@ def keras_logits_fn(causal_lm, jit_compile="auto"):
         causal_lm: a `keras_hub.models.CausalLM` whose backbone reads
             `token_ids` and `padding_mask` and has a `token_embedding`
             (Llama 3, Llama, Mistral, ...), adapted or not.
-        jit_compile: `"auto"` (Keras's choice: XLA on TensorFlow and JAX)
-            or a bool, as `Model.compile` takes it. XLA pays a compilation
-            per input shape that only many calls of one shape repay: for
-            a function used for one scoring pass, `False` is faster on
-            TensorFlow (SmolLM2, 2 CPU cores, 200 documents of SST-2 and
-            ARC-Easy: 54-62 s without XLA, 108-169 s with it).
+        jit_compile: `"auto"` (Keras's choice: XLA on JAX, and on
+            TensorFlow only with an accelerator) or a bool, as
+            `Model.compile` takes it. XLA pays a compilation per input
+            shape that only many calls of one shape repay (TensorFlow,
+            SmolLM2, 2 CPU cores, one pass over 200 documents of SST-2
+            and ARC-Easy: 54-62 s without XLA, 108-169 s with
+            `jit_compile=True`).
 
     Returns:
         A function `(token_ids, padding_mask, positions) -> logits`, numpy

@@ -83,6 +83,7 @@ def test_scorer_matches_icl_metric_on_full_logits(tiny_pair, name):
     expected, gold_nll = reference_scores(hf, task, doc_ids)
     for logits_fn in (
         olmo_scorer.keras_logits_fn(lm),
+        olmo_scorer.keras_logits_fn(lm, jit_compile=False),
         olmo_scorer.transformers_logits_fn(hf),
     ):
         got = olmo_scorer.score_task(

@@ -112,6 +112,24 @@ def test_verdicts_follow_the_declared_margins(claims):
     assert "**cannot tell" in claims.verdicts({"results": results})[0]
 
 
+def test_row_groups_split_the_rows_by_work(claims):
+    rows = list(claims.ROWS)
+    assert claims.row_groups(rows, 1) == [rows]
+    groups = claims.row_groups(rows, 2)
+    # Every row once, in the benchmark's order within each group.
+    assert sorted(r for g in groups for r in g) == sorted(rows)
+    for group in groups:
+        assert group == [r for r in rows if r in group]
+    names = [[r[0] for r in g] for g in groups]
+    # Figure 5's row (3.5) plus one row vs four rows: 4.5 vs 4, the
+    # lighter group first.
+    assert names[1] == ["relora_multi+reducer", "relora+reducer"]
+    assert names[0] == ["lora", "lora_matched", "hydralora", "relora_multi"]
+    assert len(claims.row_groups(rows[:2], 8)) == 2
+    with pytest.raises(SystemExit):
+        claims.parse_args(["--jobs", "0"])
+
+
 @needs_assets
 @needs_smollm2
 @smoke_backend("torch")
@@ -123,6 +141,12 @@ def test_paper_claims_quick(tmp_path, claims):
     with open(tmp_path / "paper_claims.json") as f:
         payload = json.load(f)
     assert payload["complete"]
+    # Each seed's rows ran in two processes side by side (`--jobs 2`): the
+    # run's wall time is less than the sum of the processes' times.
+    assert sorted(p.name for p in tmp_path.glob("seed*_part*")) == [
+        "seed0_part0", "seed0_part1", "seed1_part0", "seed1_part1"
+    ]
+    assert 0 < payload["total_seconds"] < payload["process_seconds"]
     rows = [(r["row"], r["seed"]) for r in payload["results"]]
     assert rows == [("zero-shot", None)] + [
         (name, seed) for seed in (0, 1)
