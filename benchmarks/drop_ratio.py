@@ -5,7 +5,8 @@ Trains `relora_multi` (4 routed B experts, shared A) with the
 sizes and settings: `--model minilm` (default; the MiniLM-L6
 classification mix of `minilm_tasks.py`, 6 blocks) or `--model smollm2`
 (SmolLM2-135M on the tasks of `commonsense.py`, by default sst2 and
-arc_easy, scored with OLMo's evaluator, 30 blocks). Then it removes the B experts of 25/50/75% of the blocks, either
+arc_easy, scored with OLMo's evaluator, 30 blocks). Then it removes the
+B experts of 25/50/75% of the blocks, either
 the least important ones by the Reducer's learned importance
 (`keras_relora.prune`'s rule) or random blocks (several seeds), evaluates
 each, and plots accuracy against the drop ratio for both strategies.
@@ -57,24 +58,36 @@ def model_flag(argv):
 def parse_args(argv=None):
     model = model_flag(argv)
     all_tasks, sizes = (
-        (minilm_tasks.TASKS, minilm_tasks.SIZES) if model == "minilm"
+        (minilm_tasks.TASKS, minilm_tasks.SIZES)
+        if model == "minilm"
         else (commonsense.TASKS, commonsense.SIZES)
     )
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--model", choices=MODELS, default="minilm",
-                        help="the benchmark whose model, data and sizes "
-                        "are used (default: minilm)")
+    parser.add_argument(
+        "--model",
+        choices=MODELS,
+        default="minilm",
+        help="the benchmark whose model, data and sizes "
+        "are used (default: minilm)",
+    )
     finetune.add_common_args(parser, all_tasks, sizes)
     parser.add_argument("--ratios", default="0.25,0.5,0.75")
-    parser.add_argument("--random-seeds", type=int, default=None,
-                        help="random drops per ratio (default 5; --quick 2)")
-    parser.add_argument("--from-json", default=None,
-                        help="re-render the report of saved runs' JSON "
-                        "files (comma-separated: their training seeds are "
-                        "merged into one table)")
+    parser.add_argument(
+        "--random-seeds",
+        type=int,
+        default=None,
+        help="random drops per ratio (default 5; --quick 2)",
+    )
+    parser.add_argument(
+        "--from-json",
+        default=None,
+        help="re-render the report of saved runs' JSON "
+        "files (comma-separated: their training seeds are "
+        "merged into one table)",
+    )
     args = parser.parse_args(argv)
     quick = args.quick
     args = finetune.finish_args(args, sizes)
@@ -153,20 +166,20 @@ class MiniLMBench:
 
     def train(self, seed, data):
         """`(result dict, trained model)`."""
-        return minilm_tasks.train_row(ROW, seed, data, self.args,
-                                      self.backbone)
+        return minilm_tasks.train_row(ROW, seed, data, self.args, self.backbone)
 
     def evaluate(self, model, data):
-        return {"accuracy": minilm_tasks.evaluate(
-            model, data["test"], self.args.eval_batch_size
-        )}
+        return {
+            "accuracy": minilm_tasks.evaluate(
+                model, data["test"], self.args.eval_batch_size
+            )
+        }
 
     def check_logits(self, model, data):
         """Logits of the first task's test inputs (traced afresh)."""
         x, _ = data["test"][self.args.tasks[0]]
         model.predict_function = None
-        return model.predict(x, batch_size=self.args.eval_batch_size,
-                             verbose=0)
+        return model.predict(x, batch_size=self.args.eval_batch_size, verbose=0)
 
     def test_sizes(self, data):
         return {t: len(data["test"][t][1]) for t in self.args.tasks}
@@ -237,36 +250,57 @@ def main(argv=None):
         trained, model = bench.train(seed, data)
         importance = np.asarray(trained["importance"])
         num_blocks = keras_relora.get_state(model).num_blocks
-        run = {"seed": seed, "trained": trained, "num_blocks": num_blocks,
-               "points": []}
-        print(f"[seed {seed}] trained: avg {100 * trained['average']:.1f}, "
-              f"importance {np.round(importance, 4).tolist()}", flush=True)
+        run = {
+            "seed": seed,
+            "trained": trained,
+            "num_blocks": num_blocks,
+            "points": [],
+        }
+        print(
+            f"[seed {seed}] trained: avg {100 * trained['average']:.1f}, "
+            f"importance {np.round(importance, 4).tolist()}",
+            flush=True,
+        )
         for ratio in args.ratios:
             configs = [("importance", None)] + [
                 ("random", s) for s in range(args.random_seeds)
             ]
             for strategy, drop_seed in configs:
-                blocks = blocks_to_drop(num_blocks, ratio, strategy,
-                                        importance, drop_seed)
+                blocks = blocks_to_drop(
+                    num_blocks, ratio, strategy, importance, drop_seed
+                )
                 fields = accuracy_with_dropped(bench, model, blocks, data)
                 accuracy = fields["accuracy"]
-                run["points"].append({
-                    "ratio": ratio, "strategy": strategy,
-                    "drop_seed": drop_seed, "blocks": blocks,
-                    **fields, "average": average(accuracy),
-                })
-                print(f"  drop {ratio:.2f} {strategy:<10} seed {drop_seed} "
-                      f"blocks {blocks}: avg "
-                      f"{100 * average(accuracy):.1f}", flush=True)
+                run["points"].append(
+                    {
+                        "ratio": ratio,
+                        "strategy": strategy,
+                        "drop_seed": drop_seed,
+                        "blocks": blocks,
+                        **fields,
+                        "average": average(accuracy),
+                    }
+                )
+                print(
+                    f"  drop {ratio:.2f} {strategy:<10} seed {drop_seed} "
+                    f"blocks {blocks}: avg "
+                    f"{100 * average(accuracy):.1f}",
+                    flush=True,
+                )
         run["prune_check"] = prune_check(bench, model, data, run)
         print(f"  prune check: {run['prune_check']}", flush=True)
         runs.append(run)
         bench.release(model)
         del model
     total = time.perf_counter() - start
-    payload = {"settings": vars(args), "environment": env, "runs": runs,
-               "total_seconds": total, "command": finetune.command_line(),
-               "test_sizes": bench.test_sizes(data)}
+    payload = {
+        "settings": vars(args),
+        "environment": env,
+        "runs": runs,
+        "total_seconds": total,
+        "command": finetune.command_line(),
+        "test_sizes": bench.test_sizes(data),
+    }
     os.makedirs(args.output_dir, exist_ok=True)
     path = os.path.join(args.output_dir, f"drop_ratio_{args.model}.json")
     common.write_json(path, payload)
@@ -282,8 +316,11 @@ def prune_check(bench, model, data, run):
 
     ratios = bench.args.ratios
     ratio = ratios[len(ratios) // 2]
-    point = next(p for p in run["points"]
-                 if p["ratio"] == ratio and p["strategy"] == "importance")
+    point = next(
+        p
+        for p in run["points"]
+        if p["ratio"] == ratio and p["strategy"] == "importance"
+    )
     with dropped(model, point["blocks"]):
         zeroed = bench.check_logits(model, data)
     pruned_blocks = keras_relora.prune(model, ratio)
@@ -324,20 +361,28 @@ def summary(payload):
     rows, curves = [], {"importance": ([], [], []), "random": ([], [], [])}
     for r in ratios:
         imp, rnd = values[(r, "importance")], values[(r, "random")]
-        rows.append([
-            f"{r:.2f}",
-            finetune.fmt_pct(imp),
-            finetune.fmt_pct(rnd) + f" (n={len(rnd)})",
-            f"{100 * min(rnd):.1f}..{100 * max(rnd):.1f}",
-            f"{100 * (np.mean(imp) - np.mean(rnd)):+.1f}",
-        ])
+        rows.append(
+            [
+                f"{r:.2f}",
+                finetune.fmt_pct(imp),
+                finetune.fmt_pct(rnd) + f" (n={len(rnd)})",
+                f"{100 * min(rnd):.1f}..{100 * max(rnd):.1f}",
+                f"{100 * (np.mean(imp) - np.mean(rnd)):+.1f}",
+            ]
+        )
         for s, v in (("importance", imp), ("random", rnd)):
             curves[s][0].append(r)
             curves[s][1].append(100 * float(np.mean(v)))
-            curves[s][2].append(100 * float(np.std(v, ddof=1))
-                                if len(v) > 1 else 0.0)
-    headers = ["drop ratio", "by importance", "random (mean ± std)",
-               "random min..max", "importance - random"]
+            curves[s][2].append(
+                100 * float(np.std(v, ddof=1)) if len(v) > 1 else 0.0
+            )
+    headers = [
+        "drop ratio",
+        "by importance",
+        "random (mean ± std)",
+        "random min..max",
+        "importance - random",
+    ]
     return common.markdown_table(headers, rows), curves
 
 
@@ -352,12 +397,20 @@ def plot_curves(path, curves, args):
         return None
     fig, ax = plt.subplots(figsize=(5, 4))
     for strategy, (ratios, means, stds) in curves.items():
-        ax.errorbar(ratios, means, yerr=stds, marker="o", capsize=4,
-                    label=f"drop by {strategy}")
+        ax.errorbar(
+            ratios,
+            means,
+            yerr=stds,
+            marker="o",
+            capsize=4,
+            label=f"drop by {strategy}",
+        )
     ax.set_xlabel("fraction of blocks whose B is dropped")
     ax.set_ylabel("average accuracy (%)")
-    ax.set_title(f"{TITLES[model_of(args)]}, relora_multi + Reducer, "
-                 f"seeds {args.seeds}", fontsize=9)
+    ax.set_title(
+        f"{TITLES[model_of(args)]}, relora_multi + Reducer, seeds {args.seeds}",
+        fontsize=9,
+    )
     ax.legend()
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -384,8 +437,9 @@ def report_markdown(payload, table, plot):
     counts = ", ".join(
         f"{int(100 * r)}% -> {int(r * blocks + 0.5)}" for r in args.ratios
     )
-    trained_as = {"minilm": "`minilm_tasks.py`",
-                  "smollm2": "`commonsense.py`"}[model]
+    trained_as = {"minilm": "`minilm_tasks.py`", "smollm2": "`commonsense.py`"}[
+        model
+    ]
     plot_line = finetune.plot_line(plot)
     return (
         f"## Drop ratio (Figure 5) on {TITLES[model]} (`drop_ratio.py`), "
@@ -410,11 +464,14 @@ def report_markdown(payload, table, plot):
         f"{importances}\n"
         f"- cells: average accuracy % over the {len(args.tasks)} tasks; "
         f"ratio 0 is the trained model without dropping\n"
-        + ("- scoring: OLMo's evaluator (`olmo_eval.ICLMetric` `acc` via "
-           "`relora_offline.olmo_scorer`, log-likelihood of each answer "
-           "continuation); each point's JSON also holds the held-out "
-           "ce_loss per gold continuation token\n" if model == "smollm2"
-           else "")
+        + (
+            "- scoring: OLMo's evaluator (`olmo_eval.ICLMetric` `acc` via "
+            "`relora_offline.olmo_scorer`, log-likelihood of each answer "
+            "continuation); each point's JSON also holds the held-out "
+            "ce_loss per gold continuation token\n"
+            if model == "smollm2"
+            else ""
+        )
         + f"- total wall time {payload['total_seconds'] / 60:.1f} min\n"
         f"{plot_line}\n{table}\n"
     )

@@ -62,11 +62,17 @@ def add_common_args(parser, tasks, sizes, full_seeds="0"):
     mode's default. `full_seeds` is the `--seeds` default of a full run
     (pass the same to `finish_args`).
     """
-    parser.add_argument("--quick", action="store_true",
-                        help="a smoke run: tiny subset, a few steps")
-    parser.add_argument("--seeds", default=None,
-                        help="comma-separated training seeds (default: "
-                        f"{full_seeds}; --quick: 0)")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="a smoke run: tiny subset, a few steps",
+    )
+    parser.add_argument(
+        "--seeds",
+        default=None,
+        help="comma-separated training seeds (default: "
+        f"{full_seeds}; --quick: 0)",
+    )
     parser.add_argument("--tasks", default=",".join(tasks))
     for name in sizes["full"]:
         parser.add_argument("--" + name.replace("_", "-"), type=int)
@@ -74,8 +80,9 @@ def add_common_args(parser, tasks, sizes, full_seeds="0"):
     parser.add_argument("--learning-rate", type=float, default=1e-3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--output-dir", default=None)
-    parser.add_argument("--no-append", action="store_true",
-                        help="do not append to RESULTS.md")
+    parser.add_argument(
+        "--no-append", action="store_true", help="do not append to RESULTS.md"
+    )
 
 
 def finish_args(args, sizes, full_seeds="0"):
@@ -90,7 +97,8 @@ def finish_args(args, sizes, full_seeds="0"):
     args.tasks = [t for t in args.tasks.split(",") if t]
     if args.output_dir is None:
         args.output_dir = (
-            os.path.join("outputs", "benchmarks", "quick") if args.quick
+            os.path.join("outputs", "benchmarks", "quick")
+            if args.quick
             else os.path.join("benchmarks", "results")
         )
     return args
@@ -181,9 +189,16 @@ def summary_table(results, tasks):
     for r in results:
         by_row.setdefault(r["row"], []).append(r)
     headers = (
-        ["variant"] + list(tasks)
-        + ["average", "min..max avg", "adapter params (% base)",
-           "adapter state MiB", "train s", "peak RSS MiB"]
+        ["variant"]
+        + list(tasks)
+        + [
+            "average",
+            "min..max avg",
+            "adapter params (% base)",
+            "adapter state MiB",
+            "train s",
+            "peak RSS MiB",
+        ]
     )
     rows = []
     for name, runs in by_row.items():
@@ -206,8 +221,15 @@ def summary_table(results, tasks):
     return common.markdown_table(headers, rows), by_row
 
 
-def bar_plot(path, names, values, title, ylabel="average accuracy (%)",
-             errors=None, baseline=None):
+def bar_plot(
+    path,
+    names,
+    values,
+    title,
+    ylabel="average accuracy (%)",
+    errors=None,
+    baseline=None,
+):
     """Writes a bar chart PNG (needs matplotlib); returns `path` or None."""
     try:
         import matplotlib
@@ -218,11 +240,11 @@ def bar_plot(path, names, values, title, ylabel="average accuracy (%)",
         print("matplotlib is not installed: no plot written")
         return None
     fig, ax = plt.subplots(figsize=(1.0 + 1.1 * len(names), 4.0))
-    ax.bar(range(len(names)), values, yerr=errors, capsize=4,
-           color="tab:blue")
+    ax.bar(range(len(names)), values, yerr=errors, capsize=4, color="tab:blue")
     if baseline is not None:
-        ax.axhline(baseline, color="gray", linestyle="--",
-                   label="base / head only")
+        ax.axhline(
+            baseline, color="gray", linestyle="--", label="base / head only"
+        )
         ax.legend(loc="lower right")
     ax.set_xticks(range(len(names)))
     ax.set_xticklabels(names, rotation=30, ha="right")
@@ -262,8 +284,7 @@ def plot_line(plot):
     """The report's "- plot: ..., data: ..." line (empty without a plot)."""
     if not plot:
         return ""
-    return (f"- plot: `{repo_path(plot)}`, data: "
-            f"`{repo_path(plot)[:-4]}.json`\n")
+    return f"- plot: `{repo_path(plot)}`, data: `{repo_path(plot)[:-4]}.json`\n"
 
 
 def load_runs(paths, merge_results):
@@ -296,8 +317,9 @@ def publish(payload, table, plot, report_markdown, append):
 
     `report_markdown(payload, table, plot)` writes the section.
     """
-    common.emit_result({"total_seconds": payload["total_seconds"],
-                        "table": table})
+    common.emit_result(
+        {"total_seconds": payload["total_seconds"], "table": table}
+    )
     if append:
         append_section(report_markdown(payload, table, plot))
     return payload

@@ -217,23 +217,27 @@ def main(args):
             entry["vs_keras_lora"] = rl
             vs_lora = common.fmt_ratio(rl)
         result["configs"][name] = entry
-        rows.append([
-            name,
-            common.fmt_ms(t),
-            common.fmt_ratio(r),
-            vs_lora,
-            f"{first_call_s[name]:.1f}",
-        ])
-    print(common.markdown_table(
-        [
-            "config",
-            "ms/step median [min, max]",
-            "x frozen median [min, max]",
-            "x keras_lora median [min, max]",
-            f"warm-up s ({args.warmup} calls)",
-        ],
-        rows,
-    ))
+        rows.append(
+            [
+                name,
+                common.fmt_ms(t),
+                common.fmt_ratio(r),
+                vs_lora,
+                f"{first_call_s[name]:.1f}",
+            ]
+        )
+    print(
+        common.markdown_table(
+            [
+                "config",
+                "ms/step median [min, max]",
+                "x frozen median [min, max]",
+                "x keras_lora median [min, max]",
+                f"warm-up s ({args.warmup} calls)",
+            ],
+            rows,
+        )
+    )
     if "relora_e4" in runners and "keras_lora" in runners:
         target = result["configs"]["relora_e4"]["vs_keras_lora"]
         met = target["median"] <= 1.15
@@ -269,18 +273,20 @@ def summarise(results):
             cells.append(f"{ratio['median']:.3f}" if ratio else "-")
         rows.append(cells)
     print("\nSummary (median of per-round ratios):")
-    print(common.markdown_table(
-        [
-            "backend",
-            "keras_lora / frozen",
-            "act_lora / frozen",
-            "relora_e1 / frozen",
-            "relora_e4 / frozen",
-            "relora_e1 / keras_lora",
-            "relora_e4 / keras_lora",
-        ],
-        rows,
-    ))
+    print(
+        common.markdown_table(
+            [
+                "backend",
+                "keras_lora / frozen",
+                "act_lora / frozen",
+                "relora_e1 / frozen",
+                "relora_e4 / frozen",
+                "relora_e1 / keras_lora",
+                "relora_e4 / keras_lora",
+            ],
+            rows,
+        )
+    )
 
 
 if __name__ == "__main__":

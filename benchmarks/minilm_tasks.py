@@ -69,12 +69,17 @@ def parse_args(argv=None):
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     finetune.add_common_args(parser, TASKS, SIZES, SEEDS)
-    parser.add_argument("--from-json", default=None,
-                        help="re-render the report of a saved run's JSON "
-                        "(no training)")
-    parser.add_argument("--only", default="",
-                        help="comma-separated rows of "
-                        f"{', '.join((HEAD_ONLY,) + finetune.ROW_NAMES)}")
+    parser.add_argument(
+        "--from-json",
+        default=None,
+        help="re-render the report of a saved run's JSON (no training)",
+    )
+    parser.add_argument(
+        "--only",
+        default="",
+        help="comma-separated rows of "
+        f"{', '.join((HEAD_ONLY,) + finetune.ROW_NAMES)}",
+    )
     return finetune.finish_args(parser.parse_args(argv), SIZES, SEEDS)
 
 
@@ -87,9 +92,7 @@ def label_layout(tasks):
 
     offsets, counts, total = {}, {}, 0
     for task in tasks:
-        names = commonsense.load_classification(task, "test")[0][
-            "label_names"
-        ]
+        names = commonsense.load_classification(task, "test")[0]["label_names"]
         offsets[task], counts[task] = total, len(names)
         total += len(names)
     return offsets, counts, total
@@ -101,13 +104,11 @@ def _encode(preprocessor, examples, offsets, counts, total):
     pairs = [e["text_b"] is not None for e in examples]
     if all(pairs):
         x = preprocessor(
-            x=([e["text_a"] for e in examples],
-               [e["text_b"] for e in examples])
+            x=([e["text_a"] for e in examples], [e["text_b"] for e in examples])
         )
     else:
         x = preprocessor(x=([e["text_a"] for e in examples],))
-    x = {k: keras.ops.convert_to_numpy(v).astype("int32")
-         for k, v in x.items()}
+    x = {k: keras.ops.convert_to_numpy(v).astype("int32") for k, v in x.items()}
     import numpy as np
 
     label_mask = np.zeros((len(examples), total), "float32")
@@ -159,8 +160,9 @@ def build_data(args, preprocessor, seed):
         take = min(args.train_per_task, len(pool))
         train.extend(pool[i] for i in rng.choice(len(pool), take, False))
     need = args.steps * args.batch_size
-    passes = [rng.permutation(len(train))
-              for _ in range(-(-need // len(train)))]
+    passes = [
+        rng.permutation(len(train)) for _ in range(-(-need // len(train)))
+    ]
     order = np.concatenate(passes)[:need]
     train_x, train_y = encode_examples(
         preprocessor, [train[i] for i in order], offsets, counts, total
@@ -203,8 +205,10 @@ def classifier_class():
         def call(self, inputs):
             ops = keras.ops
             outputs = self.backbone(
-                {k: inputs[k]
-                 for k in ("token_ids", "segment_ids", "padding_mask")}
+                {
+                    k: inputs[k]
+                    for k in ("token_ids", "segment_ids", "padding_mask")
+                }
             )["sequence_output"]  # (batch, seq, hidden)
             mask = ops.cast(inputs["padding_mask"], outputs.dtype)[..., None]
             pooled = ops.sum(outputs * mask, axis=1) / ops.maximum(
@@ -253,7 +257,8 @@ def train_row(row, seed, data, args, backbone):
     else:
         # The head trains in full next to the adapters (`train_layers`).
         report = model.enable_relora(
-            rank=args.rank, train_layers=["head"],
+            rank=args.rank,
+            train_layers=["head"],
             **keras_relora.VARIANTS[variant],
         )
         head_params = sum(int(np.prod(v.shape)) for v in model.head.weights)
@@ -277,8 +282,13 @@ def train_row(row, seed, data, args, backbone):
     with finetune.PeakRSS() as memory:
         with finetune.timed(seconds, "train"):
             history = model.fit(
-                x, y, batch_size=args.batch_size, epochs=1, shuffle=False,
-                callbacks=callbacks, verbose=0,
+                x,
+                y,
+                batch_size=args.batch_size,
+                epochs=1,
+                shuffle=False,
+                callbacks=callbacks,
+                verbose=0,
             )
         with finetune.timed(seconds, "eval"):
             accuracy = evaluate(model, data["test"], args.eval_batch_size)
@@ -323,7 +333,6 @@ def summarize(results, tasks):
 def main(argv=None):
     args = parse_args(argv)
     common.pin_threads_env(args.threads)
-    import keras
     import numpy as np
 
     common.pin_threads_runtime(args.threads)
@@ -347,8 +356,11 @@ def main(argv=None):
     for seed in args.seeds:
         data = build_data(args, preprocessor, seed)
         if reference is None:
-            check = {k: v[:4] for k, v in data["train"][0].items()
-                     if k != "label_mask"}
+            check = {
+                k: v[:4]
+                for k, v in data["train"][0].items()
+                if k != "label_mask"
+            }
             reference = (check, base_fingerprint(backbone, check))
         for row in plan:
             again = base_fingerprint(backbone, reference[0])
@@ -359,8 +371,9 @@ def main(argv=None):
                 )
             result, model = train_row(row, seed, data, args, backbone)
             results.append(result)
-            accuracy = {k: round(100 * v, 1)
-                        for k, v in result["accuracy"].items()}
+            accuracy = {
+                k: round(100 * v, 1) for k, v in result["accuracy"].items()
+            }
             print(
                 f"[seed {seed}] {row[0]:<22} avg "
                 f"{100 * result['average']:.1f}  {json.dumps(accuracy)}  "
@@ -372,10 +385,14 @@ def main(argv=None):
             release_row(model, backbone)
             del model
     total = time.perf_counter() - start
-    payload = {"settings": vars(args), "environment": env,
-               "results": results, "total_seconds": total,
-               "command": finetune.command_line(),
-               "test_sizes": {t: len(data["test"][t][1]) for t in args.tasks}}
+    payload = {
+        "settings": vars(args),
+        "environment": env,
+        "results": results,
+        "total_seconds": total,
+        "command": finetune.command_line(),
+        "test_sizes": {t: len(data["test"][t][1]) for t in args.tasks},
+    }
     os.makedirs(args.output_dir, exist_ok=True)
     path = os.path.join(args.output_dir, "minilm_tasks.json")
     common.write_json(path, payload)
@@ -391,10 +408,12 @@ def render(path, append):
     table, by_row = summarize(payload["results"], args.tasks)
     print("\n" + table)
     names = list(by_row)
-    spreads = [finetune.mean_spread(r["average"] for r in by_row[n])
-               for n in names]
+    spreads = [
+        finetune.mean_spread(r["average"] for r in by_row[n]) for n in names
+    ]
     plot = finetune.bar_plot(
-        os.path.join(os.path.dirname(path), "minilm_tasks.png"), names,
+        os.path.join(os.path.dirname(path), "minilm_tasks.png"),
+        names,
         [100 * m for m, *_ in spreads],
         f"MiniLM-L6, {len(args.tasks)} tasks, {args.steps} steps, "
         f"seeds {args.seeds} (mean, std)",

@@ -21,7 +21,8 @@ Claim 1 rows, 3 training seeds each: zero-shot, `lora` r8, `lora` at
 `relora_multi`, `relora_multi+reducer`, `relora+reducer` (one B per layer).
 Primary metric: held-out `ce_loss` (NLL per gold continuation token);
 secondary: `ICLMetric`'s `acc` (and its `bpb`; it computes `len_norm`
-only for tasks of that type, and SST-2 and ARC-Easy are `acc` tasks). Every row gets a
+only for tasks of that type, and SST-2 and ARC-Easy are `acc` tasks).
+Every row gets a
 95% interval of its difference to `lora` from a two-level paired bootstrap
 (seeds and documents resampled, each row paired with `lora` of the same
 seed and documents). Train step time: median of steps 2..60, as a ratio to
@@ -128,28 +129,47 @@ def parse_args(argv=None):
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    finetune.add_common_args(parser, commonsense.TASKS, SIZES,
-                             full_seeds="0,1,2")
+    finetune.add_common_args(
+        parser, commonsense.TASKS, SIZES, full_seeds="0,1,2"
+    )
     parser.set_defaults(learning_rate=2e-3)
-    parser.add_argument("--only", default="",
-                        help="comma-separated rows of "
-                        f"{', '.join(n for n, _, _ in ROWS)} (default: all)")
-    parser.add_argument("--no-figure5", action="store_true",
-                        help="skip claim 2 (leave-one-block-out and drops)")
-    parser.add_argument("--from-json", default=None,
-                        help="re-render the report of saved runs' JSON "
-                        "files (comma-separated: other seeds, merged)")
-    parser.add_argument("--one-process", action="store_true",
-                        help="run every seed in this process (default: a "
-                        "fresh process per seed when there are several; "
-                        "in one process, rows slowed from seed to seed)")
-    parser.add_argument("--jobs", type=int, default=2,
-                        help="processes side by side, each on --threads "
-                        "// --jobs threads (default 2: one process "
-                        "leaves a core idle while TensorFlow traces)")
-    parser.add_argument("--no-zero-shot", action="store_true",
-                        help="skip the zero-shot row (the per-seed "
-                        "processes after the first)")
+    parser.add_argument(
+        "--only",
+        default="",
+        help="comma-separated rows of "
+        f"{', '.join(n for n, _, _ in ROWS)} (default: all)",
+    )
+    parser.add_argument(
+        "--no-figure5",
+        action="store_true",
+        help="skip claim 2 (leave-one-block-out and drops)",
+    )
+    parser.add_argument(
+        "--from-json",
+        default=None,
+        help="re-render the report of saved runs' JSON "
+        "files (comma-separated: other seeds, merged)",
+    )
+    parser.add_argument(
+        "--one-process",
+        action="store_true",
+        help="run every seed in this process (default: a "
+        "fresh process per seed when there are several; "
+        "in one process, rows slowed from seed to seed)",
+    )
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=2,
+        help="processes side by side, each on --threads "
+        "// --jobs threads (default 2: one process "
+        "leaves a core idle while TensorFlow traces)",
+    )
+    parser.add_argument(
+        "--no-zero-shot",
+        action="store_true",
+        help="skip the zero-shot row (the per-seed processes after the first)",
+    )
     args = parser.parse_args(argv)
     args = finetune.finish_args(args, SIZES, full_seeds="0,1,2")
     names = [n for n in args.only.split(",") if n]
@@ -180,8 +200,7 @@ def two_level_bootstrap(diff, tokens=None, num_resamples=10000, seed=0):
 
     diff = np.asarray(diff, "float64")
     seeds, docs = diff.shape
-    tokens = (np.ones(docs) if tokens is None
-              else np.asarray(tokens, "float64"))
+    tokens = np.ones(docs) if tokens is None else np.asarray(tokens, "float64")
     rng = np.random.default_rng(seed)
     values = []
     for chunk in np.array_split(np.arange(num_resamples), 10):
@@ -267,8 +286,9 @@ def matched_lora_rank(lm, args):
 
     counts = {}
     for variant in ("lora", "relora_multi"):
-        report = lm.enable_relora(rank=args.rank,
-                                  **keras_relora.VARIANTS[variant])
+        report = lm.enable_relora(
+            rank=args.rank, **keras_relora.VARIANTS[variant]
+        )
         counts[variant] = report.trainable_params
         keras_relora.unload(lm)
     per_rank = counts["lora"] / args.rank
@@ -280,9 +300,10 @@ def subset(data, per_task, seed=1):
     import numpy as np
 
     rng = np.random.default_rng(seed)
-    test = {t: np.sort(rng.choice(ids, min(per_task, len(ids)),
-                                  replace=False))
-            for t, ids in data["test"].items()}
+    test = {
+        t: np.sort(rng.choice(ids, min(per_task, len(ids)), replace=False))
+        for t, ids in data["test"].items()
+    }
     return dict(data, test=test)
 
 
@@ -295,7 +316,9 @@ def pooled_gold_loss(logits_fn, data, args):
     per_task = {}
     for name, task in data["tasks"].items():
         _, n, t = olmo_scorer.gold_nll(
-            logits_fn, task, data["test"][name],
+            logits_fn,
+            task,
+            data["test"][name],
             batch_size=args.eval_batch_size,
         )
         nll, tokens = nll + n.sum(), tokens + t.sum()
@@ -308,15 +331,18 @@ def pooled(result, key):
     import numpy as np
 
     docs = result["documents"]
-    return np.concatenate([np.asarray(docs[t][key], "float64")
-                           for t in sorted(docs)])
+    return np.concatenate(
+        [np.asarray(docs[t][key], "float64") for t in sorted(docs)]
+    )
 
 
 def summary_fields(scored):
     """Pooled accuracy and per-token loss of `commonsense.metrics`."""
     nll, tokens = pooled(scored, "gold_nll"), pooled(scored, "gold_tokens")
-    return {"accuracy_mix": float(pooled(scored, "correct").mean()),
-            "ce_loss_mix": float(nll.sum() / tokens.sum())}
+    return {
+        "accuracy_mix": float(pooled(scored, "correct").mean()),
+        "ce_loss_mix": float(nll.sum() / tokens.sum()),
+    }
 
 
 def figure5(lm, data, importance, seed, args, log):
@@ -338,32 +364,55 @@ def figure5(lm, data, importance, seed, args, log):
             loss, _ = pooled_gold_loss(logits_fn, fig, args)
         lobo.append(loss - base_loss)
     rho = spearman(importance, lobo)
-    log(f"  leave-one-block-out: Spearman {rho:+.3f}, increases "
-        f"{[round(v, 4) for v in lobo]}")
+    log(
+        f"  leave-one-block-out: Spearman {rho:+.3f}, increases "
+        f"{[round(v, 4) for v in lobo]}"
+    )
     points = []
     configs = [(0.0, "none", None)] + [
         (ratio, strategy, draw)
         for ratio in RATIOS
-        for strategy, draw in [("importance", None)] + [
-            ("random", d) for d in range(args.random_draws)
-        ]
+        for strategy, draw in [("importance", None)]
+        + [("random", d) for d in range(args.random_draws)]
     ]
     for ratio, strategy, draw in configs:
-        blocks = [] if strategy == "none" else drop_ratio.blocks_to_drop(
-            num_blocks, ratio, strategy, importance,
-            None if draw is None else 1000 * seed + draw,
+        blocks = (
+            []
+            if strategy == "none"
+            else drop_ratio.blocks_to_drop(
+                num_blocks,
+                ratio,
+                strategy,
+                importance,
+                None if draw is None else 1000 * seed + draw,
+            )
         )
         with drop_ratio.dropped(lm, blocks):
             scored = commonsense.metrics(lm, fig, args, logits_fn)
-        points.append({"ratio": ratio, "strategy": strategy, "draw": draw,
-                       "blocks": blocks, **summary_fields(scored)})
-        log(f"  drop {ratio:.2f} {strategy:<10} {draw}: acc "
+        points.append(
+            {
+                "ratio": ratio,
+                "strategy": strategy,
+                "draw": draw,
+                "blocks": blocks,
+                **summary_fields(scored),
+            }
+        )
+        log(
+            f"  drop {ratio:.2f} {strategy:<10} {draw}: acc "
             f"{100 * points[-1]['accuracy_mix']:.1f} ce "
-            f"{points[-1]['ce_loss_mix']:.4f}")
-    return {"seed": seed, "num_blocks": num_blocks,
-            "importance": list(importance), "lobo_base_loss": base_loss,
-            "lobo_increase": lobo, "spearman": rho, "points": points,
-            "test_sizes": {t: len(v) for t, v in fig["test"].items()}}
+            f"{points[-1]['ce_loss_mix']:.4f}"
+        )
+    return {
+        "seed": seed,
+        "num_blocks": num_blocks,
+        "importance": list(importance),
+        "lobo_base_loss": base_loss,
+        "lobo_increase": lobo,
+        "spearman": rho,
+        "points": points,
+        "test_sizes": {t: len(v) for t, v in fig["test"].items()},
+    }
 
 
 # -- main ---------------------------------------------------------------------
@@ -390,16 +439,23 @@ def main(argv=None):
     path = os.path.join(args.output_dir, "paper_claims.json")
     payload = {
         "settings": dict(vars(args), rows=[list(r) for r in args.rows]),
-        "environment": env, "command": finetune.command_line(),
-        "matched_rank": matched_rank, "param_counts_at_rank": counts,
+        "environment": env,
+        "command": finetune.command_line(),
+        "matched_rank": matched_rank,
+        "param_counts_at_rank": counts,
         "margins": {"ce_loss": CE_MARGIN, "accuracy": ACC_MARGIN},
         "base_params": int(lm.backbone.count_params()),
-        "results": [], "figure5": [], "phases": {}, "complete": False,
+        "results": [],
+        "figure5": [],
+        "phases": {},
+        "complete": False,
     }
 
     def log(line):
-        print(f"[{(time.perf_counter() - start) / 60:5.1f} min] {line}",
-              flush=True)
+        print(
+            f"[{(time.perf_counter() - start) / 60:5.1f} min] {line}",
+            flush=True,
+        )
 
     def save():
         payload["total_seconds"] = time.perf_counter() - start
@@ -417,20 +473,32 @@ def main(argv=None):
         if not args.no_zero_shot and not payload["results"]:
             with phase(payload, "zero-shot"):
                 scored = commonsense.metrics(lm, data, args)
-            payload["results"].append({"row": ZERO_SHOT, "seed": None,
-                                       "rank": 0, "adapter_params": 0,
-                                       **scored})
+            payload["results"].append(
+                {
+                    "row": ZERO_SHOT,
+                    "seed": None,
+                    "rank": 0,
+                    "adapter_params": 0,
+                    **scored,
+                }
+            )
             log(line_of(payload["results"][-1]))
             save()
         for name, variant, reducer in args.rows:
             again = commonsense.fingerprint(lm, fingerprint[0])
             if not np.allclose(again, fingerprint[1], atol=1e-4):
-                raise RuntimeError("The base model's outputs changed between "
-                                   "rows: unload left something behind.")
+                raise RuntimeError(
+                    "The base model's outputs changed between "
+                    "rows: unload left something behind."
+                )
             timer = step_timer()
             with phase(payload, "train+score"):
                 result = commonsense.train_row(
-                    (name, variant, reducer), seed, lm, data, args,
+                    (name, variant, reducer),
+                    seed,
+                    lm,
+                    data,
+                    args,
                     rank=matched_rank if name == "lora_matched" else None,
                     callbacks=[timer],
                 )
@@ -440,10 +508,16 @@ def main(argv=None):
             save()
             if name == FIG5_ROW and not args.no_figure5:
                 with phase(payload, "figure5"):
-                    payload["figure5"].append(figure5(
-                        lm, data, np.asarray(result["importance"]), seed,
-                        args, log,
-                    ))
+                    payload["figure5"].append(
+                        figure5(
+                            lm,
+                            data,
+                            np.asarray(result["importance"]),
+                            seed,
+                            args,
+                            log,
+                        )
+                    )
                 save()
             keras_relora.unload(lm)
             gc.collect()
@@ -488,22 +562,39 @@ def run_seed_processes(argv, args):
         for k, group in enumerate(groups):
             out = os.path.join(args.output_dir, f"seed{seed}_part{k}")
             names = [r[0] for r in group]
-            children.append(subprocess.Popen(
-                [sys.executable, os.path.abspath(__file__), *argv,
-                 "--seeds", str(seed), "--output-dir", out, "--no-append",
-                 "--one-process", "--threads", str(threads),
-                 "--only", ",".join(names)]
-                + ([] if i == 0 and k == 0 else ["--no-zero-shot"])
-                + ([] if FIG5_ROW in names else ["--no-figure5"])
-            ))
+            children.append(
+                subprocess.Popen(
+                    [
+                        sys.executable,
+                        os.path.abspath(__file__),
+                        *argv,
+                        "--seeds",
+                        str(seed),
+                        "--output-dir",
+                        out,
+                        "--no-append",
+                        "--one-process",
+                        "--threads",
+                        str(threads),
+                        "--only",
+                        ",".join(names),
+                    ]
+                    + ([] if i == 0 and k == 0 else ["--no-zero-shot"])
+                    + ([] if FIG5_ROW in names else ["--no-figure5"])
+                )
+            )
             paths.append(os.path.join(out, "paper_claims.json"))
         failed = [c.args for c in children if c.wait() != 0]
         if failed:
             raise RuntimeError(f"seed {seed}: a process failed: {failed}")
-    paths[0] = shutil.copy(paths[0], os.path.join(args.output_dir,
-                                                  "paper_claims.json"))
-    return render(",".join(paths), append=not args.no_append,
-                  wall_seconds=time.perf_counter() - start)
+    paths[0] = shutil.copy(
+        paths[0], os.path.join(args.output_dir, "paper_claims.json")
+    )
+    return render(
+        ",".join(paths),
+        append=not args.no_append,
+        wall_seconds=time.perf_counter() - start,
+    )
 
 
 @contextlib.contextmanager
@@ -512,8 +603,9 @@ def phase(payload, name):
     try:
         yield
     finally:
-        payload["phases"][name] = (payload["phases"].get(name, 0.0)
-                                   + time.perf_counter() - start)
+        payload["phases"][name] = (
+            payload["phases"].get(name, 0.0) + time.perf_counter() - start
+        )
 
 
 def median_step(result, statistic="median"):
@@ -528,12 +620,16 @@ def median_step(result, statistic="median"):
 
 def line_of(result):
     fields = summary_fields(result)
-    extra = (f" step {1000 * median_step(result):.0f} ms"
-             if result.get("step_seconds") else "")
-    return (f"[seed {result['seed']}] {result['row']:<21} acc "
-            f"{100 * fields['accuracy_mix']:.1f} ce "
-            f"{fields['ce_loss_mix']:.4f} {json.dumps(result['accuracy'])}"
-            + extra)
+    extra = (
+        f" step {1000 * median_step(result):.0f} ms"
+        if result.get("step_seconds")
+        else ""
+    )
+    return (
+        f"[seed {result['seed']}] {result['row']:<21} acc "
+        f"{100 * fields['accuracy_mix']:.1f} ce "
+        f"{fields['ce_loss_mix']:.4f} {json.dumps(result['accuracy'])}" + extra
+    )
 
 
 # -- report -------------------------------------------------------------------
@@ -555,16 +651,20 @@ def claim1_rows(payload):
         entry = {
             "runs": runs,
             "params": runs[0]["adapter_params"],
-            "ce_loss": float(np.mean([summary_fields(r)["ce_loss_mix"]
-                                      for r in runs])),
+            "ce_loss": float(
+                np.mean([summary_fields(r)["ce_loss_mix"] for r in runs])
+            ),
             "accuracy": [summary_fields(r)["accuracy_mix"] for r in runs],
         }
         if seeds and name != REFERENCE:
             pairs = paired_runs(per_seed, reference)
             for key, triple in bootstrap_pairs(pairs, seed=0).items():
                 entry["vs_" + key] = triple
-            ratios = [median_step(a) / median_step(b) for a, b in pairs
-                      if a.get("step_seconds")]
+            ratios = [
+                median_step(a) / median_step(b)
+                for a, b in pairs
+                if a.get("step_seconds")
+            ]
             entry["step_ratio"] = float(np.mean(ratios)) if ratios else None
         rows[name] = entry
     return rows
@@ -624,10 +724,16 @@ def verdicts(payload):
             f"{fmt_ci(acc, 1, pct=True)}: **{verdict}**"
         )
     for a, b, what in (
-        ("relora_multi+reducer", "relora_multi", "the Reducer on "
-         "`relora_multi`"),
-        ("relora+reducer", "relora_multi+reducer", "one B vs 4 routed B "
-         "experts, both with the Reducer"),
+        (
+            "relora_multi+reducer",
+            "relora_multi",
+            "the Reducer on `relora_multi`",
+        ),
+        (
+            "relora+reducer",
+            "relora_multi+reducer",
+            "one B vs 4 routed B experts, both with the Reducer",
+        ),
     ):
         pair = versus(payload, a, b)
         if not pair:
@@ -663,34 +769,67 @@ def claim1_table(payload):
         acc = e["accuracy"]
         # `ICLMetric` computes len_norm only for tasks of that metric type
         # (SST-2 and ARC-Easy are `acc` tasks); bits per byte it always does.
-        bpb = np.mean([
-            np.mean([r["icl_metrics"][t]["bpb_v1"]
-                     for t in sorted(r["icl_metrics"])]) for r in runs
-        ])
-        table.append([
-            name, str(len(runs)),
-            str(runs[0].get("rank", "-")),
-            f"{e['params']:,} ({100 * e['params'] / base:.2f}%)",
-            f"{16 * e['params'] / 2**20:.1f}",
-            (f"{1000 * np.mean([median_step(r) for r in runs]):.0f}"
-             if runs[0].get("step_seconds") else "-"),
-            (f"{e['step_ratio']:.2f}" if e.get("step_ratio")
-             else ("1" if name == REFERENCE else "-")),
-            (f"{1000 * np.mean([median_step(r, 'mean') for r in runs]):.0f}"
-             if runs[0].get("step_seconds") else "-"),
-            f"{e['ce_loss']:.4f}",
-            fmt_ci(e["vs_gold_nll"], 4) if "vs_gold_nll" in e
-            else "(reference)",
-            finetune.fmt_pct(acc),
-            fmt_ci(e["vs_correct"], 1, pct=True) if "vs_correct" in e
-            else "(reference)",
-            f"{bpb:.3f}",
-        ])
-    headers = ["row", "seeds", "rank", "trainable params (% base)",
-               "adapter state MiB", "step ms (median)", "step x lora",
-               "step ms (mean, probes included)",
-               "ce_loss", "ce_loss - lora [95%]", "acc %",
-               "acc - lora, points [95%]", "bpb (ICLMetric)"]
+        bpb = np.mean(
+            [
+                np.mean(
+                    [
+                        r["icl_metrics"][t]["bpb_v1"]
+                        for t in sorted(r["icl_metrics"])
+                    ]
+                )
+                for r in runs
+            ]
+        )
+        table.append(
+            [
+                name,
+                str(len(runs)),
+                str(runs[0].get("rank", "-")),
+                f"{e['params']:,} ({100 * e['params'] / base:.2f}%)",
+                f"{16 * e['params'] / 2**20:.1f}",
+                (
+                    f"{1000 * np.mean([median_step(r) for r in runs]):.0f}"
+                    if runs[0].get("step_seconds")
+                    else "-"
+                ),
+                (
+                    f"{e['step_ratio']:.2f}"
+                    if e.get("step_ratio")
+                    else ("1" if name == REFERENCE else "-")
+                ),
+                (
+                    "{:.0f}".format(
+                        1000 * np.mean([median_step(r, "mean") for r in runs])
+                    )
+                    if runs[0].get("step_seconds")
+                    else "-"
+                ),
+                f"{e['ce_loss']:.4f}",
+                fmt_ci(e["vs_gold_nll"], 4)
+                if "vs_gold_nll" in e
+                else "(reference)",
+                finetune.fmt_pct(acc),
+                fmt_ci(e["vs_correct"], 1, pct=True)
+                if "vs_correct" in e
+                else "(reference)",
+                f"{bpb:.3f}",
+            ]
+        )
+    headers = [
+        "row",
+        "seeds",
+        "rank",
+        "trainable params (% base)",
+        "adapter state MiB",
+        "step ms (median)",
+        "step x lora",
+        "step ms (mean, probes included)",
+        "ce_loss",
+        "ce_loss - lora [95%]",
+        "acc %",
+        "acc - lora, points [95%]",
+        "bpb (ICLMetric)",
+    ]
     return common.markdown_table(headers, table)
 
 
@@ -710,8 +849,10 @@ def figure5_summary(payload):
     table, curves = [], {}
     for ratio in (0.0,) + RATIOS:
         cells = [f"{ratio:.2f}"]
-        for key, scale, digits in (("ce_loss_mix", 1, 4),
-                                   ("accuracy_mix", 100, 1)):
+        for key, scale, digits in (
+            ("ce_loss_mix", 1, 4),
+            ("accuracy_mix", 100, 1),
+        ):
             imp, rnd, gaps = [], [], []
             for run in runs:
                 pts = [p for p in run["points"] if p["ratio"] == ratio]
@@ -723,26 +864,45 @@ def figure5_summary(payload):
                     gaps.append(i[0] - np.mean(r))
             gap = t_interval(gaps) if gaps else None
             curves.setdefault(key, {}).setdefault("importance", []).append(
-                (ratio, scale * np.mean(imp)))
+                (ratio, scale * np.mean(imp))
+            )
             # Both curves start at the undropped model.
             drawn = rnd if rnd else imp
             curves[key].setdefault("random", []).append(
-                (ratio, scale * np.mean(drawn), scale * np.min(drawn),
-                 scale * np.max(drawn)))
+                (
+                    ratio,
+                    scale * np.mean(drawn),
+                    scale * np.min(drawn),
+                    scale * np.max(drawn),
+                )
+            )
             cells += [
                 f"{scale * np.mean(imp):.{digits}f}",
-                (f"{scale * np.mean(rnd):.{digits}f} "
-                 f"[{scale * np.min(rnd):.{digits}f}..."
-                 f"{scale * np.max(rnd):.{digits}f}] (n={len(rnd)})"
-                 if rnd else "-"),
-                (f"{scale * gap[0]:+.{digits}f} [{scale * gap[1]:+.{digits}f}"
-                 f", {scale * gap[2]:+.{digits}f}]" if gap else "-"),
+                (
+                    f"{scale * np.mean(rnd):.{digits}f} "
+                    f"[{scale * np.min(rnd):.{digits}f}..."
+                    f"{scale * np.max(rnd):.{digits}f}] (n={len(rnd)})"
+                    if rnd
+                    else "-"
+                ),
+                (
+                    f"{scale * gap[0]:+.{digits}f} "
+                    f"[{scale * gap[1]:+.{digits}f}"
+                    f", {scale * gap[2]:+.{digits}f}]"
+                    if gap
+                    else "-"
+                ),
             ]
         table.append(cells)
-    headers = ["dropped", "ce by importance", "ce random mean [min...max]",
-               "ce: importance - random [95% t, seeds]", "acc by importance",
-               "acc random mean [min...max]",
-               "acc: importance - random [95% t, seeds]"]
+    headers = [
+        "dropped",
+        "ce by importance",
+        "ce random mean [min...max]",
+        "ce: importance - random [95% t, seeds]",
+        "acc by importance",
+        "acc random mean [min...max]",
+        "acc: importance - random [95% t, seeds]",
+    ]
     return lines, common.markdown_table(headers, table), curves
 
 
@@ -756,13 +916,16 @@ def plot(path, curves, title):
         print("matplotlib is not installed: no plot written")
         return None
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.8))
-    for ax, key, label in zip(axes, ("ce_loss_mix", "accuracy_mix"),
-                              ("held-out ce_loss per gold token",
-                               "accuracy (%)")):
-        x, y = zip(*curves[key]["importance"])
+    for ax, key, label in zip(
+        axes,
+        ("ce_loss_mix", "accuracy_mix"),
+        ("held-out ce_loss per gold token", "accuracy (%)"),
+        strict=False,
+    ):
+        x, y = zip(*curves[key]["importance"], strict=False)
         ax.plot(x, y, "o-", label="drop least important")
         if "random" in curves[key]:
-            x, mean, low, high = zip(*curves[key]["random"])
+            x, mean, low, high = zip(*curves[key]["random"], strict=False)
             ax.plot(x, mean, "s--", label="drop random (mean)")
             ax.fill_between(x, low, high, alpha=0.2, label="random min..max")
         ax.set_xlabel("fraction of blocks whose B is dropped")
@@ -779,9 +942,20 @@ def plot(path, curves, title):
 def merge_runs(payload, payloads):
     """Joins runs of other seeds (same sizes): their rows and Figure 5
     runs; the zero-shot row is kept once."""
-    keys = ("steps", "batch_size", "sequence_length", "train_per_task",
-            "test_per_task", "fig5_per_task", "random_draws",
-            "learning_rate", "rank", "blocks", "tasks", "interval")
+    keys = (
+        "steps",
+        "batch_size",
+        "sequence_length",
+        "train_per_task",
+        "test_per_task",
+        "fig5_per_task",
+        "random_draws",
+        "learning_rate",
+        "rank",
+        "blocks",
+        "tasks",
+        "interval",
+    )
     for other in payloads[1:]:
         for key in keys:
             if other["settings"][key] != payload["settings"][key]:
@@ -826,30 +1000,39 @@ def render(paths, append, wall_seconds=None):
     png = None
     if payload["figure5"]:
         fig_lines, fig_table, curves = figure5_summary(payload)
-        png = plot(os.path.splitext(path)[0] + ".png", curves,
-                   f"SmolLM2-135M, {FIG5_ROW}, seeds "
-                   f"{[r['seed'] for r in payload['figure5']]}, "
-                   f"{args.random_draws} random draws per ratio and seed")
+        png = plot(
+            os.path.splitext(path)[0] + ".png",
+            curves,
+            f"SmolLM2-135M, {FIG5_ROW}, seeds "
+            f"{[r['seed'] for r in payload['figure5']]}, "
+            f"{args.random_draws} random draws per ratio and seed",
+        )
         figure = "\n".join(fig_lines) + "\n\n" + fig_table + "\n"
     print("\n" + table + "\n\n" + "\n".join(lines) + "\n\n" + figure)
-    common.emit_result({"total_seconds": payload["total_seconds"],
-                        "table": table})
+    common.emit_result(
+        {"total_seconds": payload["total_seconds"], "table": table}
+    )
     if append:
-        finetune.append_section(report_markdown(payload, table, lines,
-                                                figure, png))
+        finetune.append_section(
+            report_markdown(payload, table, lines, figure, png)
+        )
     return payload
 
 
 def report_markdown(payload, table, lines, figure, png):
     args = argparse.Namespace(**payload["settings"])
-    mode = ("QUICK smoke run" if args.quick else
-            "full run (default sizes)" if all(
-                getattr(args, k) == v for k, v in SIZES["full"].items())
-            else "reduced-size run")
+    mode = (
+        "QUICK smoke run"
+        if args.quick
+        else "full run (default sizes)"
+        if all(getattr(args, k) == v for k, v in SIZES["full"].items())
+        else "reduced-size run"
+    )
     if not payload.get("complete"):
         mode += " (STOPPED EARLY: only the rows below finished)"
-    phases = ", ".join(f"{k} {v / 60:.1f}" for k, v in
-                       payload["phases"].items())
+    phases = ", ".join(
+        f"{k} {v / 60:.1f}" for k, v in payload["phases"].items()
+    )
     return (
         f"## The paper's claims on SmolLM2-135M (`paper_claims.py`, issue "
         f"13), {mode}, {finetune.utc_now()}\n\n"
@@ -877,16 +1060,29 @@ def report_markdown(payload, table, lines, figure, png):
         f"run): ce_loss {CE_MARGIN}, accuracy {100 * ACC_MARGIN:.0f} "
         f"points\n"
         f"- wall time {payload['total_seconds'] / 60:.1f} min"
-        + (f" ({payload['process_seconds'] / 60:.1f} process-min in "
-           f"{args.jobs} processes side by side)"
-           if "process_seconds" in payload else "")
+        + (
+            f" ({payload['process_seconds'] / 60:.1f} process-min in "
+            f"{args.jobs} processes side by side)"
+            if "process_seconds" in payload
+            else ""
+        )
         + f" (phases, process-min: {phases})\n"
-        + (f"- plot: `{finetune.repo_path(png)}`, data: "
-           f"`{finetune.repo_path(png)[:-4]}.json`\n" if png else "")
-        + f"\n### Claim 1\n\n{table}\n\n" + "\n".join(lines) + "\n"
-        + (f"\n### Figure 5 ({FIG5_ROW}, {args.fig5_per_task} documents "
-           f"per task, {args.random_draws} random draws per ratio and "
-           f"seed)\n\n{figure}" if figure else "")
+        + (
+            f"- plot: `{finetune.repo_path(png)}`, data: "
+            f"`{finetune.repo_path(png)[:-4]}.json`\n"
+            if png
+            else ""
+        )
+        + f"\n### Claim 1\n\n{table}\n\n"
+        + "\n".join(lines)
+        + "\n"
+        + (
+            f"\n### Figure 5 ({FIG5_ROW}, {args.fig5_per_task} documents "
+            f"per task, {args.random_draws} random draws per ratio and "
+            f"seed)\n\n{figure}"
+            if figure
+            else ""
+        )
     )
 
 

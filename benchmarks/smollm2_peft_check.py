@@ -23,8 +23,15 @@ import transformers
 import keras_relora
 from relora_offline import smollm2
 
-MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
-           "down_proj"]
+MODULES = [
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+]
 
 
 def main():
@@ -51,9 +58,11 @@ def main():
         folder, dtype=torch.float32
     ).eval()
     base_k, base_h = keras_logits(lm), hf_logits(hf)
-    print(f"base, keras-hub vs transformers: max |diff| "
-          f"{np.abs(base_k - base_h).max():.3g} "
-          f"(logits up to {np.abs(base_h).max():.3g})")
+    print(
+        f"base, keras-hub vs transformers: max |diff| "
+        f"{np.abs(base_k - base_h).max():.3g} "
+        f"(logits up to {np.abs(base_h).max():.3g})"
+    )
 
     lm.enable_relora(rank=8, **keras_relora.VARIANTS["lora"])
     for adapter in keras_relora.get_state(lm).adapters.values():
@@ -66,9 +75,11 @@ def main():
     adapted_h = hf_logits(
         peft.PeftModel.from_pretrained(hf, f"{tmp}/ours").eval()
     )
-    print(f"save_peft -> PeftModel: max |diff| "
-          f"{np.abs(adapted_k - adapted_h).max():.3g} (the adapter moved "
-          f"the logits by {np.abs(adapted_k - base_k).max():.3g})")
+    print(
+        f"save_peft -> PeftModel: max |diff| "
+        f"{np.abs(adapted_k - adapted_h).max():.3g} (the adapter moved "
+        f"the logits by {np.abs(adapted_k - base_k).max():.3g})"
+    )
 
     hf2 = transformers.AutoModelForCausalLM.from_pretrained(
         folder, dtype=torch.float32
@@ -87,9 +98,11 @@ def main():
     reference = hf_logits(made.eval())
     lm2 = smollm2.load_smollm2(dtype="float32")
     keras_relora.load_peft(lm2, f"{tmp}/theirs")
-    print(f"peft's folder -> load_peft: max |diff| "
-          f"{np.abs(keras_logits(lm2) - reference).max():.3g} (the adapter "
-          f"moved the logits by {np.abs(reference - base_h).max():.3g})")
+    print(
+        f"peft's folder -> load_peft: max |diff| "
+        f"{np.abs(keras_logits(lm2) - reference).max():.3g} (the adapter "
+        f"moved the logits by {np.abs(reference - base_h).max():.3g})"
+    )
 
 
 if __name__ == "__main__":

@@ -75,8 +75,9 @@ def parse_args(argv=None):
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--rounds", type=int, help="default 5 (quick: 2)")
     p.add_argument(
-        "--steps", type=int, help="steps per fit call, >= 2; default 4 "
-        "(quick: 3)",
+        "--steps",
+        type=int,
+        help="steps per fit call, >= 2; default 4 (quick: 3)",
     )
     p.add_argument(
         "--jit-compile",
@@ -117,9 +118,7 @@ def build_model(config, seed=0):
 
     keras.utils.set_random_seed(seed)
     backbone = keras_hub.models.Llama3Backbone(**config)
-    return keras_hub.models.Llama3CausalLM(
-        backbone=backbone, preprocessor=None
-    )
+    return keras_hub.models.Llama3CausalLM(backbone=backbone, preprocessor=None)
 
 
 def freeze_all(model):
@@ -177,9 +176,11 @@ def reducer_callbacks(model, interval=10):
     import keras_relora
 
     blocks = keras_relora.get_state(model).num_blocks
-    return [keras_relora.ReducerCallback(
-        update_layers=max(1, blocks // 4), interval=interval, seed=0
-    )]
+    return [
+        keras_relora.ReducerCallback(
+            update_layers=max(1, blocks // 4), interval=interval, seed=0
+        )
+    ]
 
 
 def config_setups(args):
@@ -266,7 +267,7 @@ def run_fit(entry, data, steps):
         callbacks=[*entry.callbacks, timer],
     )
     normal, probing = [], []
-    pairs = itertools.pairwise(zip(timer.ends, timer.probes))
+    pairs = itertools.pairwise(zip(timer.ends, timer.probes, strict=False))
     for (t0, p0), (t1, p1) in pairs:
         (probing if p1 > p0 else normal).append(t1 - t0)
     return normal, probing
@@ -294,13 +295,17 @@ def main(args):
         model = build_model(args.config)
         setup_variant("relora_multi")(model, args.rank)
         callbacks = reducer_callbacks(model, args.reducer_interval)
-        entries.append(Entry(
-            "relora_multi+reducer", model,
-            f"relora_multi + ReducerCallback(update_layers="
-            f"{callbacks[0].update_layers}, interval="
-            f"{callbacks[0].interval})",
-            args.steps, callbacks,
-        ))
+        entries.append(
+            Entry(
+                "relora_multi+reducer",
+                model,
+                f"relora_multi + ReducerCallback(update_layers="
+                f"{callbacks[0].update_layers}, interval="
+                f"{callbacks[0].interval})",
+                args.steps,
+                callbacks,
+            )
+        )
     data = {}
     for entry in entries:
         entry.args_batch = args.batch
@@ -349,7 +354,7 @@ def report(args, env, entries):
     rows = []
     for entry in entries:
         medians = [statistics.median(s) for s in entry.rounds]
-        ratios = [a / b for a, b in zip(medians, base_medians)]
+        ratios = [a / b for a, b in zip(medians, base_medians, strict=False)]
         flat = [t for s in entry.rounds for t in s]
         t = common.time_stats(flat)
         r = {
@@ -366,13 +371,15 @@ def report(args, env, entries):
             "rounds": entry.rounds,
             "warmup_s": entry.warmup_s,
         }
-        rows.append([
-            entry.name,
-            f"{entry.trainable:,}",
-            common.fmt_ms(t),
-            common.fmt_ratio(r),
-            f"{entry.warmup_s:.1f}",
-        ])
+        rows.append(
+            [
+                entry.name,
+                f"{entry.trainable:,}",
+                common.fmt_ms(t),
+                common.fmt_ratio(r),
+                f"{entry.warmup_s:.1f}",
+            ]
+        )
     compiled = {"jax": "jax.jit", "torch": "eager"}.get(env["backend"])
     if compiled is None:
         compiled = "tf.function" + (
@@ -384,16 +391,18 @@ def report(args, env, entries):
         f"rounds={args.rounds} steps/fit={args.steps} threads={args.threads}"
         f" loadavg {env['loadavg_start']} -> {env['loadavg_end']}"
     )
-    print(common.markdown_table(
-        [
-            "config",
-            "trainable params",
-            "ms/step median [min, max]",
-            "x keras_lora median [min, max]",
-            "warm-up s",
-        ],
-        rows,
-    ))
+    print(
+        common.markdown_table(
+            [
+                "config",
+                "trainable params",
+                "ms/step median [min, max]",
+                "x keras_lora median [min, max]",
+                "warm-up s",
+            ],
+            rows,
+        )
+    )
     if "relora_multi" in by_name:
         r = result["configs"]["relora_multi"]["vs_keras_lora"]
         met = r["median"] <= 1.15
@@ -420,11 +429,9 @@ def report_reducer(args, result, by_name):
     reducer = by_name["relora_multi+reducer"]
     ratios = [
         statistics.median(a) / statistics.median(b)
-        for a, b in zip(reducer.rounds, plain.rounds)
+        for a, b in zip(reducer.rounds, plain.rounds, strict=False)
     ]
-    steady_ms = 1e3 * statistics.median(
-        [t for s in reducer.rounds for t in s]
-    )
+    steady_ms = 1e3 * statistics.median([t for s in reducer.rounds for t in s])
     plain_ms = 1e3 * statistics.median([t for s in plain.rounds for t in s])
     info = {
         "steady_vs_relora_multi": {
@@ -473,9 +480,7 @@ def summarise(results):
         cells = [name]
         for result in results.values():
             c = (result or {}).get("configs", {}).get(name)
-            cells.append(
-                f"{c['vs_keras_lora']['median']:.3f}" if c else "-"
-            )
+            cells.append(f"{c['vs_keras_lora']['median']:.3f}" if c else "-")
         rows.append(cells)
     print("\nSummary: step time / keras_lora (median of per-round ratios)")
     print(common.markdown_table(["config", *results], rows))

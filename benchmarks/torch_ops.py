@@ -41,8 +41,13 @@ CONFIG = {
     "hidden_dim": 64,
     "intermediate_dim": 128,
 }
-NAMES = ("frozen_embed", "keras_lora", "lora", "relora_multi",
-         "relora_multi+reducer")
+NAMES = (
+    "frozen_embed",
+    "keras_lora",
+    "lora",
+    "relora_multi",
+    "relora_multi+reducer",
+)
 
 
 def build(name, jit_compile="auto"):
@@ -79,8 +84,10 @@ def data(batch):
 
     rng = np.random.default_rng(0)
     tokens = rng.integers(1, 256, (batch, 17)).astype("int32")
-    x = {"token_ids": tokens[:, :-1],
-         "padding_mask": np.ones((batch, 16), "int32")}
+    x = {
+        "token_ids": tokens[:, :-1],
+        "padding_mask": np.ones((batch, 16), "int32"),
+    }
     return x, tokens[:, 1:]
 
 
@@ -99,10 +106,13 @@ def count_ops(name, einsum):
         model.train_on_batch(x, y)
     with torch.profiler.profile() as prof:
         model.train_on_batch(x, y)
-    return collections.Counter({
-        e.key: e.count for e in prof.key_averages()
-        if e.key.startswith("aten::")
-    })
+    return collections.Counter(
+        {
+            e.key: e.count
+            for e in prof.key_averages()
+            if e.key.startswith("aten::")
+        }
+    )
 
 
 def jit_check(name):
@@ -110,11 +120,21 @@ def jit_check(name):
     x, y = data(8)
     for i in range(2):
         start = time.perf_counter()
-        history = model.fit(x, y, batch_size=2, epochs=1, verbose=0,
-                            shuffle=False, callbacks=callbacks)
-        print(f"{name}, jit_compile=True: fit {i + 1} (4 steps) "
-              f"{time.perf_counter() - start:.1f} s, loss "
-              f"{history.history['loss']}", flush=True)
+        history = model.fit(
+            x,
+            y,
+            batch_size=2,
+            epochs=1,
+            verbose=0,
+            shuffle=False,
+            callbacks=callbacks,
+        )
+        print(
+            f"{name}, jit_compile=True: fit {i + 1} (4 steps) "
+            f"{time.perf_counter() - start:.1f} s, loss "
+            f"{history.history['loss']}",
+            flush=True,
+        )
 
 
 def main():
@@ -136,15 +156,23 @@ def main():
     base = sum(counts["frozen_embed"].values())
     path = "einsum" if args.einsum else "matmul (torch default)"
     print(f"ReloraDense path: {path}; {adapters} adapters")
-    print(common.markdown_table(
-        ["config", "aten ops per train_on_batch", "extra ops per adapter"],
-        [[name, sum(c.values()),
-          f"{(sum(c.values()) - base) / adapters:.1f}"]
-         for name, c in counts.items()],
-    ))
+    print(
+        common.markdown_table(
+            ["config", "aten ops per train_on_batch", "extra ops per adapter"],
+            [
+                [
+                    name,
+                    sum(c.values()),
+                    f"{(sum(c.values()) - base) / adapters:.1f}",
+                ]
+                for name, c in counts.items()
+            ],
+        )
+    )
     extra = counts["relora_multi"] - counts["frozen_embed"]
-    print("relora_multi - frozen_embed, most frequent ops:",
-          extra.most_common(12))
+    print(
+        "relora_multi - frozen_embed, most frequent ops:", extra.most_common(12)
+    )
 
 
 if __name__ == "__main__":

@@ -73,35 +73,57 @@ QUICK_CONFIG = {
 }
 TORCH_ROWS = ("keras_lora", "lora", "relora_multi", "relora_multi+reducer")
 CHILD_ROWS = ("relora_multi",)
-TARGETS = {"torch:relora_multi": 1.0, "jax:relora_multi": 0.8,
-           "tensorflow:relora_multi": 1.0}
+TARGETS = {
+    "torch:relora_multi": 1.0,
+    "jax:relora_multi": 0.8,
+    "tensorflow:relora_multi": 1.0,
+}
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--quick", action="store_true",
-                   help="tiny random Llama, 2 rounds (CI smoke run)")
-    p.add_argument("--batch", type=int, default=None,
-                   help="default 4 (quick: 2)")
-    p.add_argument("--seq", type=int, default=None,
-                   help="default 128 (quick: 16)")
-    p.add_argument("--rounds", type=int, default=None,
-                   help="default 5 (quick: 2)")
-    p.add_argument("--steps", type=int, default=None,
-                   help="timed steps per round, default 2")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="tiny random Llama, 2 rounds (CI smoke run)",
+    )
+    p.add_argument(
+        "--batch", type=int, default=None, help="default 4 (quick: 2)"
+    )
+    p.add_argument(
+        "--seq", type=int, default=None, help="default 128 (quick: 16)"
+    )
+    p.add_argument(
+        "--rounds", type=int, default=None, help="default 5 (quick: 2)"
+    )
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="timed steps per round, default 2",
+    )
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--rows", default=",".join(TORCH_ROWS),
-                   help="torch-backend rows to run")
-    p.add_argument("--backends", default="jax,tensorflow",
-                   help="other backends, each in a child process "
-                   "(empty: none)")
+    p.add_argument(
+        "--rows", default=",".join(TORCH_ROWS), help="torch-backend rows to run"
+    )
+    p.add_argument(
+        "--backends",
+        default="jax,tensorflow",
+        help="other backends, each in a child process (empty: none)",
+    )
     p.add_argument("--child-rows", default=",".join(CHILD_ROWS))
-    p.add_argument("--forward", action="store_true",
-                   help="also time the base model's forward pass alone "
-                   "(no grad, no adapters) in transformers and in keras-hub "
-                   "on torch: where a gap to PEFT comes from")
-    p.add_argument("--jit-compile", action="store_true",
-                   help="compile the torch rows with jit_compile=True")
+    p.add_argument(
+        "--forward",
+        action="store_true",
+        help="also time the base model's forward pass alone "
+        "(no grad, no adapters) in transformers and in keras-hub "
+        "on torch: where a gap to PEFT comes from",
+    )
+    p.add_argument(
+        "--jit-compile",
+        action="store_true",
+        help="compile the torch rows with jit_compile=True",
+    )
     p.add_argument("--json", default=None)
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--folder", default=None, help=argparse.SUPPRESS)
@@ -139,9 +161,9 @@ def make_tokens(args, vocab, steps):
     import numpy as np
 
     rng = np.random.default_rng(0)
-    return rng.integers(
-        1, vocab, (steps, args.batch, args.seq + 1)
-    ).astype("int64")
+    return rng.integers(1, vocab, (steps, args.batch, args.seq + 1)).astype(
+        "int64"
+    )
 
 
 # -- memory -------------------------------------------------------------------
@@ -186,6 +208,7 @@ def load_backbone(folder):
         folder, layer_norm_epsilon=epsilon
     )
 
+
 class PeftRow:
     name = "peft_lora"
 
@@ -198,7 +221,9 @@ class PeftRow:
             folder, dtype=torch.float32
         )
         config = peft.LoraConfig(
-            r=RANK, lora_alpha=RANK, lora_dropout=0.0,
+            r=RANK,
+            lora_alpha=RANK,
+            lora_dropout=0.0,
             target_modules=HF_TARGETS,
         )
         self.model = peft.get_peft_model(model, config)
@@ -210,8 +235,10 @@ class PeftRow:
             p.numel() for p in self.model.parameters() if p.requires_grad
         )
         self.tokens = torch.from_numpy(tokens)
-        self.note = (f"peft LoraConfig(r={RANK}, lora_alpha={RANK}, "
-                     f"targets={HF_TARGETS}), torch.optim.AdamW")
+        self.note = (
+            f"peft LoraConfig(r={RANK}, lora_alpha={RANK}, "
+            f"targets={HF_TARGETS}), torch.optim.AdamW"
+        )
         self.i = 0
 
     def logits(self, x):
@@ -283,9 +310,9 @@ class KerasRow:
         )
         self.model = model
         self.args_batch = tokens.shape[1]
-        self.trainable = int(sum(
-            int(keras.ops.size(v)) for v in model.trainable_weights
-        ))
+        self.trainable = int(
+            sum(int(keras.ops.size(v)) for v in model.trainable_weights)
+        )
         self.tokens = tokens
         self.keras_relora = keras_relora
 
@@ -301,10 +328,14 @@ class KerasRow:
     def logits(self, x):
         import keras
 
-        return keras.ops.convert_to_numpy(self.model.predict_on_batch({
-            "token_ids": x.astype("int32"),
-            "padding_mask": (x * 0 + 1).astype("int32"),
-        }))
+        return keras.ops.convert_to_numpy(
+            self.model.predict_on_batch(
+                {
+                    "token_ids": x.astype("int32"),
+                    "padding_mask": (x * 0 + 1).astype("int32"),
+                }
+            )
+        )
 
     def round(self, steps):
         import step_time
@@ -356,13 +387,16 @@ def forward_rows(folder, tokens):
             return hf(input_ids=torch.from_numpy(x)).logits
 
     backbone = load_backbone(folder)
-    lm = keras_hub.models.Llama3CausalLM(backbone=backbone,
-                                         preprocessor=None)
+    lm = keras_hub.models.Llama3CausalLM(backbone=backbone, preprocessor=None)
 
     def keras_logits(x):
         with torch.no_grad():
-            return lm({"token_ids": x.astype("int32"),
-                       "padding_mask": (x * 0 + 1).astype("int32")})
+            return lm(
+                {
+                    "token_ids": x.astype("int32"),
+                    "padding_mask": (x * 0 + 1).astype("int32"),
+                }
+            )
 
     return {
         "hf_forward": ForwardRow("hf_forward", hf_logits, tokens),
@@ -402,13 +436,23 @@ def child_main(args):
         logits[name] = os.path.join(folder_tmp, f"{name}.npy")
         np.save(logits[name], rows[name].logits(tokens[0][:, :-1]))
         rows[name].warm_up(args.steps)
-        print(f"[{env['backend']}] built and warmed {name} "
-              f"({time.perf_counter() - start:.1f} s)", file=sys.stderr,
-              flush=True)
-    reply({"ready": True, "env": env, "rows": {
-        name: {"note": row.note, "trainable": row.trainable}
-        for name, row in rows.items()
-    }, "logits": logits})
+        print(
+            f"[{env['backend']}] built and warmed {name} "
+            f"({time.perf_counter() - start:.1f} s)",
+            file=sys.stderr,
+            flush=True,
+        )
+    reply(
+        {
+            "ready": True,
+            "env": env,
+            "rows": {
+                name: {"note": row.note, "trainable": row.trainable}
+                for name, row in rows.items()
+            },
+            "logits": logits,
+        }
+    )
     for line in sys.stdin:
         command = line.split()
         if not command or command[0] == "quit":
@@ -437,16 +481,32 @@ class ChildRow:
 
 class Child:
     def __init__(self, backend, args, folder):
-        argv = [sys.executable, os.path.abspath(__file__), "--child",
-                "--folder", folder, "--child-rows", args.child_rows,
-                "--batch", str(args.batch), "--seq", str(args.seq),
-                "--steps", str(args.steps), "--threads", str(args.threads)]
+        argv = [
+            sys.executable,
+            os.path.abspath(__file__),
+            "--child",
+            "--folder",
+            folder,
+            "--child-rows",
+            args.child_rows,
+            "--batch",
+            str(args.batch),
+            "--seq",
+            str(args.seq),
+            "--steps",
+            str(args.steps),
+            "--threads",
+            str(args.threads),
+        ]
         if args.quick:
             argv.append("--quick")
         env = dict(os.environ, KERAS_BACKEND=backend)
         self.backend = backend
         self.proc = subprocess.Popen(
-            argv, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            argv,
+            env=env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
             text=True,
         )
 
@@ -457,7 +517,7 @@ class Child:
     def receive(self):
         for line in self.proc.stdout:
             if line.startswith(common.RESULT_TAG):
-                return json.loads(line[len(common.RESULT_TAG):])
+                return json.loads(line[len(common.RESULT_TAG) :])
             print(f"[{self.backend}] {line}", end="")
         raise RuntimeError(
             f"the {self.backend} child exited with code {self.proc.wait()}"
@@ -505,20 +565,26 @@ def main(args):
         reference = rows["peft_lora"].logits(check)
         same = {}
         rows["peft_lora"].round(1)
-        print(f"built peft_lora ({time.perf_counter() - start:.1f} s)",
-              flush=True)
+        print(
+            f"built peft_lora ({time.perf_counter() - start:.1f} s)", flush=True
+        )
         jit = True if args.jit_compile else "auto"
         for name in [r for r in args.rows.split(",") if r]:
             start = time.perf_counter()
             rows[name] = KerasRow(name, folder, tokens, jit)
             same[name] = rel_diff(rows[name].logits(check), reference)
             rows[name].warm_up(args.steps)
-            print(f"built and warmed {name} "
-                  f"({time.perf_counter() - start:.1f} s)", flush=True)
+            print(
+                f"built and warmed {name} "
+                f"({time.perf_counter() - start:.1f} s)",
+                flush=True,
+            )
         if args.forward:
             rows.update(forward_rows(folder, tokens))
-        notes = {n: {"note": r.note, "trainable": r.trainable}
-                 for n, r in rows.items()}
+        notes = {
+            n: {"note": r.note, "trainable": r.trainable}
+            for n, r in rows.items()
+        }
         for child in children:
             ready = child.receive()
             env[f"{child.backend}_env"] = ready["env"]
@@ -529,8 +595,10 @@ def main(args):
                 same[row.name] = rel_diff(
                     np.load(ready["logits"][name]), reference
                 )
-        print("logits before training vs PEFT, max |diff| / max |ref|: "
-              f"{same}", flush=True)
+        print(
+            f"logits before training vs PEFT, max |diff| / max |ref|: {same}",
+            flush=True,
+        )
         samples = interleave(rows, args)
     finally:
         for child in children:
@@ -562,8 +630,10 @@ def interleave(rows, args):
                 samples[name].append(row.round(args.steps))
             else:
                 samples[name].append(timed_round(row, args.steps))
-        print(f"round {r + 1}/{args.rounds} done (load "
-              f"{os.getloadavg()[0]:.2f})", flush=True)
+        print(
+            f"round {r + 1}/{args.rounds} done (load {os.getloadavg()[0]:.2f})",
+            flush=True,
+        )
         if args.json:
             # The samples so far: a long run killed later (e.g. for memory
             # on a shared machine) leaves its finished rounds.
@@ -574,17 +644,28 @@ def interleave(rows, args):
 
 def report(args, env, samples, notes, same):
     base = [statistics.median(s["normal"]) for s in samples["peft_lora"]]
-    result = {"env": env, "args": vars(args), "logits_vs_peft": same,
-              "rows": {}}
+    result = {
+        "env": env,
+        "args": vars(args),
+        "logits_vs_peft": same,
+        "rows": {},
+    }
     rows = []
     for name, rounds in samples.items():
-        label = name if ":" in name else (
-            name if name in ("peft_lora", "hf_forward") else f"torch:{name}"
+        label = (
+            name
+            if ":" in name
+            else (
+                name if name in ("peft_lora", "hf_forward") else f"torch:{name}"
+            )
         )
         medians = [statistics.median(s["normal"]) for s in rounds]
-        ratios = [a / b for a, b in zip(medians, base)]
-        stats = {"median": statistics.median(ratios), "min": min(ratios),
-                 "max": max(ratios)}
+        ratios = [a / b for a, b in zip(medians, base, strict=False)]
+        stats = {
+            "median": statistics.median(ratios),
+            "min": min(ratios),
+            "max": max(ratios),
+        }
         flat = [t for s in rounds for t in s["normal"]]
         peaks = [s["peak_mib"] for s in rounds if s["peak_mib"] is not None]
         entry = {
@@ -610,23 +691,34 @@ def report(args, env, samples, notes, same):
         if target is not None:
             met = stats["median"] <= target
             verdict = f"<= {target} {'MET' if met else 'NOT MET'}"
-        rows.append([
-            label, f"{entry['trainable']:,}", common.fmt_ms(entry["time"]),
-            cell_ratio,
-            "-" if entry["peak_mib"] is None else f"{entry['peak_mib']:.0f}",
-            verdict,
-        ])
+        rows.append(
+            [
+                label,
+                f"{entry['trainable']:,}",
+                common.fmt_ms(entry["time"]),
+                cell_ratio,
+                "-"
+                if entry["peak_mib"] is None
+                else f"{entry['peak_mib']:.0f}",
+                verdict,
+            ]
+        )
     if "hf_forward" in samples:
         ratios = [
             statistics.median(a["normal"]) / statistics.median(b["normal"])
-            for a, b in zip(samples["keras_forward"], samples["hf_forward"])
+            for a, b in zip(
+                samples["keras_forward"], samples["hf_forward"], strict=False
+            )
         ]
         result["keras_forward_vs_hf_forward"] = {
-            "median": statistics.median(ratios), "min": min(ratios),
+            "median": statistics.median(ratios),
+            "min": min(ratios),
             "max": max(ratios),
         }
-        print("base forward, keras-hub (torch) / transformers: "
-              f"{common.fmt_ratio(result['keras_forward_vs_hf_forward'])}")
+        print(
+            "base forward, keras-hub (torch) / transformers: "
+            f"{common.fmt_ratio(result['keras_forward_vs_hf_forward'])}"
+        )
     model = "tiny random Llama" if args.quick else "SmolLM2-135M"
     print(
         f"\n{model}, batch {args.batch} x {args.seq}, rank {RANK}, "
@@ -634,11 +726,19 @@ def report(args, env, samples, notes, same):
         f"threads={args.threads} jit_compile(torch)={args.jit_compile} "
         f"loadavg {env['loadavg_start']} -> {env['loadavg_end']}"
     )
-    print(common.markdown_table(
-        ["row", "trainable", "ms/step median [min, max]",
-         "x peft_lora median [min, max]", "peak RSS growth MiB", "target"],
-        rows,
-    ))
+    print(
+        common.markdown_table(
+            [
+                "row",
+                "trainable",
+                "ms/step median [min, max]",
+                "x peft_lora median [min, max]",
+                "peak RSS growth MiB",
+                "target",
+            ],
+            rows,
+        )
+    )
     common.emit_result(result)
     common.write_json(args.json, result)
 

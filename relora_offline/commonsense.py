@@ -30,22 +30,20 @@ lm.fit(x, y, sample_weight=sample_weight, batch_size=8)
 
 # The data (loading, splits, formatting, the training mixture) lives in
 # `commonsense_data`; this module is its public name.
-from relora_offline.commonsense_data import (
-    ALPACA_TEMPLATE,
-    ANSWER_PREFIX,
-    CLASSIFICATION_TASKS,
-    COMMONSENSE_TASKS,
-    build_mixture,
-    encode_examples,
-    encode_for_training,
-    format_example,
-    load_classification,
-    load_raw,
-    load_task,
-    make_prompt,
-    split_indices,
-    task_name,
-)
+from relora_offline.commonsense_data import ALPACA_TEMPLATE
+from relora_offline.commonsense_data import ANSWER_PREFIX
+from relora_offline.commonsense_data import CLASSIFICATION_TASKS
+from relora_offline.commonsense_data import COMMONSENSE_TASKS
+from relora_offline.commonsense_data import build_mixture
+from relora_offline.commonsense_data import encode_examples
+from relora_offline.commonsense_data import encode_for_training
+from relora_offline.commonsense_data import format_example
+from relora_offline.commonsense_data import load_classification
+from relora_offline.commonsense_data import load_raw
+from relora_offline.commonsense_data import load_task
+from relora_offline.commonsense_data import make_prompt
+from relora_offline.commonsense_data import split_indices
+from relora_offline.commonsense_data import task_name
 
 __all__ = [
     "ALPACA_TEMPLATE",

@@ -509,7 +509,7 @@ def encode_examples(tokenizer, examples, sequence_length):
         for example in examples
     ]
     token_ids, padding_mask, labels, weights = (
-        np.stack(column) for column in zip(*rows)
+        np.stack(column) for column in zip(*rows, strict=False)
     )
     x = {"token_ids": token_ids, "padding_mask": padding_mask}
     return x, labels, weights

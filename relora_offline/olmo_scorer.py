@@ -37,13 +37,11 @@ import os
 import numpy as np
 
 # The data half lives in `olmo_data`; its names are re-exported here.
-from relora_offline.olmo_data import (
-    build_task,
-    gold_samples,
-    olmo_eval_module,
-    smollm2_tokenizer,
-    split_documents,
-)
+from relora_offline.olmo_data import build_task
+from relora_offline.olmo_data import gold_samples
+from relora_offline.olmo_data import olmo_eval_module
+from relora_offline.olmo_data import smollm2_tokenizer
+from relora_offline.olmo_data import split_documents
 
 
 def keras_logits_fn(causal_lm, jit_compile="auto"):
@@ -195,8 +193,9 @@ def score_task(
     ):
         # The metric reads rows ctx_len - 1 ... of its logits: with the
         # gathered rows, that start is row 0.
-        metric.update(dict(batch, ctx_len=torch.ones_like(batch["ctx_len"])),
-                      logits)
+        metric.update(
+            dict(batch, ctx_len=torch.ones_like(batch["ctx_len"])), logits
+        )
         summed.update(_summed_nll(batch, logits))
     metrics = {k: float(v) for k, v in metric.compute().items()}
     # Per document, from the metric's own state, as `compute` does.
@@ -263,8 +262,8 @@ def _continuation_logits(logits_fn, task, samples, batch_size, bucket):
         token_ids[:rows] = batch["input_ids"].numpy()[:, :length]
         for i, q in enumerate(queries):
             padding_mask[i, :q] = 1
-            positions[i, : cont_len[i]] = ctx_len[i] - 1 + np.arange(
-                cont_len[i]
+            positions[i, : cont_len[i]] = (
+                ctx_len[i] - 1 + np.arange(cont_len[i])
             )
         logits = logits_fn(token_ids, padding_mask, positions)[:rows]
         yield batch, torch.from_numpy(np.ascontiguousarray(logits))
@@ -378,8 +377,11 @@ def main(argv=None):
         (f"keras-hub ({keras.config.backend()})", keras_logits_fn(lm)),
         ("transformers (torch)", transformers_logits_fn(hf)),
     )
-    print(f"{'task':<10} {'docs':>5}  {'metric':<11}" + "".join(
-        f" {name:>22}" for name, _ in runs) + "  differ  max|d nll|")
+    print(
+        f"{'task':<10} {'docs':>5}  {'metric':<11}"
+        + "".join(f" {name:>22}" for name, _ in runs)
+        + "  differ  max|d nll|"
+    )
     for name in args.tasks.split(","):
         task = build_task(name, tokenizer)
         _, doc_ids = split_documents(task, 0, args.docs, seed=args.seed)
@@ -390,7 +392,7 @@ def main(argv=None):
             seconds.append(time.perf_counter() - start)
         key = accuracy_key(task)
         line = f"{name:<10} {len(doc_ids):>5}  {key:<11}"
-        for scores, s in zip(got, seconds):
+        for scores, s in zip(got, seconds, strict=False):
             line += f" {scores.metrics[key]:>14.2%} ({s:4.0f} s)"
         differ = int(np.sum(got[0].predictions != got[1].predictions))
         gap = float(np.max(np.abs(got[0].gold_nll - got[1].gold_nll)))

@@ -59,7 +59,7 @@ def build(start=None):
     lm.enable_relora(rank=4, experts=2)
     adapters = list(keras_relora.get_state(lm).variables().values())
     if start is not None:
-        for variable, value in zip(base + adapters, start):
+        for variable, value in zip(base + adapters, start, strict=False):
             variable.assign(value)
     lm.compile(
         optimizer=keras.optimizers.SGD(0.5, momentum=0.9),
@@ -75,7 +75,7 @@ def numpy(variables):
 
 
 def max_diff(a, b):
-    return max(float(np.max(np.abs(x - y))) for x, y in zip(a, b))
+    return max(float(np.max(np.abs(x - y))) for x, y in zip(a, b, strict=False))
 
 
 def b_kernels(model):
@@ -108,10 +108,13 @@ class DecisionLog:
 
     def step(self):
         now = self._values()
-        changed = sorted({
-            int(block) for (block, old), (_, new) in zip(self._last, now)
-            if not np.array_equal(old, new)
-        })
+        changed = sorted(
+            {
+                int(block)
+                for (block, old), (_, new) in zip(self._last, now, strict=False)
+                if not np.array_equal(old, new)
+            }
+        )
         self.steps.append(changed)
         self._last = now
 
@@ -152,10 +155,16 @@ def one_device_reference(reducer=False, reducer_args=None):
         )
         callbacks.insert(0, reducer_cb)
     x, y = data()
-    lm.fit(x, y, batch_size=BATCH, epochs=1, shuffle=False, verbose=0,
-           callbacks=callbacks)
-    out = {"start": start, "adapters": numpy(adapters),
-           "decisions": log.steps}
+    lm.fit(
+        x,
+        y,
+        batch_size=BATCH,
+        epochs=1,
+        shuffle=False,
+        verbose=0,
+        callbacks=callbacks,
+    )
+    out = {"start": start, "adapters": numpy(adapters), "decisions": log.steps}
     if reducer:
         out["importance"] = reducer_cb.importance.tolist()
     return out

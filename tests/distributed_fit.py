@@ -56,7 +56,7 @@ def build(start=None, layout_map=None):
     lm.enable_relora(rank=4, experts=2, layout_map=layout_map)
     adapters = list(keras_relora.get_state(lm).variables().values())
     if start is not None:
-        for variable, value in zip(base + adapters, start):
+        for variable, value in zip(base + adapters, start, strict=False):
             variable.assign(value)
     lm.compile(
         optimizer=keras.optimizers.SGD(0.5),
@@ -70,14 +70,21 @@ def numpy(variables):
 
 
 def max_diff(a, b):
-    return max(float(np.max(np.abs(x - y))) for x, y in zip(a, b))
+    return max(float(np.max(np.abs(x - y))) for x, y in zip(a, b, strict=False))
 
 
 def train(start, layout_map=None, callbacks=None):
     lm, base, adapters = build(start, layout_map)
     x, y = data()
-    history = lm.fit(x, y, batch_size=BATCH, epochs=1, shuffle=False,
-                     verbose=0, callbacks=callbacks)
+    history = lm.fit(
+        x,
+        y,
+        batch_size=BATCH,
+        epochs=1,
+        shuffle=False,
+        verbose=0,
+        callbacks=callbacks,
+    )
     return lm, base, adapters, history.history["loss"]
 
 
@@ -100,7 +107,7 @@ def main():
     reference = numpy(adapters)
     result["losses"] = loss
     # How far training moved the adapters: the scale of the diffs below.
-    result["adapter_moved"] = max_diff(reference, start[len(base):])
+    result["adapter_moved"] = max_diff(reference, start[len(base) :])
 
     mesh = keras.distribution.DeviceMesh(
         (2, 4), axis_names=("batch", "model"), devices=devices
@@ -117,21 +124,20 @@ def main():
         "adapter_max_diff": max_diff(numpy(adapters), reference),
         "base_unchanged": all(
             np.array_equal(a, b)
-            for a, b in zip(numpy(base), start[: len(base)])
+            for a, b in zip(numpy(base), start[: len(base)], strict=False)
         ),
         "b_kernel_specs": {
             adapter.role: spec(adapter.b_kernel)
             for adapter in state.adapters.values()
         },
-        "a_specs": {
-            name: spec(a.kernel) for name, a in state.shared_a.items()
-        },
+        "a_specs": {name: spec(a.kernel) for name, a in state.shared_a.items()},
         "router_specs": sorted(
             {str(spec(a.router_kernel)) for a in state.adapters.values()}
         ),
         "base_query_spec": spec(
-            lm.backbone.get_layer("transformer_layer_0")
-            ._self_attention_layer._query_dense.kernel
+            lm.backbone.get_layer(
+                "transformer_layer_0"
+            )._self_attention_layer._query_dense.kernel
         ),
         "losses": loss,
     }
@@ -151,9 +157,7 @@ def main():
             layout_map=layout_map, batch_dim_name="batch"
         )
     )
-    reducer = keras_relora.ReducerCallback(
-        update_layers=1, interval=2, seed=0
-    )
+    reducer = keras_relora.ReducerCallback(update_layers=1, interval=2, seed=0)
     _, _, _, loss = train(start, layout_map, callbacks=[reducer])
     result["reducer"] = {
         "probes": len(reducer.importance_history[0]) - 1,

@@ -30,8 +30,12 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 # with interval 2), the workers failed at the epoch's end in Keras's metric
 # read (`'NoneType' object is not callable`: the loss tracker's variables
 # were left purged), on 2 processes only; not root-caused yet.
-REDUCER_ARGS = {"update_layers": 1, "suppress_layers": 2, "interval": 3,
-                "seed": 7}
+REDUCER_ARGS = {
+    "update_layers": 1,
+    "suppress_layers": 2,
+    "interval": 3,
+    "seed": 7,
+}
 sys.path.insert(0, HERE)
 WORLD = 2
 
@@ -48,7 +52,8 @@ def worker(pid, port, start_file):
 
     keras.config.disable_traceback_filtering()
     keras.distribution.initialize(
-        job_addresses=f"127.0.0.1:{port}", num_processes=WORLD,
+        job_addresses=f"127.0.0.1:{port}",
+        num_processes=WORLD,
         process_id=pid,
     )
     devices = keras.distribution.list_devices()
@@ -90,7 +95,9 @@ def worker(pid, port, start_file):
         run = {
             "base_unchanged": all(
                 np.array_equal(a, b)
-                for a, b in zip(dc.numpy(base), start[: len(base)])
+                for a, b in zip(
+                    dc.numpy(base), start[: len(base)], strict=False
+                )
             ),
             "adapters": [a.tolist() for a in dc.numpy(adapters)],
             "decisions": log.steps,
@@ -133,8 +140,14 @@ def main():
         env.pop("XLA_FLAGS", None)  # One CPU device per process.
         workers = [
             subprocess.Popen(
-                [sys.executable, __file__, "--worker", str(pid), str(port),
-                 start_file],
+                [
+                    sys.executable,
+                    __file__,
+                    "--worker",
+                    str(pid),
+                    str(port),
+                    start_file,
+                ],
                 env=env,
             )
             for pid in range(WORLD)
@@ -150,9 +163,9 @@ def main():
                     run = json.load(f)
             run["returncode"] = w.returncode
             results.append(run)
-    print("RESULT " + json.dumps(
-        {"processes": results, "one_device": reference}
-    ))
+    print(
+        "RESULT " + json.dumps({"processes": results, "one_device": reference})
+    )
 
 
 if __name__ == "__main__":

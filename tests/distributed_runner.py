@@ -13,17 +13,25 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def run_script(name, backend, timeout=600):
-    env = dict(os.environ, KERAS_BACKEND=backend, OMP_NUM_THREADS="1",
-               TF_CPP_MIN_LOG_LEVEL="2")
+    env = dict(
+        os.environ,
+        KERAS_BACKEND=backend,
+        OMP_NUM_THREADS="1",
+        TF_CPP_MIN_LOG_LEVEL="2",
+    )
     env.pop("XLA_FLAGS", None)
     process = subprocess.run(
         [sys.executable, os.path.join(HERE, name)],
-        env=env, capture_output=True, text=True, timeout=timeout,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
         check=False,
     )
     assert process.returncode == 0, process.stderr[-4000:]
     (line,) = [
-        line for line in process.stdout.splitlines()
+        line
+        for line in process.stdout.splitlines()
         if line.startswith("RESULT ")
     ]
-    return json.loads(line[len("RESULT "):])
+    return json.loads(line[len("RESULT ") :])

@@ -28,9 +28,9 @@ tf.config.set_logical_device_configuration(
     _cpu, [tf.config.LogicalDeviceConfiguration()] * 2
 )
 
-import distributed_common as dc
+import distributed_common as dc  # noqa: E402
 
-import keras_relora
+import keras_relora  # noqa: E402
 
 
 def replica_values(variable):
@@ -52,8 +52,15 @@ def mirrored_train(start, reducer):
         )
         callbacks.insert(0, reducer_cb)
     x, y = dc.data()
-    lm.fit(x, y, batch_size=dc.BATCH, epochs=1, shuffle=False, verbose=0,
-           callbacks=callbacks)
+    lm.fit(
+        x,
+        y,
+        batch_size=dc.BATCH,
+        epochs=1,
+        shuffle=False,
+        verbose=0,
+        callbacks=callbacks,
+    )
     replicas = [replica_values(v) for v in adapters]
     out = {
         "replicas": strategy.num_replicas_in_sync,
@@ -65,7 +72,7 @@ def mirrored_train(start, reducer):
         ),
         "base_unchanged": all(
             np.array_equal(a, b)
-            for a, b in zip(dc.numpy(base), start[: len(base)])
+            for a, b in zip(dc.numpy(base), start[: len(base)], strict=False)
         ),
         "adapters": [r[0] for r in replicas],
         "decisions": log.steps,
@@ -89,9 +96,7 @@ def main():
             "adapter_moved": dc.max_diff(
                 one["adapters"], one["start"][n_base:]
             ),
-            "adapter_max_diff": dc.max_diff(
-                many["adapters"], one["adapters"]
-            ),
+            "adapter_max_diff": dc.max_diff(many["adapters"], one["adapters"]),
             "decisions": many["decisions"],
             "decisions_one_device": one["decisions"],
             "importance": many.get("importance"),

@@ -62,9 +62,9 @@ def ddp_train(rank, start, reducer):
         px, py = dc.probe_data()
         mine = slice(rank, None, WORLD)
         probe = ({k: v[mine] for k, v in px.items()}, py[mine])
-        callbacks.append(keras_relora.ReducerCallback(
-            probe_data=probe, **dc.REDUCER
-        ))
+        callbacks.append(
+            keras_relora.ReducerCallback(probe_data=probe, **dc.REDUCER)
+        )
     log = dc.DecisionLog(lm)
     for callback in callbacks:
         callback.set_model(lm)
@@ -91,7 +91,7 @@ def ddp_train(rank, start, reducer):
     out = {
         "base_unchanged": all(
             np.array_equal(a, b)
-            for a, b in zip(dc.numpy(base), start[: len(base)])
+            for a, b in zip(dc.numpy(base), start[: len(base)], strict=False)
         ),
         "adapters": [a.tolist() for a in dc.numpy(adapters)],
         "decisions": log.steps,
@@ -107,7 +107,9 @@ def worker(rank, port, folder):
 
     torch.set_num_threads(1)
     torch.distributed.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
         world_size=WORLD,
     )
     try:
@@ -150,11 +152,16 @@ def main():
             ),
         }
     with tempfile.TemporaryDirectory() as folder:
-        np.savez(os.path.join(folder, "start.npz"),
-                 **{str(i): v for i, v in enumerate(one["start"])})
+        np.savez(
+            os.path.join(folder, "start.npz"),
+            **{str(i): v for i, v in enumerate(one["start"])},
+        )
         # A worker's exception is raised here by `start_processes`.
         mp.start_processes(
-            worker, args=(port, folder), nprocs=WORLD, join=True,
+            worker,
+            args=(port, folder),
+            nprocs=WORLD,
+            join=True,
             start_method="spawn",
         )
         results = []
@@ -162,9 +169,9 @@ def main():
             with open(os.path.join(folder, f"{rank}.json")) as f:
                 results.append(json.load(f))
     results.sort(key=lambda r: r["rank"])
-    print("RESULT " + json.dumps(
-        {"processes": results, "one_device": reference}
-    ))
+    print(
+        "RESULT " + json.dumps({"processes": results, "one_device": reference})
+    )
 
 
 if __name__ == "__main__":

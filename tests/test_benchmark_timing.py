@@ -19,24 +19,43 @@ TAG = "RESULT_JSON "
 def run_quick(script, *flags):
     env = dict(os.environ, KERAS_BACKEND=keras.config.backend())
     proc = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "benchmarks", script),
-         "--quick", *flags],
-        env=env, capture_output=True, text=True, timeout=600, check=False,
+        [
+            sys.executable,
+            os.path.join(ROOT, "benchmarks", script),
+            "--quick",
+            *flags,
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(TAG)]
     assert len(lines) == 1, proc.stdout[-3000:]
-    return json.loads(lines[0][len(TAG):]), proc.stdout
+    return json.loads(lines[0][len(TAG) :]), proc.stdout
 
 
 def test_layer_overhead_quick():
     result, out = run_quick(
-        "layer_overhead.py", "--rounds", "2", "--reps", "1",
-        "--dim", "128", "--tokens", "64",
+        "layer_overhead.py",
+        "--rounds",
+        "2",
+        "--reps",
+        "1",
+        "--dim",
+        "128",
+        "--tokens",
+        "64",
     )
     configs = result["configs"]
     assert set(configs) == {
-        "frozen", "keras_lora", "act_lora", "relora_e1", "relora_e4"
+        "frozen",
+        "keras_lora",
+        "act_lora",
+        "relora_e1",
+        "relora_e4",
     }
     for entry in configs.values():
         assert len(entry["samples"]) == 2
@@ -47,12 +66,20 @@ def test_layer_overhead_quick():
 
 def test_step_time_quick_with_reducer():
     result, out = run_quick(
-        "step_time.py", "--only", "relora_multi", "--reducer",
-        "--reducer-interval", "2", "--rounds", "2",
+        "step_time.py",
+        "--only",
+        "relora_multi",
+        "--reducer",
+        "--reducer-interval",
+        "2",
+        "--rounds",
+        "2",
     )
     configs = result["configs"]
     assert set(configs) == {
-        "keras_lora", "relora_multi", "relora_multi+reducer"
+        "keras_lora",
+        "relora_multi",
+        "relora_multi+reducer",
     }
     # Same adapters with and without the callback.
     assert (
@@ -86,8 +113,10 @@ def test_vs_peft_quick():
     assert result["rows"]["peft_lora"]["vs_peft"]["median"] == 1.0
     # Both sides loaded the same weights: the adapted models' logits before
     # training equal PEFT's (B is zero at the start).
-    key = "relora_multi+reducer" if backend == "torch" else (
-        f"{backend}:relora_multi"
+    key = (
+        "relora_multi+reducer"
+        if backend == "torch"
+        else (f"{backend}:relora_multi")
     )
     assert result["logits_vs_peft"][key] < 1e-4
     assert "x peft_lora" in out

@@ -54,12 +54,23 @@ def smoke_backend(backend):
 def run_script(name, output_dir, *args):
     env = dict(os.environ, KERAS_BACKEND=BACKEND)
     process = subprocess.run(
-        [sys.executable, os.path.join(BENCHMARKS, name), "--quick",
-         "--no-append", "--output-dir", str(output_dir), *args],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            os.path.join(BENCHMARKS, name),
+            "--quick",
+            "--no-append",
+            "--output-dir",
+            str(output_dir),
+            *args,
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
-    assert process.returncode == 0, process.stdout[-3000:] + (
-        process.stderr[-3000:]
+    assert process.returncode == 0, (
+        process.stdout[-3000:] + (process.stderr[-3000:])
     )
     return process.stdout
 
@@ -78,8 +89,10 @@ def check_result(result, tasks):
 @smoke_backend("tensorflow")
 def test_minilm_tasks_quick(tmp_path):
     stdout = run_script(
-        "minilm_tasks.py", tmp_path,
-        "--only", "head_only,lora,relora_multi+reducer",
+        "minilm_tasks.py",
+        tmp_path,
+        "--only",
+        "head_only,lora,relora_multi+reducer",
     )
     with open(tmp_path / "minilm_tasks.json") as f:
         payload = json.load(f)
@@ -91,8 +104,10 @@ def test_minilm_tasks_quick(tmp_path):
     by_row = {r["row"]: r for r in payload["results"]}
     assert by_row["head_only"]["adapter_params"] == 0
     # 4 experts per layer hold more B parameters than one.
-    assert (by_row["relora_multi+reducer"]["adapter_params"]
-            > by_row["lora"]["adapter_params"])
+    assert (
+        by_row["relora_multi+reducer"]["adapter_params"]
+        > by_row["lora"]["adapter_params"]
+    )
     assert len(by_row["relora_multi+reducer"]["importance"]) == 6
     assert "| relora_multi+reducer |" in stdout
 
@@ -108,8 +123,9 @@ def test_minilm_tasks_quick(tmp_path):
     ],
 )
 def test_drop_ratio_quick(tmp_path, model, blocks, dropped):
-    run_script("drop_ratio.py", tmp_path, "--random-seeds", "1",
-               "--model", model)
+    run_script(
+        "drop_ratio.py", tmp_path, "--random-seeds", "1", "--model", model
+    )
     with open(tmp_path / f"drop_ratio_{model}.json") as f:
         payload = json.load(f)
     (run,) = payload["runs"]
@@ -137,8 +153,9 @@ def test_drop_ratio_quick(tmp_path, model, blocks, dropped):
 @smoke_backend("jax")
 @needs_smollm2
 def test_commonsense_quick(tmp_path):
-    stdout = run_script("commonsense.py", tmp_path,
-                        "--only", "lora,relora_multi+reducer")
+    stdout = run_script(
+        "commonsense.py", tmp_path, "--only", "lora,relora_multi+reducer"
+    )
     with open(tmp_path / "commonsense.json") as f:
         payload = json.load(f)
     rows = [r["row"] for r in payload["results"]]
@@ -151,9 +168,7 @@ def test_commonsense_quick(tmp_path):
         for task in tasks:
             correct = result["documents"][task]["correct"]
             assert len(correct) == payload["test_sizes"][task] == 3
-            assert result["accuracy"][task] == pytest.approx(
-                np.mean(correct)
-            )
+            assert result["accuracy"][task] == pytest.approx(np.mean(correct))
             # (The quick run keeps 4 of 30 blocks: far from a good LM.)
             assert 0.0 < result["ce_loss"][task] < np.inf
     blocks = payload["settings"]["blocks"]  # the quick run's first blocks
@@ -193,8 +208,11 @@ def test_blocks_to_drop_matches_prune():
     drop_ratio = benchmark_module("drop_ratio")
     importance = np.array([0.3, -0.2, 0.1, -0.5, 0.0, 0.4])
     for ratio, strategy, seed in [
-        (0.25, "importance", None), (0.5, "importance", None),
-        (0.75, "importance", None), (0.5, "random", 3), (0.25, "random", 0),
+        (0.25, "importance", None),
+        (0.5, "importance", None),
+        (0.75, "importance", None),
+        (0.5, "random", 3),
+        (0.25, "random", 0),
     ]:
         inputs = keras.Input((4,))
         h = inputs
@@ -202,19 +220,28 @@ def test_blocks_to_drop_matches_prune():
             h = keras.layers.Dense(4, name=f"block_{i}")(h)
         model = keras.Model(inputs, h)
         model.enable_relora(rank=2, experts=2)
-        expected = keras_relora.prune(model, ratio, importance=importance,
-                                      strategy=strategy, seed=seed)
-        assert drop_ratio.blocks_to_drop(
-            6, ratio, strategy, importance, seed
-        ) == expected
+        expected = keras_relora.prune(
+            model, ratio, importance=importance, strategy=strategy, seed=seed
+        )
+        assert (
+            drop_ratio.blocks_to_drop(6, ratio, strategy, importance, seed)
+            == expected
+        )
 
 
 def test_summary_table_and_append(tmp_path):
     finetune = benchmark_module("finetune")
     results = [
-        {"row": "a", "seed": s, "accuracy": {"x": acc, "y": 0.5},
-         "average": (acc + 0.5) / 2, "adapter_params": 100,
-         "adapter_percent": 1.0, "train_seconds": 3.0, "peak_rss_mb": 10.0}
+        {
+            "row": "a",
+            "seed": s,
+            "accuracy": {"x": acc, "y": 0.5},
+            "average": (acc + 0.5) / 2,
+            "adapter_params": 100,
+            "adapter_percent": 1.0,
+            "train_seconds": 3.0,
+            "peak_rss_mb": 10.0,
+        }
         for s, acc in ((0, 0.6), (1, 0.8))
     ]
     table, by_row = finetune.summary_table(results, ["x", "y"])
@@ -249,9 +276,7 @@ def test_common_flags_fill_each_scripts_sizes_and_seeds():
     assert smollm2.blocks == 30 and smollm2.tasks == full.tasks
     assert smollm2.seeds == [2, 3] and smollm2.random_seeds == 5
     minilm = drop_ratio.parse_args(["--quick"])
-    assert minilm.model == "minilm" and minilm.tasks == list(
-        minilm_tasks.TASKS
-    )
+    assert minilm.model == "minilm" and minilm.tasks == list(minilm_tasks.TASKS)
     assert minilm.random_seeds == 2
 
 
@@ -260,12 +285,14 @@ def test_commonsense_report_names_the_run_size():
     assert commonsense.run_mode(commonsense.parse_args([])) == (
         "full run (default sizes)"
     )
-    assert commonsense.run_mode(
-        commonsense.parse_args(["--steps", "16"])
-    ) == "reduced-size run"
-    assert commonsense.run_mode(
-        commonsense.parse_args(["--quick"])
-    ) == "QUICK smoke run"
+    assert (
+        commonsense.run_mode(commonsense.parse_args(["--steps", "16"]))
+        == "reduced-size run"
+    )
+    assert (
+        commonsense.run_mode(commonsense.parse_args(["--quick"]))
+        == "QUICK smoke run"
+    )
 
 
 def test_load_runs_merges_and_rewrites_the_first_file(tmp_path):
@@ -275,21 +302,27 @@ def test_load_runs_merges_and_rewrites_the_first_file(tmp_path):
 
     def run(rows, seed, seconds, command):
         return {
-            "settings": dict(settings), "complete": True,
-            "total_seconds": seconds, "command": command,
+            "settings": dict(settings),
+            "complete": True,
+            "total_seconds": seconds,
+            "command": command,
             "environment": {"loadavg_start": seconds / 10, "commit": command},
             "results": [{"row": r, "seed": seed} for r in rows],
         }
 
     first, second = tmp_path / "a.json", tmp_path / "b.json"
     first.write_text(json.dumps(run(["relora_multi", "lora"], 0, 10.0, "x")))
-    second.write_text(json.dumps(run(["base (zero-shot)", "lora"], 1, 5.0,
-                                     "y")))
-    payload, path = finetune.load_runs(f"{first},{second}",
-                                       commonsense.merge_runs)
+    second.write_text(
+        json.dumps(run(["base (zero-shot)", "lora"], 1, 5.0, "y"))
+    )
+    payload, path = finetune.load_runs(
+        f"{first},{second}", commonsense.merge_runs
+    )
     assert path == str(first)
     assert [(r["row"], r["seed"]) for r in payload["results"]] == [
-        ("base (zero-shot)", 1), ("lora", 0), ("lora", 1),
+        ("base (zero-shot)", 1),
+        ("lora", 0),
+        ("lora", 1),
         ("relora_multi", 0),
     ]
     assert payload["settings"]["seeds"] == [0, 1]

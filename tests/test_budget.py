@@ -9,9 +9,9 @@ import math
 
 import keras_hub
 import pytest
+import tiny_models
 
 import keras_relora
-import tiny_models
 
 LLAMA = {
     "vocabulary_size": tiny_models.VOCAB,

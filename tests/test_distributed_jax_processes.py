@@ -41,11 +41,11 @@ def test_two_process_training_equals_one_device(result, run):
         assert process[run]["base_unchanged"]
         diff = max(
             float(np.max(np.abs(a - b)))
-            for a, b in zip(adapters(process[run]), adapters(one))
+            for a, b in zip(adapters(process[run]), adapters(one), strict=False)
         )
         assert diff < TOLERANCE
     first, second = result["processes"]
-    for a, b in zip(adapters(first[run]), adapters(second[run])):
+    for a, b in zip(adapters(first[run]), adapters(second[run]), strict=False):
         np.testing.assert_array_equal(a, b)
 
 

@@ -39,11 +39,11 @@ def test_ddp_training_equals_one_device(result, run):
         got = adapters(process[run])
         diff = max(
             float(np.max(np.abs(a - b)))
-            for a, b in zip(got, adapters(one))
+            for a, b in zip(got, adapters(one), strict=False)
         )
         assert diff < TOLERANCE
     # DDP keeps the replicas bitwise equal.
-    for a, b in zip(adapters(first[run]), adapters(second[run])):
+    for a, b in zip(adapters(first[run]), adapters(second[run]), strict=False):
         np.testing.assert_array_equal(a, b)
 
 

@@ -30,14 +30,19 @@ def result():
     )
     process = subprocess.run(
         [sys.executable, os.path.join(HERE, "distributed_fit.py")],
-        env=env, capture_output=True, text=True, timeout=900, check=False,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
     )
     assert process.returncode == 0, process.stderr[-4000:]
     (line,) = [
-        line for line in process.stdout.splitlines()
+        line
+        for line in process.stdout.splitlines()
         if line.startswith("RESULT ")
     ]
-    return json.loads(line[len("RESULT "):])
+    return json.loads(line[len("RESULT ") :])
 
 
 def test_model_parallel_training_equals_one_device(result):

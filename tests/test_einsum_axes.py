@@ -46,8 +46,9 @@ def test_split_orders_axes_as_input_and_output():
     ],
 )
 def test_refuses_what_it_cannot_split(equation, shape, message):
-    with pytest.raises(ValueError, match=message.replace("[", r"\[")
-                       .replace("]", r"\]")):
+    with pytest.raises(
+        ValueError, match=message.replace("[", r"\[").replace("]", r"\]")
+    ):
         EinsumAxes(equation, shape)
 
 

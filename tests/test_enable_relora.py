@@ -5,10 +5,10 @@ import re
 import keras
 import numpy as np
 import pytest
+import tiny_models as tm
 from keras import ops
 
 import keras_relora
-import tiny_models as tm
 
 R, M = 4, 2  # rank and experts used throughout
 
@@ -17,13 +17,16 @@ def weights_by_path(model):
     return {v.path: ops.convert_to_numpy(v).copy() for v in model.weights}
 
 
-def fit_and_check(model, x, y, loss, expected_trainable, sample_weight=None,
-                  steps=2):
+def fit_and_check(
+    model, x, y, loss, expected_trainable, sample_weight=None, steps=2
+):
     """Fits a few steps; checks counts, frozen base bitwise, adapters move."""
     trainable = sum(int(np.prod(v.shape)) for v in model.trainable_weights)
     assert trainable == expected_trainable
-    assert all("relora" in v.path or "lora_a" in v.path
-               for v in model.trainable_weights)
+    assert all(
+        "relora" in v.path or "lora_a" in v.path
+        for v in model.trainable_weights
+    )
     before = weights_by_path(model)
     model.compile(optimizer=keras.optimizers.Adam(1e-2), loss=loss)
     model.fit(x, y, sample_weight=sample_weight, epochs=steps, verbose=0)
@@ -33,9 +36,11 @@ def fit_and_check(model, x, y, loss, expected_trainable, sample_weight=None,
         if path in trainable_paths:
             continue
         np.testing.assert_array_equal(after[path], value, err_msg=path)
-    moved = [p for p in trainable_paths
-             if p.endswith("b_kernel") and
-             np.abs(after[p] - before[p]).max() > 0]
+    moved = [
+        p
+        for p in trainable_paths
+        if p.endswith("b_kernel") and np.abs(after[p] - before[p]).max() > 0
+    ]
     assert moved, "no B expert trained"
 
 
@@ -56,14 +61,23 @@ def test_llama3_causal_lm_fit():
     lm = tm.llama3_causal_lm()
     report = lm.enable_relora(rank=R, experts=M)
     x, y, w = tm.lm_data()
-    fit_and_check(lm, x, y, keras.losses.SparseCategoricalCrossentropy(
-        from_logits=True), llama_count(), sample_weight=w)
+    fit_and_check(
+        lm,
+        x,
+        y,
+        keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        llama_count(),
+        sample_weight=w,
+    )
     assert report.trainable_params == llama_count()
     assert set(report.roles) == {"q", "k", "v", "up", "down"}
     assert report.num_blocks == 2
     paths_unique(lm)
-    blocks = {a.block for p, a in keras_relora.get_state(lm).adapters.items()
-              if p.startswith("transformer_layer_1/")}
+    blocks = {
+        a.block
+        for p, a in keras_relora.get_state(lm).adapters.items()
+        if p.startswith("transformer_layer_1/")
+    }
     assert blocks == {1}
 
 
@@ -93,16 +107,22 @@ def test_paligemma_decoder_by_default_and_vision_graph_nodes_when_asked():
     state = keras_relora.get_state(backbone)
     assert all(p.startswith("decoder_block_") for p in state.adapters)
     assert state_report.num_blocks == 2
-    lm = keras_relora.unload(backbone) if hasattr(keras_relora, "unload") \
+    lm = (
+        keras_relora.unload(backbone)
+        if hasattr(keras_relora, "unload")
         else None
+    )
     del lm
     # Vision encoder layers are nodes of a functional graph.
     backbone = tm.paligemma_backbone()
     x, _ = tm.paligemma_data()
     base = ops.convert_to_numpy(backbone(x))
     keras_relora.enable_relora(
-        backbone, rank=R, experts=M,
-        targets=r"image_encoder/.*(query_proj|value_proj)$")
+        backbone,
+        rank=R,
+        experts=M,
+        targets=r"image_encoder/.*(query_proj|value_proj)$",
+    )
     state = keras_relora.get_state(backbone)
     assert len(state.adapters) == 4
     np.testing.assert_array_equal(ops.convert_to_numpy(backbone(x)), base)
@@ -115,17 +135,24 @@ def test_paligemma_causal_lm_fit():
     import keras_hub
 
     backbone = tm.paligemma_backbone()
-    lm = keras_hub.models.PaliGemmaCausalLM(backbone=backbone,
-                                            preprocessor=None)
+    lm = keras_hub.models.PaliGemmaCausalLM(
+        backbone=backbone, preprocessor=None
+    )
     lm.enable_relora(rank=R, experts=M)
     x, y = tm.paligemma_data()
     # Gemma decoder: q/k/v einsum (hidden 8 -> 2x4, 1x4); Gemma's gated
     # FFN uses intermediate_dim // 2: Dense 8 -> 8 (up), 8 -> 8 (down).
     q_out, kv_out, inter, hidden = 8, 4, 8, 8
-    expected = llama_count(q_out=q_out, kv_out=kv_out, inter=inter,
-                           hidden=hidden)
-    fit_and_check(lm, x, y, keras.losses.SparseCategoricalCrossentropy(
-        from_logits=True), expected)
+    expected = llama_count(
+        q_out=q_out, kv_out=kv_out, inter=inter, hidden=hidden
+    )
+    fit_and_check(
+        lm,
+        x,
+        y,
+        keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        expected,
+    )
 
 
 def test_stable_diffusion3_flow_matching_step():
@@ -151,8 +178,11 @@ def test_stable_diffusion3_flow_matching_step():
     }
     qkv = [a for a in state.adapters.values() if a.role == "qkv"]
     proj = [a for a in state.adapters.values() if a.role == "o"]
-    expected = (16 * R) * 2 + R * M * (48 * len(qkv) + 16 * len(proj)) + \
-        R * M * (len(qkv) + len(proj))
+    expected = (
+        (16 * R) * 2
+        + R * M * (48 * len(qkv) + 16 * len(proj))
+        + R * M * (len(qkv) + len(proj))
+    )
     fit_and_check(diffuser, inputs, noise - x0, "mse", expected)
 
 
@@ -160,8 +190,9 @@ def test_bert_encoder_classifier_fit():
     import keras_hub
 
     backbone = tm.bert_backbone()
-    clf = keras_hub.models.BertTextClassifier(backbone, num_classes=2,
-                                              preprocessor=None)
+    clf = keras_hub.models.BertTextClassifier(
+        backbone, num_classes=2, preprocessor=None
+    )
     head = [v.path for v in clf.weights if v.path.startswith("logits/")]
     clf.enable_relora(rank=R, experts=M)
     x = tm.bert_data()
@@ -174,9 +205,10 @@ def test_bert_encoder_classifier_fit():
         p for p in trainable if "relora" in p or "lora_a" in p
     }
     before = weights_by_path(clf)
-    clf.compile(optimizer=keras.optimizers.Adam(1e-2),
-                loss=keras.losses.SparseCategoricalCrossentropy(
-                    from_logits=True))
+    clf.compile(
+        optimizer=keras.optimizers.Adam(1e-2),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
     clf.fit(x, y, epochs=2, verbose=0)
     after = weights_by_path(clf)
     for path, value in before.items():
@@ -188,8 +220,13 @@ def test_bert_encoder_classifier_fit():
         tm.bert_backbone(), num_classes=2, preprocessor=None
     )
     frozen.enable_relora(rank=R, experts=M, train_layers=[])
-    fit_and_check(frozen, x, y, keras.losses.SparseCategoricalCrossentropy(
-        from_logits=True), llama_count(q_out=8, kv_out=8))
+    fit_and_check(
+        frozen,
+        x,
+        y,
+        keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        llama_count(q_out=8, kv_out=8),
+    )
 
 
 def test_functional_model_adapts_every_dense():
@@ -241,8 +278,14 @@ def test_mixed_bfloat16_backbone_trains():
     lm.enable_relora(rank=R, experts=M)
     assert all(v.dtype == "float32" for v in lm.trainable_weights)
     x, y, w = tm.lm_data()
-    fit_and_check(lm, x, y, keras.losses.SparseCategoricalCrossentropy(
-        from_logits=True), llama_count(), sample_weight=w)
+    fit_and_check(
+        lm,
+        x,
+        y,
+        keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        llama_count(),
+        sample_weight=w,
+    )
 
 
 def test_int8_quantized_backbone_trains():
@@ -251,8 +294,14 @@ def test_int8_quantized_backbone_trains():
     lm.enable_relora(rank=R, experts=M)
     x, y, w = tm.lm_data()
     base = ops.convert_to_numpy(lm(x))
-    fit_and_check(lm, x, y, keras.losses.SparseCategoricalCrossentropy(
-        from_logits=True), llama_count(), sample_weight=w)
+    fit_and_check(
+        lm,
+        x,
+        y,
+        keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        llama_count(),
+        sample_weight=w,
+    )
     # The adapters are live on the quantized path.
     assert np.abs(ops.convert_to_numpy(lm(x)) - base).max() > 0
 
@@ -297,21 +346,28 @@ def test_argument_errors(kwargs, message):
 
 def test_targets_by_name_and_regex():
     backbone = tm.llama3_backbone()
-    backbone.enable_relora(rank=R, experts=1,
-                           targets=["query", "feedforward_gate_dense"])
-    roles = {a.role for a in keras_relora.get_state(backbone).adapters
-             .values()}
+    backbone.enable_relora(
+        rank=R, experts=1, targets=["query", "feedforward_gate_dense"]
+    )
+    roles = {a.role for a in keras_relora.get_state(backbone).adapters.values()}
     assert roles == {"q", "gate"}
     other = tm.llama3_backbone()
     other.enable_relora(rank=R, experts=1, targets=r"layer_1/.*value$")
     assert list(keras_relora.get_state(other).adapters) == [
-        "transformer_layer_1/self_attention/value"]
+        "transformer_layer_1/self_attention/value"
+    ]
 
 
 def test_variants_configure_the_known_methods():
     v = keras_relora.VARIANTS
-    assert set(v) == {"lora", "lora_fa", "sharelora", "hydralora", "relora",
-                      "relora_multi"}
+    assert set(v) == {
+        "lora",
+        "lora_fa",
+        "sharelora",
+        "hydralora",
+        "relora",
+        "relora_multi",
+    }
     for name, kwargs in v.items():
         backbone = tm.llama3_backbone()
         report = backbone.enable_relora(rank=R, **kwargs)

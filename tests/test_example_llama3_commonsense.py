@@ -196,8 +196,12 @@ def test_tiny_run_on_jsonl_data_with_export(tmp_path):
     output_dir = tmp_path / "out"
     stdout, results = run_example(output_dir, "--data", str(data), "--export")
     check_common_outputs(stdout, results, output_dir)
-    for text in ("== Generation", "before training:", "after training:",
-                 "answer-token loss (teacher forcing):"):
+    for text in (
+        "== Generation",
+        "before training:",
+        "after training:",
+        "answer-token loss (teacher forcing):",
+    ):
         assert text in stdout
     for key in ("answer_nll_before", "answer_nll_after"):
         assert np.isfinite(results[key]) and results[key] > 0
@@ -243,13 +247,19 @@ def test_answer_nll_is_the_mean_loss_over_answer_tokens():
     lm.preprocessor = None
     lm.compile(
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-        weighted_metrics=[keras.metrics.SparseCategoricalCrossentropy(
-            from_logits=True, name="answer_nll")],
+        weighted_metrics=[
+            keras.metrics.SparseCategoricalCrossentropy(
+                from_logits=True, name="answer_nll"
+            )
+        ],
     )
     test = [
         {"prompt": commonsense.make_prompt(q), "output": a}
-        for q, a in [("Is ice cold?", "yes"), ("Two plus two?", "four"),
-                     ("Sky colour?", "blue, on a clear day")]
+        for q, a in [
+            ("Is ice cold?", "yes"),
+            ("Two plus two?", "four"),
+            ("Sky colour?", "blue, on a clear day"),
+        ]
     ]
     args = argparse.Namespace(batch_size=2)
     held_out = commonsense.encode_examples(tokenizer, test, 24)
@@ -263,8 +273,9 @@ def test_answer_nll_is_the_mean_loss_over_answer_tokens():
             lm({"token_ids": ids[None], "padding_mask": mask[None]})
         )[0].astype("float64")
         peak = logits.max(-1, keepdims=True)
-        log_probs = logits - peak - np.log(
-            np.exp(logits - peak).sum(-1, keepdims=True))
+        log_probs = (
+            logits - peak - np.log(np.exp(logits - peak).sum(-1, keepdims=True))
+        )
         nll = -log_probs[np.arange(24), labels]
         total += float(np.sum(nll * weights))
         count += float(np.sum(weights))

@@ -16,8 +16,9 @@ import pytest
 
 import keras_relora
 
-EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(
-    os.path.abspath(__file__))), "examples")
+EXAMPLES = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples"
+)
 
 
 def run(name, tmp_path, *flags):
@@ -36,8 +37,12 @@ def check_files(paths):
 def test_custom_model(tmp_path, capsys, experts):
     result = run("custom_model", tmp_path, "--experts", str(experts))
     out = capsys.readouterr().out
-    for key in ("base_upright", "base_rotated", "tuned_rotated",
-                "merged_rotated"):
+    for key in (
+        "base_upright",
+        "base_rotated",
+        "tuned_rotated",
+        "merged_rotated",
+    ):
         assert 0.0 <= result[key] <= 1.0
     assert result["reloaded_identical"]
     check_files(result["paths"])
@@ -50,8 +55,7 @@ def test_custom_model(tmp_path, capsys, experts):
     if experts == 1:
         # One B per layer: the merge is exact (float32 rounding aside, which
         # may flip a near-tie), so the accuracy is the adapted model's.
-        assert abs(result["merged_rotated"] - result["tuned_rotated"]) \
-            <= 1 / 64
+        assert abs(result["merged_rotated"] - result["tuned_rotated"]) <= 1 / 64
         assert "exact merge" in out
     else:
         assert "mean gates" in out
@@ -91,7 +95,7 @@ def test_digit_images_are_seeded():
 
     a = digit_images.render_digits(6, 16, seed=3)
     b = digit_images.render_digits(6, 16, seed=3)
-    for x, y in zip(a, b):
+    for x, y in zip(a, b, strict=False):
         np.testing.assert_array_equal(x, y)
     images, digits, _ = a
     assert images.shape == (6, 16, 16, 3) and images.dtype == np.uint8

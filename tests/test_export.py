@@ -65,14 +65,17 @@ def test_saved_model_of_live_routed_adapters(tmp_path, top_k):
     model, x = adapted_dense(experts=2, top_k=top_k)
     model.export(str(tmp_path / "live"), verbose=False)
     np.testing.assert_allclose(
-        serve_saved_model(tmp_path / "live", x), to_numpy(model(x)),
+        serve_saved_model(tmp_path / "live", x),
+        to_numpy(model(x)),
         **TOLERANCE,
     )
 
 
 @pytest.mark.skipif(
     BACKEND != "tensorflow",
-    reason=NO_SAVED_MODEL if BACKEND == "torch" else (
+    reason=NO_SAVED_MODEL
+    if BACKEND == "torch"
+    else (
         "TF only: the jax2tf conversion of a Llama takes ~30 s on CPU (the "
         "JAX path of the adapter ops is covered by the Dense tests)"
     ),
@@ -93,7 +96,8 @@ def test_saved_model_of_an_adapted_keras_hub_backbone(tmp_path):
         str(tmp_path / "llama"), input_signature=[spec], verbose=False
     )
     np.testing.assert_allclose(
-        serve_saved_model(tmp_path / "llama", x), to_numpy(backbone(x)),
+        serve_saved_model(tmp_path / "llama", x),
+        to_numpy(backbone(x)),
         **TOLERANCE,
     )
 
@@ -151,8 +155,7 @@ def test_onnx_of_an_adapted_keras_hub_backbone(tmp_path):
         for name in x
     }
     path = str(tmp_path / "llama.onnx")
-    backbone.export(path, format="onnx", input_signature=[spec],
-                    verbose=False)
+    backbone.export(path, format="onnx", input_signature=[spec], verbose=False)
     session = ort.InferenceSession(path)
     feeds = {
         i.name: np.asarray(x[name])

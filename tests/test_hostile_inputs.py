@@ -61,8 +61,11 @@ def test_fit_after_trainable_set_changed_refuses_and_model_stays_usable(
         donor = functional(x, rank=2, experts=2)
         tm.randomize_adapters(donor)
         donor.save_relora_weights(path)
-    model = functional(x, rank=2, experts=2) if change in (
-        "prune", "unload") else functional(x)
+    model = (
+        functional(x, rank=2, experts=2)
+        if change in ("prune", "unload")
+        else functional(x)
+    )
     compile_mse(model)
     model.fit(x, y, batch_size=4, epochs=1, verbose=0)
     if change == "enable":
@@ -90,8 +93,15 @@ def test_fit_after_trainable_set_changed_refuses_and_model_stays_usable(
 
 
 def _task_fit(lm, x, y, steps, callback):
-    lm.fit(x, y, batch_size=4, epochs=steps, verbose=0, shuffle=False,
-           callbacks=[callback])
+    lm.fit(
+        x,
+        y,
+        batch_size=4,
+        epochs=steps,
+        verbose=0,
+        shuffle=False,
+        callbacks=[callback],
+    )
 
 
 def test_task_resumes_exactly_from_a_keras_file(tmp_path):
@@ -109,8 +119,9 @@ def test_task_resumes_exactly_from_a_keras_file(tmp_path):
         return lm
 
     def reducer():
-        return keras_relora.ReducerCallback(update_layers=1, interval=2,
-                                            trials=2, seed=3)
+        return keras_relora.ReducerCallback(
+            update_layers=1, interval=2, trials=2, seed=3
+        )
 
     straight = adapted()
     _task_fit(straight, x, y, 4, reducer())
@@ -132,13 +143,15 @@ def test_task_resumes_exactly_from_a_keras_file(tmp_path):
     a = keras_relora.get_state(straight).variables()
     b = keras_relora.get_state(resumed).variables()
     assert len(a) == len(b)
-    for (key, va), vb in zip(a.items(), b.values()):
+    for (key, va), vb in zip(a.items(), b.values(), strict=False):
         np.testing.assert_allclose(
             to_numpy(vb), to_numpy(va), rtol=1e-6, atol=1e-6, err_msg=key
         )
     np.testing.assert_allclose(
         to_numpy(resumed.optimizer.variables[-1]),
-        to_numpy(straight.optimizer.variables[-1]), rtol=1e-6, atol=1e-7,
+        to_numpy(straight.optimizer.variables[-1]),
+        rtol=1e-6,
+        atol=1e-7,
     )
 
 
@@ -151,7 +164,7 @@ def _rewrite_metadata(path, edit):
     with open(path, "rb") as f:
         data = f.read()
     size = int.from_bytes(data[:8], "little")
-    header = json.loads(data[8:8 + size])
+    header = json.loads(data[8 : 8 + size])
     metadata = header["__metadata__"]
     edit(metadata)
     tensors = safetensors.numpy.load(data)
@@ -315,28 +328,32 @@ def test_clone_model_of_a_subclassed_model_keeps_adapters():
 # Item 6: argument checks.
 
 
-@pytest.mark.parametrize("kwargs, name", [
-    ({"alpha": float("inf")}, "alpha"),
-    ({"alpha": float("nan")}, "alpha"),
-    ({"alpha": "8"}, "alpha"),
-    ({"dropout": "0.1"}, "dropout"),
-    ({"dropout": float("nan")}, "dropout"),
-    ({"balance_loss": float("nan")}, "balance_loss"),
-    ({"balance_loss": float("inf")}, "balance_loss"),
-    ({"balance_loss": "0"}, "balance_loss"),
-    ({"targets": 42}, "targets"),
-    ({"targets": ["hidden", 3]}, "targets"),
-    ({"rank": True}, "rank"),
-    ({"rank": 2.0}, "rank"),
-    ({"experts": np.float32(2)}, "experts"),
-    ({"top_k": True}, "top_k"),
-])
+@pytest.mark.parametrize(
+    "kwargs, name",
+    [
+        ({"alpha": float("inf")}, "alpha"),
+        ({"alpha": float("nan")}, "alpha"),
+        ({"alpha": "8"}, "alpha"),
+        ({"dropout": "0.1"}, "dropout"),
+        ({"dropout": float("nan")}, "dropout"),
+        ({"balance_loss": float("nan")}, "balance_loss"),
+        ({"balance_loss": float("inf")}, "balance_loss"),
+        ({"balance_loss": "0"}, "balance_loss"),
+        ({"targets": 42}, "targets"),
+        ({"targets": ["hidden", 3]}, "targets"),
+        ({"rank": True}, "rank"),
+        ({"rank": 2.0}, "rank"),
+        ({"experts": np.float32(2)}, "experts"),
+        ({"top_k": True}, "top_k"),
+    ],
+)
 def test_enable_relora_refuses_bad_arguments(kwargs, name):
     x, _ = tm.dense_data()
     model = functional(x)
     before = snapshot(model)
-    with pytest.raises((ValueError, TypeError),
-                       match=rf"`{name}`.*Received: {name}="):
+    with pytest.raises(
+        (ValueError, TypeError), match=rf"`{name}`.*Received: {name}="
+    ):
         model.enable_relora(**{"rank": 2, "experts": 2, **kwargs})
     assert_unchanged(model, before)
     assert keras_relora.get_state(model) is None
@@ -346,8 +363,12 @@ def test_enable_relora_refuses_bad_arguments(kwargs, name):
 def test_enable_relora_accepts_numpy_integers():
     x, _ = tm.dense_data()
     model = functional(x)
-    model.enable_relora(rank=np.int64(2), experts=np.int32(2),
-                        top_k=np.int64(1), alpha=np.float32(4.0))
+    model.enable_relora(
+        rank=np.int64(2),
+        experts=np.int32(2),
+        top_k=np.int64(1),
+        alpha=np.float32(4.0),
+    )
     state = keras_relora.get_state(model)
     assert state.settings["rank"] == 2
     assert type(state.settings["rank"]) is int
@@ -376,8 +397,9 @@ def test_layers_refuse_bools_and_accept_numpy_integers():
         keras_relora.ReloraDense(dense, shared, alpha=float("inf"))
     with pytest.raises(TypeError, match=r"Received: dropout=.0.1."):
         keras_relora.ReloraDense(dense, shared, dropout="0.1")
-    adapter = keras_relora.ReloraDense(dense, shared, experts=np.int64(2),
-                                       top_k=np.int64(1))
+    adapter = keras_relora.ReloraDense(
+        dense, shared, experts=np.int64(2), top_k=np.int64(1)
+    )
     assert adapter.experts == 2 and type(adapter.experts) is int
 
 
@@ -400,8 +422,12 @@ def test_loading_without_the_import_names_keras_relora(tmp_path):
     )
     env = {**os.environ, "KERAS_BACKEND": keras.config.backend()}
     done = subprocess.run(
-        [sys.executable, "-c", code], check=False, capture_output=True,
-        text=True, env=env, timeout=240,
+        [sys.executable, "-c", code],
+        check=False,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=240,
     )
     out = done.stdout
     if done.returncode == 3:

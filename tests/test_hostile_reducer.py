@@ -24,17 +24,27 @@ def _numpy(variables):
 def test_fit_after_pruning_every_block_refuses_before_training():
     model = tm.adapted_block_mlp()
     assert keras_relora.prune(model, 1.0, strategy="random", seed=0) == [
-        0, 1, 2, 3
+        0,
+        1,
+        2,
+        3,
     ]
     model.compile(optimizer=keras.optimizers.Adam(0.05), loss="mse")
     before = _numpy(model.weights)
     x, y = tm.dense_data(32)
-    with pytest.raises(ValueError, match="every block's B experts were "
-                       "pruned.*Received: 0 of 4 blocks"):
-        model.fit(x, y, batch_size=8, epochs=1, verbose=0, callbacks=[
-            keras_relora.ReducerCallback(interval=1, seed=0)
-        ])
-    for a, b in zip(before, _numpy(model.weights)):
+    with pytest.raises(
+        ValueError,
+        match="every block's B experts were pruned.*Received: 0 of 4 blocks",
+    ):
+        model.fit(
+            x,
+            y,
+            batch_size=8,
+            epochs=1,
+            verbose=0,
+            callbacks=[keras_relora.ReducerCallback(interval=1, seed=0)],
+        )
+    for a, b in zip(before, _numpy(model.weights), strict=False):
         np.testing.assert_array_equal(a, b)
 
 
@@ -49,8 +59,9 @@ def test_nan_probe_loss_is_skipped_and_reported():
         update_layers=1, interval=2, seed=0, probe_data=(bad_x, y[:8])
     )
     with pytest.warns(UserWarning, match="non-finite probe loss.*skipped"):
-        history = model.fit(x, y, batch_size=8, epochs=1, verbose=0,
-                            callbacks=[reducer])
+        history = model.fit(
+            x, y, batch_size=8, epochs=1, verbose=0, callbacks=[reducer]
+        )
     assert np.isfinite(history.history["loss"][-1])  # Training went on.
     steps, _ = reducer.importance_history
     np.testing.assert_array_equal(steps, [0])  # No probe was recorded.
@@ -67,16 +78,22 @@ def test_nan_training_loss_never_makes_nan_scores():
     model = tm.adapted_block_mlp()
     x, y = tm.dense_data(32)
     x[0, 0] = np.nan
-    reducer = keras_relora.ReducerCallback(update_layers=1, interval=1,
-                                           seed=0)
+    reducer = keras_relora.ReducerCallback(update_layers=1, interval=1, seed=0)
     with pytest.warns(UserWarning, match="non-finite probe loss"):
-        model.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0,
-                  callbacks=[reducer])
+        model.fit(
+            x,
+            y,
+            batch_size=8,
+            epochs=1,
+            shuffle=False,
+            verbose=0,
+            callbacks=[reducer],
+        )
     assert reducer.skipped_probes == [1, 2, 3, 4]
     assert np.all(np.isfinite(reducer.importance))
-    assert np.all(np.isfinite(ops.convert_to_numpy(
-        model.relora_reducer.scores
-    )))
+    assert np.all(
+        np.isfinite(ops.convert_to_numpy(model.relora_reducer.scores))
+    )
 
 
 def test_non_finite_stored_scores_are_refused_before_training():
@@ -89,17 +106,24 @@ def test_non_finite_stored_scores_are_refused_before_training():
     before = _numpy(model.weights)
     x, y = tm.dense_data(32)
     with pytest.raises(ValueError, match="scores.*not finite"):
-        model.fit(x, y, batch_size=8, epochs=1, verbose=0,
-                  callbacks=[keras_relora.ReducerCallback(interval=1)])
-    for a, b in zip(before, _numpy(model.weights)):
+        model.fit(
+            x,
+            y,
+            batch_size=8,
+            epochs=1,
+            verbose=0,
+            callbacks=[keras_relora.ReducerCallback(interval=1)],
+        )
+    for a, b in zip(before, _numpy(model.weights), strict=False):
         np.testing.assert_array_equal(a, b)
 
 
 def test_prune_refuses_non_finite_importance():
     model = tm.adapted_block_mlp()
     state = keras_relora.get_state(model)
-    with pytest.raises(ValueError, match="`importance` must be finite.*"
-                       "Received: importance="):
+    with pytest.raises(
+        ValueError, match="`importance` must be finite.*Received: importance="
+    ):
         keras_relora.prune(model, 0.5, importance=[1.0, np.nan, 0.0, 2.0])
     reducer = keras_relora.ReducerCallback(seed=0)
     reducer.set_model(model)
@@ -118,11 +142,12 @@ def test_empty_probe_arrays_are_refused():
     reducer = keras_relora.ReducerCallback(
         interval=1, seed=0, probe_data=(x[:0], y[:0])
     )
-    with pytest.raises(ValueError, match="`probe_data` is empty.*"
-                       "Received: probe_data with 0 samples"):
-        model.fit(x, y, batch_size=8, epochs=1, verbose=0,
-                  callbacks=[reducer])
-    for a, b in zip(before, _numpy(model.weights)):
+    with pytest.raises(
+        ValueError,
+        match="`probe_data` is empty.*Received: probe_data with 0 samples",
+    ):
+        model.fit(x, y, batch_size=8, epochs=1, verbose=0, callbacks=[reducer])
+    for a, b in zip(before, _numpy(model.weights), strict=False):
         np.testing.assert_array_equal(a, b)
 
 
@@ -132,10 +157,9 @@ def test_empty_probe_dataset_is_refused():
     model = tm.adapted_block_mlp()
     x, y = tm.dense_data(32)
     empty = tf.data.Dataset.from_tensor_slices((x[:0], y[:0])).batch(8)
-    reducer = keras_relora.ReducerCallback(
-        interval=1, seed=0, probe_data=empty
-    )
-    with pytest.raises(ValueError, match="`probe_data` is empty.*"
-                       "Received: probe_data with no batch"):
-        model.fit(x, y, batch_size=8, epochs=1, verbose=0,
-                  callbacks=[reducer])
+    reducer = keras_relora.ReducerCallback(interval=1, seed=0, probe_data=empty)
+    with pytest.raises(
+        ValueError,
+        match="`probe_data` is empty.*Received: probe_data with no batch",
+    ):
+        model.fit(x, y, batch_size=8, epochs=1, verbose=0, callbacks=[reducer])

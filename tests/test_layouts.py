@@ -33,21 +33,46 @@ def einsum(equation, output_shape, input_shape, name):
     [
         # Llama query: kernel (hidden, heads, head_dim); output (heads,
         # head_dim) flattened, split on the heads' mesh axis.
-        ("bqm,muh->bquh", (None, 4, 2), (None, None, 6),
-         ("model", "batch", None), (None, None, "batch")),
+        (
+            "bqm,muh->bquh",
+            (None, 4, 2),
+            (None, None, 6),
+            ("model", "batch", None),
+            (None, None, "batch"),
+        ),
         # Only a later output axis sharded: the flattened d_out cannot be
         # split the same way, so B is replicated.
-        ("bqm,muh->bquh", (None, 4, 2), (None, None, 6),
-         ("model", None, "batch"), (None, None, None)),
+        (
+            "bqm,muh->bquh",
+            (None, 4, 2),
+            (None, None, 6),
+            ("model", None, "batch"),
+            (None, None, None),
+        ),
         # Attention output: kernel (heads, head_dim, hidden), output hidden.
-        ("bquh,uhm->bqm", (None, 6), (None, None, 4, 2),
-         ("model", None, "batch"), (None, None, "batch")),
+        (
+            "bquh,uhm->bqm",
+            (None, 6),
+            (None, None, 4, 2),
+            ("model", None, "batch"),
+            (None, None, "batch"),
+        ),
         # Kernel axes in another order than the output's: "btd,ndh->btnh".
-        ("btd,ndh->btnh", (None, 4, 2), (None, None, 6),
-         ("model", None, None), (None, None, "model")),
+        (
+            "btd,ndh->btnh",
+            (None, 4, 2),
+            (None, None, 6),
+            ("model", None, None),
+            (None, None, "model"),
+        ),
         # Base kernel not in the map: replicated.
-        ("bqm,muh->bquh", (None, 4, 2), (None, None, 6), None,
-         (None, None, None)),
+        (
+            "bqm,muh->bquh",
+            (None, 4, 2),
+            (None, None, 6),
+            None,
+            (None, None, None),
+        ),
     ],
 )
 def test_b_kernel_axes_follow_the_base_output_axis(

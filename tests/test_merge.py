@@ -134,9 +134,7 @@ def test_routed_merge_reports_measured_error(routed, capsys):
     _, again = keras_relora.merge_relora(
         model, batches, verbose=False, return_error=True
     )
-    np.testing.assert_allclose(
-        again["relative"], error["relative"], rtol=1e-5
-    )
+    np.testing.assert_allclose(again["relative"], error["relative"], rtol=1e-5)
 
 
 def test_routed_merge_is_exact_when_experts_agree():

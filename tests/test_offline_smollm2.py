@@ -66,9 +66,9 @@ def test_logits_match_transformers_on_the_gguf(causal_lm):
 
     model, tokenizer = smollm2.load_smollm2_transformers()
     ids = tokenizer(PARAGRAPH)["input_ids"]
-    assert ids == np.asarray(
-        causal_lm.preprocessor.tokenizer(PARAGRAPH)
-    ).tolist()
+    assert (
+        ids == np.asarray(causal_lm.preprocessor.tokenizer(PARAGRAPH)).tolist()
+    )
     with torch.no_grad():
         reference = model(torch.tensor([ids])).logits[0].double().numpy()
     ids = np.asarray(ids, "int32")[None]

@@ -21,7 +21,8 @@ pytest.importorskip("olmo_eval")
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from relora_offline import olmo_data, olmo_scorer
+from relora_offline import olmo_data  # noqa: E402
+from relora_offline import olmo_scorer  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -112,12 +113,14 @@ def test_gold_nll_matches_full_logits(tiny_pair, name):
     _, doc_ids = olmo_data.split_documents(task, 0, 5, seed=2)
     _, expected = reference_scores(hf, task, doc_ids)
     docs, nll, tokens = olmo_scorer.gold_nll(
-        olmo_scorer.keras_logits_fn(lm), task, doc_ids, batch_size=2,
+        olmo_scorer.keras_logits_fn(lm),
+        task,
+        doc_ids,
+        batch_size=2,
         bucket=32,
     )
     np.testing.assert_array_equal(docs, doc_ids)
-    np.testing.assert_allclose(nll, [expected[int(d)] for d in docs],
-                               rtol=1e-4)
+    np.testing.assert_allclose(nll, [expected[int(d)] for d in docs], rtol=1e-4)
     gold = olmo_data.gold_samples(task, doc_ids)
     assert sorted(tokens.tolist()) == sorted(
         len(s["continuation"]) for s in gold
@@ -125,8 +128,9 @@ def test_gold_nll_matches_full_logits(tiny_pair, name):
     with pytest.raises(ValueError, match="doc_ids"):
         olmo_scorer.gold_nll(olmo_scorer.keras_logits_fn(lm), task, [10**9])
     with pytest.raises(ValueError, match="batch_size"):
-        olmo_scorer.gold_nll(olmo_scorer.keras_logits_fn(lm), task, docs,
-                             batch_size=0)
+        olmo_scorer.gold_nll(
+            olmo_scorer.keras_logits_fn(lm), task, docs, batch_size=0
+        )
 
 
 def test_gold_training_arrays_are_the_scored_tokens(tiny_pair):
@@ -151,8 +155,9 @@ def test_gold_training_arrays_are_the_scored_tokens(tiny_pair):
     x, y, weights = olmo_data.gold_training_arrays(task, train, 12, 0)
     for i, s in enumerate(gold):
         n = len(s["continuation"])
-        np.testing.assert_array_equal(y[i][weights[i] == 1],
-                                      s["continuation"][-min(n, 12):])
+        np.testing.assert_array_equal(
+            y[i][weights[i] == 1], s["continuation"][-min(n, 12) :]
+        )
 
 
 def test_split_documents_is_seeded_and_disjoint(tiny_pair):
@@ -219,10 +224,13 @@ def test_smollm2_scores_match_transformers_on_a_slice():
             olmo_scorer.keras_logits_fn(lm), task, doc_ids, batch_size=16
         )
         theirs = olmo_scorer.score_task(
-            olmo_scorer.transformers_logits_fn(hf), task, doc_ids,
+            olmo_scorer.transformers_logits_fn(hf),
+            task,
+            doc_ids,
             batch_size=16,
         )
         key = olmo_scorer.accuracy_key(task)
         assert abs(ours.metrics[key] - theirs.metrics[key]) <= 0.005
-        np.testing.assert_allclose(ours.gold_nll, theirs.gold_nll,
-                                   rtol=1e-3, atol=1e-3)
+        np.testing.assert_allclose(
+            ours.gold_nll, theirs.gold_nll, rtol=1e-3, atol=1e-3
+        )

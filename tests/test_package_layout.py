@@ -40,7 +40,8 @@ def _imports(path, modules):
         elif isinstance(node, ast.ImportFrom) and node.module:
             names = [
                 f"{node.module}.{alias.name}"
-                if f"{node.module}.{alias.name}" in modules else node.module
+                if f"{node.module}.{alias.name}" in modules
+                else node.module
                 for alias in node.names
             ]
         else:
@@ -52,8 +53,7 @@ def _imports(path, modules):
 def _graph():
     modules = _modules()
     return {
-        name: _imports(path, modules) - {name}
-        for name, path in modules.items()
+        name: _imports(path, modules) - {name} for name, path in modules.items()
     }
 
 
@@ -68,7 +68,7 @@ def _find_cycle(graph):
         stack.append(node)
         for child in sorted(graph[node]):
             if colour[child] == GREY:
-                return stack[stack.index(child):] + [child]
+                return stack[stack.index(child) :] + [child]
             if colour[child] == WHITE:
                 cycle = visit(child)
                 if cycle:
@@ -123,9 +123,15 @@ def test_state_module_imports_no_room():
 
 
 def test_private_keras_api_lives_in_one_module():
-    private = ("._tracker", "._track_variables", "._flatten_layers",
-               "._deferred_initialize", "._value", "object.__setattr__",
-               "__class__ =")
+    private = (
+        "._tracker",
+        "._track_variables",
+        "._flatten_layers",
+        "._deferred_initialize",
+        "._value",
+        "object.__setattr__",
+        "__class__ =",
+    )
     for path in PACKAGE.rglob("*.py"):
         if path.name == "_keras_internals.py":
             continue
@@ -163,9 +169,8 @@ def test_no_module_over_the_size_limit():
 
 
 def test_wheel_packages_are_the_library_only():
-    import tomllib
-
     import setuptools
+    import tomllib
 
     root = PACKAGE.parent
     with open(root / "pyproject.toml", "rb") as f:

@@ -12,13 +12,11 @@ import json
 import numpy as np
 import pytest
 
-from tests.test_benchmarks_quick import (
-    benchmark_module,
-    needs_assets,
-    needs_smollm2,
-    run_script,
-    smoke_backend,
-)
+from tests.test_benchmarks_quick import benchmark_module
+from tests.test_benchmarks_quick import needs_assets
+from tests.test_benchmarks_quick import needs_smollm2
+from tests.test_benchmarks_quick import run_script
+from tests.test_benchmarks_quick import smoke_backend
 
 scipy_stats = pytest.importorskip("scipy.stats")
 
@@ -74,9 +72,17 @@ def test_spearman_and_t_interval_match_scipy(claims):
 
 def fake_result(row, seed, nll, correct):
     nll = np.asarray(nll, "float64")
-    return {"row": row, "seed": seed, "documents": {"t": {
-        "gold_nll": nll.tolist(), "gold_tokens": [2] * len(nll),
-        "correct": list(correct)}}}
+    return {
+        "row": row,
+        "seed": seed,
+        "documents": {
+            "t": {
+                "gold_nll": nll.tolist(),
+                "gold_tokens": [2] * len(nll),
+                "correct": list(correct),
+            }
+        },
+    }
 
 
 def planted(claims, ce_shift, acc_flip):
@@ -89,8 +95,9 @@ def planted(claims, ce_shift, acc_flip):
         worse = correct.copy()
         worse[:acc_flip] = 0
         results.append(fake_result("hydralora", seed, base, correct))
-        results.append(fake_result("relora_multi", seed,
-                                   base + 2 * ce_shift, worse))
+        results.append(
+            fake_result("relora_multi", seed, base + 2 * ce_shift, worse)
+        )
     return claims.verdicts({"results": results})[0]
 
 
@@ -105,10 +112,14 @@ def test_verdicts_follow_the_declared_margins(claims):
     for seed in (0, 1, 2):
         base = rng.normal(2.0, 0.1, 100)
         results.append(fake_result("hydralora", seed, base, [1] * 100))
-        results.append(fake_result(
-            "relora_multi", seed, base + 2 * (0.05 + rng.normal(0, 0.5, 100)),
-            [1] * 100,
-        ))
+        results.append(
+            fake_result(
+                "relora_multi",
+                seed,
+                base + 2 * (0.05 + rng.normal(0, 0.5, 100)),
+                [1] * 100,
+            )
+        )
     assert "**cannot tell" in claims.verdicts({"results": results})[0]
 
 
@@ -135,8 +146,12 @@ def test_row_groups_split_the_rows_by_work(claims):
 @smoke_backend("torch")
 def test_paper_claims_quick(tmp_path, claims):
     stdout = run_script(
-        "paper_claims.py", tmp_path, "--seeds", "0,1",
-        "--only", "lora,hydralora,relora_multi,relora_multi+reducer",
+        "paper_claims.py",
+        tmp_path,
+        "--seeds",
+        "0,1",
+        "--only",
+        "lora,hydralora,relora_multi,relora_multi+reducer",
     )
     with open(tmp_path / "paper_claims.json") as f:
         payload = json.load(f)
@@ -144,14 +159,22 @@ def test_paper_claims_quick(tmp_path, claims):
     # Each seed's rows ran in two processes side by side (`--jobs 2`): the
     # run's wall time is less than the sum of the processes' times.
     assert sorted(p.name for p in tmp_path.glob("seed*_part*")) == [
-        "seed0_part0", "seed0_part1", "seed1_part0", "seed1_part1"
+        "seed0_part0",
+        "seed0_part1",
+        "seed1_part0",
+        "seed1_part1",
     ]
     assert 0 < payload["total_seconds"] < payload["process_seconds"]
     rows = [(r["row"], r["seed"]) for r in payload["results"]]
     assert rows == [("zero-shot", None)] + [
-        (name, seed) for seed in (0, 1)
-        for name in ("lora", "hydralora", "relora_multi",
-                     "relora_multi+reducer")
+        (name, seed)
+        for seed in (0, 1)
+        for name in (
+            "lora",
+            "hydralora",
+            "relora_multi",
+            "relora_multi+reducer",
+        )
     ]
     settings = payload["settings"]
     counts = payload["param_counts_at_rank"]
@@ -188,8 +211,9 @@ def test_paper_claims_quick(tmp_path, claims):
             assert len(p["blocks"]) == int(p["ratio"] * blocks + 0.5)
             if p["strategy"] == "importance":
                 assert p["blocks"] == sorted(
-                    np.argsort(importance, kind="stable")[: len(p["blocks"])]
-                    .tolist()
+                    np.argsort(importance, kind="stable")[
+                        : len(p["blocks"])
+                    ].tolist()
                 )
     assert "Claim 1, `relora_multi` vs `hydralora`" in stdout
     assert "Spearman(importance" in stdout

@@ -68,8 +68,11 @@ def test_export_to_transformers_refuses_adapted_models(tmp_path, where):
     model.enable_relora(rank=2, experts=1)
     target = lm.backbone if where == "task_backbone" else model
     folder = tmp_path / "hf"
-    with pytest.raises(ValueError, match=r"merge_relora\(model\)\."
-                       r"export_to_transformers.*save_peft"):
+    with pytest.raises(
+        ValueError,
+        match=r"merge_relora\(model\)\."
+        r"export_to_transformers.*save_peft",
+    ):
         target.export_to_transformers(str(folder))
     assert not folder.exists()
     # unload gives the exporter back.
@@ -122,21 +125,30 @@ def test_save_peft_loads_in_peft_with_equal_logits(tmp_path, variant):
     hf = _exported_base(lm, tmp_path / "base")
     x = tm.token_batch()
     base = _keras_logits(lm, x)
-    lm.enable_relora(rank=2, alpha=3.0, targets=ALL_ROLES,
-                     **keras_relora.VARIANTS[variant])
+    lm.enable_relora(
+        rank=2, alpha=3.0, targets=ALL_ROLES, **keras_relora.VARIANTS[variant]
+    )
     _randomize_b(lm)
     adapted = _keras_logits(lm, x)
     assert np.abs(adapted - base).max() > 1e-2
     keras_relora.save_peft(lm, tmp_path / "adapter")
-    config = json.loads((tmp_path / "adapter" / "adapter_config.json")
-                        .read_text())
+    config = json.loads(
+        (tmp_path / "adapter" / "adapter_config.json").read_text()
+    )
     assert config["r"] == 2 and config["lora_alpha"] == 3.0
     assert sorted(config["target_modules"]) == sorted(
-        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
-         "down_proj"])
+        [
+            "q_proj",
+            "k_proj",
+            "v_proj",
+            "o_proj",
+            "gate_proj",
+            "up_proj",
+            "down_proj",
+        ]
+    )
     served = peft.PeftModel.from_pretrained(hf, str(tmp_path / "adapter"))
-    np.testing.assert_allclose(_hf_logits(served.eval(), x), adapted,
-                               atol=1e-4)
+    np.testing.assert_allclose(_hf_logits(served.eval(), x), adapted, atol=1e-4)
 
 
 def test_save_peft_leaves_pruned_adapters_out(tmp_path):
@@ -150,8 +162,9 @@ def test_save_peft_leaves_pruned_adapters_out(tmp_path):
     x = tm.token_batch()
     adapted = _keras_logits(lm, x)
     keras_relora.save_peft(lm, tmp_path / "adapter")
-    config = json.loads((tmp_path / "adapter" / "adapter_config.json")
-                        .read_text())
+    config = json.loads(
+        (tmp_path / "adapter" / "adapter_config.json").read_text()
+    )
     # Full module names: q_proj of block 1 only, not block 0's.
     assert "model.layers.0.self_attn.q_proj" not in config["target_modules"]
     assert "model.layers.1.self_attn.q_proj" in config["target_modules"]
@@ -159,15 +172,17 @@ def test_save_peft_leaves_pruned_adapters_out(tmp_path):
     assert not hasattr(
         served.base_model.model.model.layers[0].self_attn.q_proj, "lora_A"
     )
-    np.testing.assert_allclose(_hf_logits(served.eval(), x), adapted,
-                               atol=1e-4)
+    np.testing.assert_allclose(_hf_logits(served.eval(), x), adapted, atol=1e-4)
 
 
 def test_save_peft_refuses_routed_experts(tmp_path):
     lm = _causal_lm()
     lm.enable_relora(rank=2, experts=2)
-    with pytest.raises(ValueError, match=r"routed experts.*merge_relora"
-                       r".*Received: experts=2"):
+    with pytest.raises(
+        ValueError,
+        match=r"routed experts.*merge_relora"
+        r".*Received: experts=2",
+    ):
         keras_relora.save_peft(lm, tmp_path / "adapter")
     assert not (tmp_path / "adapter").exists()
 
@@ -175,7 +190,10 @@ def test_save_peft_refuses_routed_experts(tmp_path):
 def _peft_folder(hf, folder, *, use_rslora=False, seed=0):
     """A LoRA folder written by `peft` itself, with non-zero lora_B."""
     config = peft.LoraConfig(
-        r=4, lora_alpha=8, lora_dropout=0.0, use_rslora=use_rslora,
+        r=4,
+        lora_alpha=8,
+        lora_dropout=0.0,
+        use_rslora=use_rslora,
         target_modules=["q_proj", "v_proj", "o_proj", "down_proj"],
     )
     model = peft.get_peft_model(hf, config)
@@ -213,11 +231,13 @@ def test_save_then_load_peft_round_trip_shared_a(tmp_path):
     keras_relora.save_peft(source, tmp_path / "adapter")
     x = tm.token_batch()
     target.enable_relora(rank=2, **keras_relora.VARIANTS["sharelora"])
-    assert np.abs(_keras_logits(target, x)
-                  - _keras_logits(source, x)).max() > 1e-3
+    assert (
+        np.abs(_keras_logits(target, x) - _keras_logits(source, x)).max() > 1e-3
+    )
     keras_relora.load_peft(target, tmp_path / "adapter")
-    np.testing.assert_allclose(_keras_logits(target, x),
-                               _keras_logits(source, x), atol=1e-5)
+    np.testing.assert_allclose(
+        _keras_logits(target, x), _keras_logits(source, x), atol=1e-5
+    )
 
 
 def _values(model):
@@ -236,31 +256,44 @@ def test_load_peft_refuses_mismatches_before_changing_anything(tmp_path):
     hf = _exported_base(lm, tmp_path / "base")
     _peft_folder(hf, tmp_path / "adapter")  # r=4, its own A per layer
     # Another rank.
-    lm.enable_relora(rank=2, experts=1, share_a="layer",
-                     targets=["q", "v", "o", "down"])
+    lm.enable_relora(
+        rank=2, experts=1, share_a="layer", targets=["q", "v", "o", "down"]
+    )
     before = _values(lm)
     with pytest.raises(ValueError, match=r"rank: folder 4, model 2"):
         keras_relora.load_peft(lm, tmp_path / "adapter")
     _assert_unchanged(lm, before)
     # A shared A cannot hold a different A per layer.
     keras_relora.unload(lm)
-    lm.enable_relora(rank=4, alpha=8, experts=1, share_a="role",
-                     targets=["q", "v", "o", "down"])
+    lm.enable_relora(
+        rank=4,
+        alpha=8,
+        experts=1,
+        share_a="role",
+        targets=["q", "v", "o", "down"],
+    )
     before = _values(lm)
     with pytest.raises(ValueError, match=r"share_a='role'.*different"):
         keras_relora.load_peft(lm, tmp_path / "adapter")
     _assert_unchanged(lm, before)
     # Other modules adapted.
     keras_relora.unload(lm)
-    lm.enable_relora(rank=4, alpha=8, experts=1, share_a="layer",
-                     targets=["q", "v"])
-    with pytest.raises(ValueError, match=r"adapted, not in the folder: \[\]"
-                       r"|modules in the folder, not adapted"):
+    lm.enable_relora(
+        rank=4, alpha=8, experts=1, share_a="layer", targets=["q", "v"]
+    )
+    with pytest.raises(
+        ValueError,
+        match=r"adapted, not in the folder: \[\]"
+        r"|modules in the folder, not adapted",
+    ):
         keras_relora.load_peft(lm, tmp_path / "adapter")
     # A plain model of another size: nothing enabled.
     small = tm.llama3_causal_lm(num_layers=1, tie_word_embeddings=True)
-    with pytest.raises(ValueError, match=r"model.layers.1.* is not in the "
-                       r"model"):
+    with pytest.raises(
+        ValueError,
+        match=r"model.layers.1.* is not in the "
+        r"model",
+    ):
         keras_relora.load_peft(small, tmp_path / "adapter")
     assert keras_relora.get_state(small) is None
     # PEFT features with no equivalent.
@@ -276,40 +309,55 @@ def test_save_peft_gemma_loads_in_peft(tmp_path):
     import keras_hub
 
     backbone = keras_hub.models.GemmaBackbone(
-        vocabulary_size=tm.VOCAB, num_layers=2, num_query_heads=2,
-        num_key_value_heads=1, hidden_dim=8, intermediate_dim=16,
+        vocabulary_size=tm.VOCAB,
+        num_layers=2,
+        num_query_heads=2,
+        num_key_value_heads=1,
+        hidden_dim=8,
+        intermediate_dim=16,
         head_dim=4,
     )
     lm = keras_hub.models.GemmaCausalLM(backbone, preprocessor=None)
     hf = _exported_base(lm, tmp_path / "base")
     x = tm.token_batch()
-    np.testing.assert_allclose(_hf_logits(hf, x), _keras_logits(lm, x),
-                               atol=1e-4)
-    lm.enable_relora(rank=2, targets=ALL_ROLES,
-                     **keras_relora.VARIANTS["sharelora"])
+    np.testing.assert_allclose(
+        _hf_logits(hf, x), _keras_logits(lm, x), atol=1e-4
+    )
+    lm.enable_relora(
+        rank=2, targets=ALL_ROLES, **keras_relora.VARIANTS["sharelora"]
+    )
     _randomize_b(lm)
     keras_relora.save_peft(lm, tmp_path / "adapter")
     served = peft.PeftModel.from_pretrained(hf, str(tmp_path / "adapter"))
-    np.testing.assert_allclose(_hf_logits(served.eval(), x),
-                               _keras_logits(lm, x), atol=1e-4)
+    np.testing.assert_allclose(
+        _hf_logits(served.eval(), x), _keras_logits(lm, x), atol=1e-4
+    )
 
 
 def test_save_peft_refuses_what_peft_cannot_hold(tmp_path):
     # Layers trained in full (`train_layers`) are not LoRA weights.
     lm = _causal_lm()
-    lm.enable_relora(rank=2, experts=1,
-                     train_layers=["sequence_output_layernorm"])
+    lm.enable_relora(
+        rank=2, experts=1, train_layers=["sequence_output_layernorm"]
+    )
     with pytest.raises(ValueError, match=r"train in full.*merge_relora"):
         keras_relora.save_peft(lm, tmp_path / "adapter")
     # A family without a transformers exporter has no module names.
     import keras_hub
 
     encoder = keras_hub.models.BertBackbone(
-        vocabulary_size=tm.VOCAB, num_layers=1, num_heads=2, hidden_dim=8,
-        intermediate_dim=16, max_sequence_length=8,
+        vocabulary_size=tm.VOCAB,
+        num_layers=1,
+        num_heads=2,
+        hidden_dim=8,
+        intermediate_dim=16,
+        max_sequence_length=8,
     )
     encoder.enable_relora(rank=2, experts=1)
-    with pytest.raises(ValueError, match=r"Received: model of family "
-                       r"BertBackbone"):
+    with pytest.raises(
+        ValueError,
+        match=r"Received: model of family "
+        r"BertBackbone",
+    ):
         keras_relora.save_peft(encoder, tmp_path / "adapter")
     assert not (tmp_path / "adapter").exists()

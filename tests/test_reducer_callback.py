@@ -70,8 +70,7 @@ def test_steps_per_execution():
     model = tm.block_mlp()
     model.enable_relora(rank=2, experts=2, targets=r"layer_\d")
     model.compile(optimizer="adam", loss="mse", steps_per_execution=2)
-    reducer = keras_relora.ReducerCallback(update_layers=1, interval=3,
-                                           seed=0)
+    reducer = keras_relora.ReducerCallback(update_layers=1, interval=3, seed=0)
     x, y = tm.dense_data(96)
     model.fit(x, y, batch_size=8, epochs=1, verbose=0, callbacks=[reducer])
     assert int(ops.convert_to_numpy(model.optimizer.iterations)) == 12
@@ -89,12 +88,26 @@ def test_resume_from_checkpoint_is_exact(tmp_path):
         )
 
     straight = adapted_mlp()
-    straight.fit(x, y, batch_size=8, epochs=2, shuffle=False, verbose=0,
-                 callbacks=[reducer(3)])
+    straight.fit(
+        x,
+        y,
+        batch_size=8,
+        epochs=2,
+        shuffle=False,
+        verbose=0,
+        callbacks=[reducer(3)],
+    )
 
     first = adapted_mlp()
-    first.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0,
-              callbacks=[reducer(3)])
+    first.fit(
+        x,
+        y,
+        batch_size=8,
+        epochs=1,
+        shuffle=False,
+        verbose=0,
+        callbacks=[reducer(3)],
+    )
     path = str(tmp_path / "half.weights.h5")
     first.save_weights(path)  # Weights, Reducer state, optimizer state.
 
@@ -102,8 +115,15 @@ def test_resume_from_checkpoint_is_exact(tmp_path):
     resumed_callback = reducer(None)  # The seed comes from the checkpoint.
     resumed_callback.set_model(resumed)  # Makes variables to load into.
     resumed.load_weights(path)
-    resumed.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0,
-                callbacks=[resumed_callback])
+    resumed.fit(
+        x,
+        y,
+        batch_size=8,
+        epochs=1,
+        shuffle=False,
+        verbose=0,
+        callbacks=[resumed_callback],
+    )
 
     # A whole-model `.keras` checkpoint (what `ModelCheckpoint` writes)
     # restores the Reducer state and the optimizer state by itself.
@@ -111,17 +131,29 @@ def test_resume_from_checkpoint_is_exact(tmp_path):
     first.save(keras_path)
     reloaded = keras.models.load_model(keras_path)
     reloaded_callback = reducer(None)
-    reloaded.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0,
-                 callbacks=[reloaded_callback])
+    reloaded.fit(
+        x,
+        y,
+        batch_size=8,
+        epochs=1,
+        shuffle=False,
+        verbose=0,
+        callbacks=[reloaded_callback],
+    )
 
-    for model, callback in ((resumed, resumed_callback),
-                            (reloaded, reloaded_callback)):
+    for model, callback in (
+        (resumed, resumed_callback),
+        (reloaded, reloaded_callback),
+    ):
         assert int(ops.convert_to_numpy(model.optimizer.iterations)) == 20
-        for a, b in zip(_numpy(straight.weights), _numpy(model.weights)):
+        for a, b in zip(
+            _numpy(straight.weights), _numpy(model.weights), strict=False
+        ):
             np.testing.assert_array_equal(a, b)
         for a, b in zip(
             _numpy(straight.optimizer.variables),
             _numpy(model.optimizer.variables),
+            strict=False,
         ):
             np.testing.assert_array_equal(a, b)
         np.testing.assert_array_equal(
@@ -141,9 +173,14 @@ def test_checkpoint_optimizer_state_loads_without_the_reducer(tmp_path):
     # loads into one (Keras skips a mismatched optimizer with a warning).
     x, y = tm.dense_data(24)
     trained = adapted_mlp()
-    trained.fit(x, y, batch_size=8, epochs=1, verbose=0, callbacks=[
-        keras_relora.ReducerCallback(update_layers=1, seed=0)
-    ])
+    trained.fit(
+        x,
+        y,
+        batch_size=8,
+        epochs=1,
+        verbose=0,
+        callbacks=[keras_relora.ReducerCallback(update_layers=1, seed=0)],
+    )
     path = str(tmp_path / "reducer.weights.h5")
     trained.save_weights(path)
     plain = adapted_mlp()
@@ -153,11 +190,14 @@ def test_checkpoint_optimizer_state_loads_without_the_reducer(tmp_path):
         plain.load_weights(path)
     assert int(ops.convert_to_numpy(plain.optimizer.iterations)) == 3
     expected = [
-        v for v in trained.optimizer.variables
+        v
+        for v in trained.optimizer.variables
         if not v.name.startswith("relora_")
     ]
     assert len(expected) == len(plain.optimizer.variables)
-    for a, b in zip(_numpy(expected), _numpy(plain.optimizer.variables)):
+    for a, b in zip(
+        _numpy(expected), _numpy(plain.optimizer.variables), strict=False
+    ):
         np.testing.assert_array_equal(a, b)
 
 
@@ -182,18 +222,27 @@ def test_probes_do_not_change_training_logs():
     histories = []
     for interval in (1, 1000):
         reducer = keras_relora.ReducerCallback(
-            update_layers=NUM_BLOCKS, interval=interval, seed=0,
+            update_layers=NUM_BLOCKS,
+            interval=interval,
+            seed=0,
             log_importance=False,
         )
         reducer.set_model(model)
         if not histories:
             start = _numpy(model.weights + model.optimizer.variables)
         for variable, value in zip(
-            model.weights + model.optimizer.variables, start
+            model.weights + model.optimizer.variables, start, strict=False
         ):
             variable.assign(value)
-        history = model.fit(x, y, batch_size=8, epochs=2, shuffle=False,
-                            verbose=0, callbacks=[reducer])
+        history = model.fit(
+            x,
+            y,
+            batch_size=8,
+            epochs=2,
+            shuffle=False,
+            verbose=0,
+            callbacks=[reducer],
+        )
         histories.append(history.history)
     assert len(reducer.importance_history[0]) == 1  # No probe the 2nd time.
     assert histories[0] == histories[1]
@@ -201,11 +250,11 @@ def test_probes_do_not_change_training_logs():
 
 def test_importance_history_logs_and_plot(tmp_path):
     model = adapted_mlp()
-    reducer = keras_relora.ReducerCallback(update_layers=2, interval=2,
-                                           seed=1)
+    reducer = keras_relora.ReducerCallback(update_layers=2, interval=2, seed=1)
     x, y = tm.dense_data(48)
-    history = model.fit(x, y, batch_size=8, epochs=2, verbose=0,
-                        callbacks=[reducer])
+    history = model.fit(
+        x, y, batch_size=8, epochs=2, verbose=0, callbacks=[reducer]
+    )
     importance = reducer.importance
     assert importance.shape == (NUM_BLOCKS,)
     np.testing.assert_array_equal(
@@ -281,7 +330,7 @@ def test_probe_data_arrays_and_dataset():
         start = 4 * (probe % 3)
         for trial in range(2):
             np.testing.assert_array_equal(
-                seen[2 * probe + trial][0], x[start:start + 4]
+                seen[2 * probe + trial][0], x[start : start + 4]
             )
 
 
@@ -295,11 +344,17 @@ def test_generator_data_needs_probe_data():
 
     reducer = keras_relora.ReducerCallback(seed=0)
     with pytest.raises(ValueError, match="Pass `probe_data=\\(x, y\\)`"):
-        model.fit(batches(), steps_per_epoch=2, epochs=1, verbose=0,
-                  callbacks=[reducer])
+        model.fit(
+            batches(),
+            steps_per_epoch=2,
+            epochs=1,
+            verbose=0,
+            callbacks=[reducer],
+        )
     reducer = keras_relora.ReducerCallback(seed=0, probe_data=(x, y))
-    model.fit(batches(), steps_per_epoch=2, epochs=1, verbose=0,
-              callbacks=[reducer])
+    model.fit(
+        batches(), steps_per_epoch=2, epochs=1, verbose=0, callbacks=[reducer]
+    )
 
 
 @pytest.mark.parametrize(
@@ -333,8 +388,13 @@ def test_fit_start_argument_errors():
     plain = tm.block_mlp()
     plain.compile(optimizer="adam", loss="mse")
     with pytest.raises(ValueError, match="enable_relora"):
-        plain.fit(x, y, epochs=1, verbose=0,
-                  callbacks=[keras_relora.ReducerCallback()])
+        plain.fit(
+            x,
+            y,
+            epochs=1,
+            verbose=0,
+            callbacks=[keras_relora.ReducerCallback()],
+        )
 
     uncompiled = tm.block_mlp()
     uncompiled.enable_relora(rank=2, experts=1, targets=r"layer_\d")
@@ -365,25 +425,38 @@ def test_probe_losses_are_the_losses_with_the_sampled_blocks_suppressed(
     update_scores = block_sampling.update_scores
 
     def spy(scores, suppressed, losses, score_lr):
-        calls.append(([sorted(int(b) for b in s) for s in suppressed],
-                      list(losses)))
+        calls.append(
+            ([sorted(int(b) for b in s) for s in suppressed], list(losses))
+        )
         return update_scores(scores, suppressed, losses, score_lr)
 
     monkeypatch.setattr(block_sampling, "update_scores", spy)
     reducer = keras_relora.ReducerCallback(
-        update_layers=1, suppress_layers=2, interval=5, trials=3,
-        suppression_factor=0.25, seed=3, probe_data=probe,
+        update_layers=1,
+        suppress_layers=2,
+        interval=5,
+        trials=3,
+        suppression_factor=0.25,
+        seed=3,
+        probe_data=probe,
     )
-    model.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0,
-              callbacks=[reducer])
+    model.fit(
+        x,
+        y,
+        batch_size=8,
+        epochs=1,
+        shuffle=False,
+        verbose=0,
+        callbacks=[reducer],
+    )
     assert len(calls) == 1  # 5 steps, interval 5: one probe, at the end.
     suppressed, losses = calls[0]
     assert len(suppressed) == 3 and all(len(s) == 2 for s in suppressed)
     for adapter in adapters:  # Restored after the probe.
         assert float(ops.convert_to_numpy(adapter.suppression)) == 1.0
     trained = _numpy([adapter.b_kernel for adapter in adapters])
-    for blocks, loss in zip(suppressed, losses):
-        for adapter, b in zip(adapters, trained):
+    for blocks, loss in zip(suppressed, losses, strict=False):
+        for adapter, b in zip(adapters, trained, strict=False):
             factor = 0.25 if adapter.block in blocks else 1.0
             adapter.b_kernel.assign(b * factor)
         prediction = ops.convert_to_numpy(model(probe[0]))
@@ -410,8 +483,7 @@ def test_a_failing_probe_leaves_no_adapter_suppressed():
     reducer._probe_loss = failing
     x, y = tm.dense_data(40)
     with pytest.raises(RuntimeError, match="probe interrupted"):
-        model.fit(x, y, batch_size=8, epochs=1, verbose=0,
-                  callbacks=[reducer])
+        model.fit(x, y, batch_size=8, epochs=1, verbose=0, callbacks=[reducer])
     assert len(calls) == 2
     for adapter in keras_relora.get_state(model).adapters.values():
         assert float(ops.convert_to_numpy(adapter.suppression)) == 1.0

@@ -12,8 +12,8 @@ import pytest
 from keras import ops
 
 import keras_relora
-from tests import tiny_models as tm
 from keras_relora.reducer import block_sampling
+from tests import tiny_models as tm
 
 NUM_BLOCKS = 4
 
@@ -58,7 +58,9 @@ OPTIMIZERS = {
     "adamw": (lambda: keras.optimizers.AdamW(0.05, weight_decay=0.1), 2),
     "sgd_momentum": (lambda: keras.optimizers.SGD(0.05, momentum=0.9), 1),
     "loss_scale_adam": (
-        lambda: keras.optimizers.LossScaleOptimizer(keras.optimizers.Adam(0.05)),
+        lambda: keras.optimizers.LossScaleOptimizer(
+            keras.optimizers.Adam(0.05)
+        ),
         2,
     ),
 }
@@ -72,13 +74,18 @@ def test_unsampled_blocks_are_bitwise_frozen(name):
     model.enable_relora(rank=2, experts=2, targets=r"layer_\d")
     model.compile(optimizer=make_optimizer(), loss="mse")
     frozen_before = _numpy(model.non_trainable_variables)
-    reducer = keras_relora.ReducerCallback(
-        update_layers=2, interval=2, seed=7
-    )
+    reducer = keras_relora.ReducerCallback(update_layers=2, interval=2, seed=7)
     recorder = StepRecorder(reducer)
     x, y = tm.dense_data(48)
-    model.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0,
-              callbacks=[reducer, recorder])
+    model.fit(
+        x,
+        y,
+        batch_size=8,
+        epochs=1,
+        shuffle=False,
+        verbose=0,
+        callbacks=[reducer, recorder],
+    )
 
     groups = reducer._masked.groups
     assert sorted(block for block, _ in groups) == list(range(NUM_BLOCKS))
@@ -96,8 +103,10 @@ def test_unsampled_blocks_are_bitwise_frozen(name):
         )
         assert mask.sum() == 2
         sampled_counts += mask
-        for (block, old), (_, new) in zip(before["groups"], after["groups"]):
-            for slot, (a, b) in enumerate(zip(old, new)):
+        for (block, old), (_, new) in zip(
+            before["groups"], after["groups"], strict=False
+        ):
+            for slot, (a, b) in enumerate(zip(old, new, strict=False)):
                 if mask[block]:
                     assert not np.array_equal(a, b), (step, block, slot)
                 else:
@@ -105,16 +114,18 @@ def test_unsampled_blocks_are_bitwise_frozen(name):
                         a, b, err_msg=f"step {step} block {block} slot {slot}"
                     )
         if step > 0:  # At step 0 every B is zero: A has no gradient yet.
-            for a, b in zip(before["a"], after["a"]):
+            for a, b in zip(before["a"], after["a"], strict=False):
                 assert not np.array_equal(a, b)
     # Every block was sampled at some step; the routers trained too.
     assert sampled_counts.min() > 0
     first, last = recorder.steps[0][0], recorder.steps[-1][1]
-    for a, b in zip(first["routers"], last["routers"]):
+    for a, b in zip(first["routers"], last["routers"], strict=False):
         assert not np.array_equal(a, b)
     # The probes ran (the scores moved) and the base stayed frozen.
     assert np.any(reducer.importance != 0)
-    for a, b in zip(frozen_before[:4], _numpy(model.non_trainable_variables)):
+    for a, b in zip(
+        frozen_before[:4], _numpy(model.non_trainable_variables), strict=False
+    ):
         np.testing.assert_array_equal(a, b)
 
 
@@ -131,10 +142,10 @@ def test_fits_with_and_without_the_callback_alternate():
     def changed_blocks(callbacks):
         before = _numpy(kernels)
         # One step: the whole batch of 16.
-        model.fit(x, y, batch_size=16, epochs=1, verbose=0,
-                  callbacks=callbacks)
+        model.fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=callbacks)
         return sum(
-            not np.array_equal(a, b) for a, b in zip(before, _numpy(kernels))
+            not np.array_equal(a, b)
+            for a, b in zip(before, _numpy(kernels), strict=False)
         )
 
     # A train function made before the callback must not escape the mask.

@@ -32,9 +32,8 @@ import keras
 import keras_hub
 import numpy as np
 import pytest
-from keras import ops
-
 import tiny_models
+from keras import ops
 
 import keras_relora
 
@@ -71,13 +70,13 @@ def test_importance_finds_the_planted_blocks(seed):
         adapter.b_kernel.assign(np.zeros(adapter.b_kernel.shape, "float32"))
     base = logits_mse(lm, x, teacher)
 
-    lm.compile(optimizer=keras.optimizers.Adam(0.05), loss="mse",
-               weighted_metrics=[])
+    lm.compile(
+        optimizer=keras.optimizers.Adam(0.05), loss="mse", weighted_metrics=[]
+    )
     reducer = keras_relora.ReducerCallback(
         update_layers=NUM_BLOCKS, interval=2, seed=seed
     )
-    lm.fit(x, teacher, batch_size=64, epochs=40, verbose=0,
-           callbacks=[reducer])
+    lm.fit(x, teacher, batch_size=64, epochs=40, verbose=0, callbacks=[reducer])
     trained = logits_mse(lm, x, teacher)
     gain = base - trained
     assert gain > 0.8 * base  # The student learned the teacher.
@@ -87,15 +86,14 @@ def test_importance_finds_the_planted_blocks(seed):
     assert sorted(ranking[:2].tolist()) == list(PLANTED), importance
 
     learned = [ops.convert_to_numpy(a.b_kernel).copy() for a in adapters]
-    for adapter, b in zip(adapters, learned):
+    for adapter, b in zip(adapters, learned, strict=False):
         if adapter.block in PLANTED:
             adapter.b_kernel.assign(np.zeros_like(b))
     without_planted = logits_mse(lm, x, teacher)
-    for adapter, b in zip(adapters, learned):
+    for adapter, b in zip(adapters, learned, strict=False):
         adapter.b_kernel.assign(b)
     assert without_planted - trained >= 0.5 * gain
 
     unplanted = [b for b in range(NUM_BLOCKS) if b not in PLANTED]
     assert keras_relora.prune(lm, 4 / NUM_BLOCKS) == unplanted
     assert logits_mse(lm, x, teacher) - trained <= 0.35 * gain
-

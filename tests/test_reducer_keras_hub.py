@@ -3,9 +3,8 @@
 import keras
 import numpy as np
 import pytest
-from keras import ops
-
 import tiny_models
+from keras import ops
 
 import keras_relora
 
@@ -48,17 +47,22 @@ def test_llama_fit_30_steps_one_trace_and_frozen_blocks():
                 p: not np.array_equal(self.before[p], ops.convert_to_numpy(v))
                 for p, v in kernels.items()
             }
-            blocks = {
-                state.adapters[p].block for p, c in changed.items() if c
-            }
+            blocks = {state.adapters[p].block for p, c in changed.items() if c}
             assert len(blocks) == 1  # K = 1: one block's B moved.
             for p, c in changed.items():
                 updated[p] += c
 
     x, y, sample_weight = tiny_models.lm_data(batch=60, seq=6)
     reducer = keras_relora.ReducerCallback(update_layers=1, seed=0)
-    lm.fit(x, y, sample_weight=sample_weight, batch_size=2, epochs=1,
-           verbose=0, callbacks=[reducer, CountUpdates()])
+    lm.fit(
+        x,
+        y,
+        sample_weight=sample_weight,
+        batch_size=2,
+        epochs=1,
+        verbose=0,
+        callbacks=[reducer, CountUpdates()],
+    )
 
     if keras.config.backend() in ("jax", "tensorflow"):
         assert counts == {"train": 1, "predict": 1}
@@ -96,15 +100,12 @@ def test_llama_with_preprocessor_probes_raw_strings(container):
     )
     rng = np.random.default_rng(0)
     words = ["cat", "dog", "sun", "red", "big", "top"]
-    texts = np.array(
-        [" ".join(rng.choice(words, 3)) for _ in range(24)]
-    )
-    reducer = keras_relora.ReducerCallback(
-        update_layers=1, interval=4, seed=0
-    )
+    texts = np.array([" ".join(rng.choice(words, 3)) for _ in range(24)])
+    reducer = keras_relora.ReducerCallback(update_layers=1, interval=4, seed=0)
     data = texts if container == "numpy" else texts.tolist()
-    history = lm.fit(data, batch_size=2, epochs=1, verbose=0,
-                     callbacks=[reducer])
+    history = lm.fit(
+        data, batch_size=2, epochs=1, verbose=0, callbacks=[reducer]
+    )
 
     steps, table = reducer.importance_history
     np.testing.assert_array_equal(steps, [0, 4, 8, 12])
@@ -170,22 +171,31 @@ def test_llama_probe_loss_is_the_mean_loss_per_target_token(monkeypatch):
     reducer = keras_relora.ReducerCallback(
         update_layers=1, suppress_layers=1, interval=2, trials=3, seed=1
     )
-    lm.fit(x, y, sample_weight=weights, batch_size=2, epochs=1,
-           shuffle=False, verbose=0, callbacks=[reducer])
+    lm.fit(
+        x,
+        y,
+        sample_weight=weights,
+        batch_size=2,
+        epochs=1,
+        shuffle=False,
+        verbose=0,
+        callbacks=[reducer],
+    )
     assert len(calls) == 2  # Probes at steps 2 and 4.
     # The last probe ran on the final weights, with the second batch.
     suppressed, losses = calls[-1]
     rows = slice(2, 4)
     trained = [ops.convert_to_numpy(a.b_kernel).copy() for a in adapters]
-    for blocks, loss in zip(suppressed, losses):
-        for adapter, b in zip(adapters, trained):
+    for blocks, loss in zip(suppressed, losses, strict=False):
+        for adapter, b in zip(adapters, trained, strict=False):
             factor = 0.25 if adapter.block in blocks else 1.0
             adapter.b_kernel.assign(b * factor)
         batch = {key: value[rows] for key, value in x.items()}
         logits = ops.convert_to_numpy(lm(batch)).astype("float64")
         top = logits.max(-1, keepdims=True)
-        log_p = logits - top - np.log(np.exp(logits - top).sum(-1,
-                                                              keepdims=True))
+        log_p = (
+            logits - top - np.log(np.exp(logits - top).sum(-1, keepdims=True))
+        )
         ce = -np.take_along_axis(log_p, y[rows][..., None], -1)[..., 0]
         expected = (ce * weights[rows]).sum() / weights[rows].sum()
         np.testing.assert_allclose(loss, expected, rtol=1e-5)

@@ -3,9 +3,8 @@
 import keras
 import numpy as np
 import pytest
-from keras import ops
-
 import tiny_models as tm
+from keras import ops
 
 import keras_relora
 
@@ -74,9 +73,7 @@ def test_prune_half_of_llama_blocks(tmp_path):
         lm2.enable_relora(rank=2, experts=2)
         keras_relora.save_relora_weights(lm2, str(adapters_full))
         keras_relora.save_relora_weights(lm, str(adapters_pruned))
-        assert (
-            adapters_pruned.stat().st_size < adapters_full.stat().st_size
-        )
+        assert adapters_pruned.stat().st_size < adapters_full.stat().st_size
 
     # Pruned layers give their base output; the others do not.
     rng = np.random.default_rng(1)
@@ -94,8 +91,7 @@ def test_prune_half_of_llama_blocks(tmp_path):
 def test_prune_defaults_to_the_learned_importance():
     model = tm.adapted_block_mlp()
     x, y = tm.dense_data(32)
-    reducer = keras_relora.ReducerCallback(update_layers=2, interval=1,
-                                           seed=3)
+    reducer = keras_relora.ReducerCallback(update_layers=2, interval=1, seed=3)
     model.fit(x, y, batch_size=8, epochs=2, verbose=0, callbacks=[reducer])
     importance = reducer.importance
     assert len(set(importance.tolist())) == NUM_BLOCKS
@@ -106,19 +102,24 @@ def test_prune_defaults_to_the_learned_importance():
     model.compile(optimizer=keras.optimizers.Adam(0.05), loss="mse")
     state = keras_relora.get_state(model)
     kernels = {
-        a.block: a.b_kernel for a in state.adapters.values()
+        a.block: a.b_kernel
+        for a in state.adapters.values()
         if a.b_kernel is not None
     }
     assert sorted(kernels) == sorted(set(range(NUM_BLOCKS)) - set(expected))
     before = {b: ops.convert_to_numpy(v).copy() for b, v in kernels.items()}
     with pytest.warns(UserWarning, match="every block updates"):
-        model.fit(x, y, batch_size=8, epochs=1, verbose=0, callbacks=[
-            keras_relora.ReducerCallback(update_layers=3, seed=3)
-        ])
+        model.fit(
+            x,
+            y,
+            batch_size=8,
+            epochs=1,
+            verbose=0,
+            callbacks=[keras_relora.ReducerCallback(update_layers=3, seed=3)],
+        )
     for block, kernel in kernels.items():
         assert not np.array_equal(before[block], ops.convert_to_numpy(kernel))
-    reducer = keras_relora.ReducerCallback(update_layers=1, interval=2,
-                                           seed=3)
+    reducer = keras_relora.ReducerCallback(update_layers=1, interval=2, seed=3)
     model.fit(x, y, batch_size=8, epochs=1, verbose=0, callbacks=[reducer])
     # The probes never suppress pruned blocks.
     assert reducer._active.tolist() == [

@@ -147,9 +147,7 @@ def test_suppressed_blocks_match_successive_sampling():
 def test_suppressed_blocks_skip_inactive():
     rng = np.random.default_rng(0)
     active = np.array([True, False, True, False])
-    blocks = block_sampling.suppressed_blocks(
-        np.zeros(4), 3, 50, rng, active
-    )
+    blocks = block_sampling.suppressed_blocks(np.zeros(4), 3, 50, rng, active)
     assert blocks.shape == (50, 2)  # Capped at the 2 active blocks.
     assert set(np.unique(blocks)) == {0, 2}
 

@@ -6,10 +6,9 @@ loops over experts and computes the gates with numpy, so it shares no code
 path with the layer's single-matmul implementation.
 """
 
+import keras
 import numpy as np
 import pytest
-
-import keras
 from keras import ops
 
 import keras_relora
@@ -57,7 +56,7 @@ def reference(layer, adapter, x, contracted, free):
         input_spec = equation.split(",")[0]
     base = np.einsum(equation, x, to_np(layer.kernel))
     kernel_shape = tuple(layer.kernel.shape)
-    sizes = dict(zip(kernel_spec, kernel_shape))
+    sizes = dict(zip(kernel_spec, kernel_shape, strict=False))
     block_shape = [sizes[c] for c in contracted + free]
     # Back from (contracted..., free...) to the kernel's own axis order.
     perm = [(contracted + free).index(c) for c in kernel_spec]
@@ -84,11 +83,13 @@ def reference(layer, adapter, x, contracted, free):
             logits = h @ router
         else:
             logits = np.einsum(
-                f"{input_spec},{contracted}z->{batch}z" if not
-                isinstance(layer, keras.layers.Dense) else "...a,az->...z",
+                f"{input_spec},{contracted}z->{batch}z"
+                if not isinstance(layer, keras.layers.Dense)
+                else "...a,az->...z",
                 x,
                 router.reshape([sizes[c] for c in contracted] + [-1])
-                if not isinstance(layer, keras.layers.Dense) else router,
+                if not isinstance(layer, keras.layers.Dense)
+                else router,
             )
         gates = np_softmax(logits)
         if adapter.top_k:
@@ -98,8 +99,9 @@ def reference(layer, adapter, x, contracted, free):
     delta = np.zeros_like(base)
     for i in range(adapter.experts):
         per_expert = np.einsum(equation, x, folded(a @ b[i]))
-        g = gates[..., i].reshape(gates.shape[:-1] + (1,) * (
-            base.ndim - gates.ndim + 1))
+        g = gates[..., i].reshape(
+            gates.shape[:-1] + (1,) * (base.ndim - gates.ndim + 1)
+        )
         delta += scale * g * per_expert
     return base + delta
 
@@ -115,8 +117,9 @@ def randomize(adapter, seed=1):
         )
 
 
-@pytest.mark.parametrize("equation,in_shape,out_arg,contracted,free",
-                         EINSUM_CASES)
+@pytest.mark.parametrize(
+    "equation,in_shape,out_arg,contracted,free", EINSUM_CASES
+)
 @pytest.mark.parametrize(
     "options",
     [
@@ -126,11 +129,20 @@ def randomize(adapter, seed=1):
         dict(experts=3, router_input="input", alpha=6.0),
     ],
 )
-def test_einsum_matches_reference(equation, in_shape, out_arg, contracted,
-                                  free, options):
+def test_einsum_matches_reference(
+    equation, in_shape, out_arg, contracted, free, options
+):
     layer = make_einsum(equation, in_shape, out_arg)
-    d_in = int(np.prod([layer.kernel.shape[
-        equation.split(",")[1].split("->")[0].index(c)] for c in contracted]))
+    d_in = int(
+        np.prod(
+            [
+                layer.kernel.shape[
+                    equation.split(",")[1].split("->")[0].index(c)
+                ]
+                for c in contracted
+            ]
+        )
+    )
     a = keras_relora.SharedLoraA(d_in, RANK)
     adapter = keras_relora.ReloraDense(layer, a, **options)
     randomize(adapter)
@@ -154,7 +166,8 @@ def test_dense_matches_reference_before_activation(activation):
     np.testing.assert_allclose(to_np(adapter(x)), want, rtol=1e-4, atol=1e-4)
     # The wrapped layer's own activation is untouched after the call.
     assert (layer.activation is keras.activations.relu) == (
-        activation == "relu")
+        activation == "relu"
+    )
 
 
 def test_zero_init_output_equals_base_bitwise():
@@ -178,8 +191,7 @@ def test_variables_shapes_and_dtypes_under_mixed_precision():
     assert tuple(adapter.b_kernel.shape) == (4, RANK, 6)
     assert tuple(adapter.router_kernel.shape) == (RANK, 4)
     assert tuple(adapter.shared_a.kernel.shape) == (5, RANK)
-    for v in (adapter.b_kernel, adapter.router_kernel,
-              adapter.shared_a.kernel):
+    for v in (adapter.b_kernel, adapter.router_kernel, adapter.shared_a.kernel):
         assert v.dtype == "float32"
     y = adapter(np.ones((2, 5), "float32"))
     assert keras.backend.standardize_dtype(y.dtype) == "bfloat16"
@@ -189,14 +201,14 @@ def test_router_input_shapes_and_no_router_for_one_expert():
     layer = keras.layers.Dense(6)
     layer.build((None, 5))
     a = keras_relora.SharedLoraA(5, RANK)
-    hydra = keras_relora.ReloraDense(layer, a, experts=3,
-                                     router_input="input")
+    hydra = keras_relora.ReloraDense(layer, a, experts=3, router_input="input")
     assert tuple(hydra.router_kernel.shape) == (5, 3)
     single = keras_relora.ReloraDense(layer, a, experts=1)
     assert single.router_kernel is None
     # The wrapped layer is frozen: only B and A train.
     assert sorted(v.path for v in single.trainable_weights) == sorted(
-        [single.b_kernel.path, a.kernel.path])
+        [single.b_kernel.path, a.kernel.path]
+    )
 
 
 def test_dropout_only_in_training():
@@ -210,17 +222,18 @@ def test_dropout_only_in_training():
     twin.router_kernel.assign(adapter.router_kernel)
     x = np.random.default_rng(0).normal(size=(8, 5)).astype("float32")
     np.testing.assert_allclose(
-        to_np(adapter(x, training=False)), to_np(twin(x)), rtol=1e-6)
-    assert np.abs(to_np(adapter(x, training=True)) - to_np(twin(x))).max() \
-        > 1e-3
+        to_np(adapter(x, training=False)), to_np(twin(x)), rtol=1e-6
+    )
+    assert (
+        np.abs(to_np(adapter(x, training=True)) - to_np(twin(x))).max() > 1e-3
+    )
 
 
 def test_balance_loss_is_switch_transformer_formula():
     layer = keras.layers.Dense(6)
     layer.build((None, 5))
     a = keras_relora.SharedLoraA(5, RANK)
-    adapter = keras_relora.ReloraDense(layer, a, experts=3,
-                                       balance_loss=0.1)
+    adapter = keras_relora.ReloraDense(layer, a, experts=3, balance_loss=0.1)
     randomize(adapter)
     x = np.random.default_rng(0).normal(size=(16, 5)).astype("float32")
     adapter(x, training=False)
@@ -241,7 +254,8 @@ def test_functional_keras_round_trip_keeps_a_shared(tmp_path):
     second.build((None, 6))
     inputs = keras.Input((6,))
     outputs = keras_relora.ReloraDense(second, a, experts=2)(
-        keras_relora.ReloraDense(first, a, experts=2)(inputs))
+        keras_relora.ReloraDense(first, a, experts=2)(inputs)
+    )
     model = keras.Model(inputs, outputs)
     for layer in model.layers[1:]:
         randomize(layer)
@@ -250,7 +264,8 @@ def test_functional_keras_round_trip_keeps_a_shared(tmp_path):
     loaded = keras.models.load_model(path)
     x = np.random.default_rng(0).normal(size=(3, 6)).astype("float32")
     np.testing.assert_array_equal(
-        ops.convert_to_numpy(model(x)), ops.convert_to_numpy(loaded(x)))
+        ops.convert_to_numpy(model(x)), ops.convert_to_numpy(loaded(x))
+    )
     l1, l2 = loaded.layers[1:]
     assert l1.shared_a is l2.shared_a
     assert sum(v is l1.shared_a.kernel for v in loaded.weights) == 1
@@ -261,12 +276,25 @@ def test_get_config_round_trip():
     layer = keras.layers.EinsumDense("abc,cde->abde", (None, 2, 4))
     layer.build((None, 3, 8))
     adapter = keras_relora.ReloraDense(
-        layer, keras_relora.SharedLoraA(8, RANK), experts=3, top_k=2,
-        alpha=4.0, dropout=0.1, router_input="input", block=2,
+        layer,
+        keras_relora.SharedLoraA(8, RANK),
+        experts=3,
+        top_k=2,
+        alpha=4.0,
+        dropout=0.1,
+        router_input="input",
+        block=2,
     )
     clone = keras_relora.ReloraDense.from_config(adapter.get_config())
-    for key in ("experts", "top_k", "alpha", "dropout", "router_input",
-                "block", "rank"):
+    for key in (
+        "experts",
+        "top_k",
+        "alpha",
+        "dropout",
+        "router_input",
+        "block",
+        "rank",
+    ):
         assert getattr(clone, key) == getattr(adapter, key)
     assert clone._base_layer.equation == "abc,cde->abde"
 
@@ -276,14 +304,16 @@ def test_fit_trains_only_adapter_variables():
     layer.build((None, 5))
     inputs = keras.Input((5,))
     adapter = keras_relora.ReloraDense(
-        layer, keras_relora.SharedLoraA(5, RANK), experts=2)
+        layer, keras_relora.SharedLoraA(5, RANK), experts=2
+    )
     model = keras.Model(inputs, adapter(inputs))
     model.compile(optimizer=keras.optimizers.Adam(0.05), loss="mse")
     frozen = [to_np(layer.kernel), to_np(layer.bias)]
     b0 = to_np(adapter.b_kernel)
     rng = np.random.default_rng(0)
-    model.fit(rng.normal(size=(16, 5)), rng.normal(size=(16, 3)), epochs=2,
-              verbose=0)
+    model.fit(
+        rng.normal(size=(16, 5)), rng.normal(size=(16, 3)), epochs=2, verbose=0
+    )
     np.testing.assert_array_equal(to_np(layer.kernel), frozen[0])
     np.testing.assert_array_equal(to_np(layer.bias), frozen[1])
     assert np.abs(to_np(adapter.b_kernel) - b0).max() > 0
@@ -306,13 +336,15 @@ def test_argument_errors(kwargs, error, message):
     layer.build((None, 5))
     with pytest.raises(error, match=message):
         keras_relora.ReloraDense(
-            layer, keras_relora.SharedLoraA(5, RANK), **kwargs)
+            layer, keras_relora.SharedLoraA(5, RANK), **kwargs
+        )
 
 
 def test_layer_and_shared_a_errors():
     with pytest.raises(TypeError, match="must be a `keras.layers.Dense`"):
         keras_relora.ReloraDense(
-            keras.layers.Conv1D(2, 1), keras_relora.SharedLoraA(5, RANK))
+            keras.layers.Conv1D(2, 1), keras_relora.SharedLoraA(5, RANK)
+        )
     layer = keras.layers.Dense(3)
     layer.build((None, 5))
     with pytest.raises(TypeError, match="SharedLoraA"):
@@ -327,8 +359,9 @@ def test_layer_and_shared_a_errors():
 
 def test_shared_lora_a_call_and_config():
     a = keras_relora.SharedLoraA(4, 2, kernel_initializer="ones")
-    np.testing.assert_allclose(to_np(a(np.ones((3, 4), "float32"))),
-                               np.full((3, 2), 4.0))
+    np.testing.assert_allclose(
+        to_np(a(np.ones((3, 4), "float32"))), np.full((3, 2), 4.0)
+    )
     clone = keras_relora.SharedLoraA.from_config(a.get_config())
     assert (clone.input_dim, clone.rank) == (4, 2)
     assert a.kernel.dtype == "float32"

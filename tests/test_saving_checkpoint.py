@@ -7,9 +7,9 @@ import pytest
 import tiny_models as tm
 
 import keras_relora
+from keras_relora.reducer.reducer_state import reducer_state
 from keras_relora.saving import adapter_file
 from keras_relora.saving import model_saving
-from keras_relora.reducer.reducer_state import reducer_state
 
 
 def to_numpy(x):
@@ -25,7 +25,9 @@ def base_weights(model):
 def copy_of_base(trained, build=tm.llama3_backbone):
     """A new, plain model with the base weights of `trained`."""
     model = build()
-    for variable, value in zip(model.weights, base_weights(trained)):
+    for variable, value in zip(
+        model.weights, base_weights(trained), strict=False
+    ):
         variable.assign(value)
     return model
 
@@ -107,9 +109,7 @@ MISMATCHED = {
         "targets in the file, not adapted: ['head']",
     ),
     "share_a": (dict(rank=2, experts=2, share_a="layer"), "share_a"),
-    "router": (
-        dict(rank=2, experts=2, router_input="input"), "router_input"
-    ),
+    "router": (dict(rank=2, experts=2, router_input="input"), "router_input"),
 }
 
 
@@ -223,8 +223,7 @@ def test_pruned_blocks_and_reducer_scores_round_trip(tmp_path):
     reducer.scores.assign(np.arange(3, dtype="float32"))
     keras_relora.prune(model, 1 / 3, strategy="random", seed=0)
     pruned = sorted(
-        p for p, a in keras_relora.get_state(model).adapters.items()
-        if a.pruned
+        p for p, a in keras_relora.get_state(model).adapters.items() if a.pruned
     )
     assert len(pruned) == 1
     y = to_numpy(model(x))

@@ -7,9 +7,8 @@ import pytest
 import tiny_models as tm
 
 import keras_relora
-from keras_relora.saving import model_saving
 from keras_relora.reducer.reducer_state import reducer_state
-
+from keras_relora.saving import model_saving
 
 # Compiling a train step is slow on TF (tracing) and not what these tests
 # are about; on JAX the jitted step is the fast one.
@@ -60,7 +59,11 @@ def test_model_checkpoint_of_a_task(tmp_path):
     )
     path = tmp_path / "ckpt.keras"
     lm.fit(
-        x, y, batch_size=4, epochs=1, verbose=0,
+        x,
+        y,
+        batch_size=4,
+        epochs=1,
+        verbose=0,
         callbacks=[keras.callbacks.ModelCheckpoint(str(path))],
     )
     loaded = keras.models.load_model(path)
@@ -85,7 +88,7 @@ def test_functional_model_resumes_training_exactly(tmp_path):
     slots = [to_numpy(v) for v in model.optimizer.variables]
     loaded_slots = [to_numpy(v) for v in loaded.optimizer.variables]
     assert len(slots) == len(loaded_slots) > 2
-    for a, b in zip(slots, loaded_slots):
+    for a, b in zip(slots, loaded_slots, strict=False):
         np.testing.assert_array_equal(a, b)
     # One more step on both: the same update.
     model.fit(x, y, batch_size=8, epochs=1, verbose=0, shuffle=False)
@@ -133,11 +136,11 @@ def test_pruned_adapters_and_reducer_scores(tmp_path):
     model.save(path)
     loaded = keras.models.load_model(path)
     pruned = {
-        p for p, a in keras_relora.get_state(model).adapters.items()
-        if a.pruned
+        p for p, a in keras_relora.get_state(model).adapters.items() if a.pruned
     }
     assert pruned == {
-        p for p, a in keras_relora.get_state(loaded).adapters.items()
+        p
+        for p, a in keras_relora.get_state(loaded).adapters.items()
         if a.pruned
     }
     np.testing.assert_array_equal(
@@ -189,7 +192,7 @@ def test_int8_quantized_base(tmp_path):
     base.quantize("int8")
     relora = {id(v) for v in keras_relora.get_state(model).variables().values()}
     source = [v for v in model.weights if id(v) not in relora]
-    for variable, value in zip(base.weights, source):
+    for variable, value in zip(base.weights, source, strict=False):
         variable.assign(value)
     base.load_relora_weights(tmp_path / "int8.safetensors")
     np.testing.assert_array_equal(to_numpy(base(x)), y)
@@ -212,6 +215,4 @@ def test_tied_embeddings_round_trip(tmp_path, holder):
     assert tied.tie_word_embeddings
     assert len(restored.weights) == len(model.weights)
     assert_same_adapters(model, restored)
-    np.testing.assert_array_equal(
-        to_numpy(restored(x)), to_numpy(model(x))
-    )
+    np.testing.assert_array_equal(to_numpy(restored(x)), to_numpy(model(x)))

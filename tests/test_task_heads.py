@@ -16,8 +16,10 @@ LOSS = "sparse_categorical_crossentropy"
 
 def _classifier(num_classes=2, backbone=None):
     return keras_hub.models.BertTextClassifier(
-        backbone or tm.bert_backbone(), num_classes=num_classes,
-        preprocessor=None, activation="softmax",
+        backbone or tm.bert_backbone(),
+        num_classes=num_classes,
+        preprocessor=None,
+        activation="softmax",
     )
 
 
@@ -82,8 +84,11 @@ def test_a_file_with_another_head_shape_is_refused(tmp_path):
     clf.enable_relora(rank=2, experts=1)
     clf.save_relora_weights(tmp_path / "adapters.safetensors")
     before = _values(wide)
-    with pytest.raises(ValueError, match=r"shape of trained/logits/kernel: "
-                       r"file \(8, 2\), model \(8, 3\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"shape of trained/logits/kernel: "
+        r"file \(8, 2\), model \(8, 3\)",
+    ):
         wide.load_relora_weights(tmp_path / "adapters.safetensors")
     assert keras_relora.get_state(wide) is None
     after = _values(wide)
@@ -92,9 +97,12 @@ def test_a_file_with_another_head_shape_is_refused(tmp_path):
         np.testing.assert_array_equal(after[path], value, err_msg=path)
     # A model adapted with a frozen head has no head in its file.
     frozen.enable_relora(rank=2, experts=1, train_layers=[])
-    with pytest.raises(ValueError, match=r"variables in the file, not in "
-                       r"the model: \['trained/logits/bias', "
-                       r"'trained/logits/kernel'\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"variables in the file, not in "
+        r"the model: \['trained/logits/bias', "
+        r"'trained/logits/kernel'\]",
+    ):
         frozen.load_relora_weights(tmp_path / "adapters.safetensors")
 
 
@@ -104,8 +112,7 @@ def test_merge_keeps_the_trained_head_and_unload_restores_flags():
     clf.enable_relora(rank=2, experts=1)
     x = _fit(clf)
     merged = keras_relora.merge_relora(clf)
-    np.testing.assert_allclose(_predict(merged, x), _predict(clf, x),
-                               atol=1e-6)
+    np.testing.assert_allclose(_predict(merged, x), _predict(clf, x), atol=1e-6)
     trained = _values(clf)
     merged_values = _values(merged)
     for path in HEAD:
@@ -118,23 +125,29 @@ def test_train_layers_chooses_the_layers():
     clf = _classifier()
     clf.enable_relora(rank=2, experts=1, train_layers=[])
     assert keras_relora.get_state(clf).trained == {}
-    assert all("relora" in v.path or "lora_a" in v.path
-               for v in clf.trainable_weights)
+    assert all(
+        "relora" in v.path or "lora_a" in v.path for v in clf.trainable_weights
+    )
     keras_relora.unload(clf)
     # By name, also a layer inside the backbone.
-    clf.enable_relora(rank=2, experts=1,
-                      train_layers=["logits", "embeddings_layer_norm"])
+    clf.enable_relora(
+        rank=2, experts=1, train_layers=["logits", "embeddings_layer_norm"]
+    )
     trained = sorted(keras_relora.get_state(clf).trained)
     assert trained == sorted(
         [*HEAD, "embeddings_layer_norm/gamma", "embeddings_layer_norm/beta"]
     )
     keras_relora.unload(clf)
-    with pytest.raises(ValueError, match=r"does not have: \['nope'\].*"
-                       r"Received: train_layers=\['nope'\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"does not have: \['nope'\].*"
+        r"Received: train_layers=\['nope'\]",
+    ):
         clf.enable_relora(rank=2, experts=1, train_layers=["nope"])
     with pytest.raises(ValueError, match=r"adapted layers in full"):
-        clf.enable_relora(rank=2, experts=1, targets=["q"],
-                          train_layers=["query"])
+        clf.enable_relora(
+            rank=2, experts=1, targets=["q"], train_layers=["query"]
+        )
     with pytest.raises(TypeError, match=r"Received: train_layers='logits'"):
         clf.enable_relora(rank=2, experts=1, train_layers="logits")
     assert keras_relora.get_state(clf) is None
@@ -153,8 +166,9 @@ def test_keras_file_keeps_the_trainable_head(tmp_path):
     x = _fit(clf)
     clf.save(tmp_path / "clf.keras")
     restored = keras.models.load_model(tmp_path / "clf.keras")
-    np.testing.assert_allclose(_predict(restored, x), _predict(clf, x),
-                               atol=1e-6)
+    np.testing.assert_allclose(
+        _predict(restored, x), _predict(clf, x), atol=1e-6
+    )
     assert sorted(keras_relora.get_state(restored).trained) == sorted(HEAD)
 
 
@@ -164,9 +178,15 @@ def test_the_head_trains_under_the_reducer():
     before = _values(clf)
     x, y = tm.bert_data(), np.array([0, 1, 0, 1])
     clf.compile(optimizer=keras.optimizers.Adam(1e-2), loss=LOSS)
-    clf.fit(x, y, epochs=3, verbose=0, callbacks=[
-        keras_relora.ReducerCallback(update_layers=1, interval=1, trials=2)
-    ])
+    clf.fit(
+        x,
+        y,
+        epochs=3,
+        verbose=0,
+        callbacks=[
+            keras_relora.ReducerCallback(update_layers=1, interval=1, trials=2)
+        ],
+    )
     after = _values(clf)
     for path in HEAD:  # No mask holds the head: it moves every step.
         assert np.abs(after[path] - before[path]).max() > 0, path

@@ -18,11 +18,15 @@ def test_paper_defaults_are_the_variant_with_alpha_2r_and_dropout():
     kwargs = keras_relora.paper_defaults(8)
     assert kwargs == {
         **keras_relora.VARIANTS["relora_multi"],
-        "rank": 8, "alpha": 16.0, "dropout": 0.05,
+        "rank": 8,
+        "alpha": 16.0,
+        "dropout": 0.05,
     }
     assert keras_relora.paper_defaults(np.int64(4), "relora") == {
         **keras_relora.VARIANTS["relora"],
-        "rank": 4, "alpha": 8.0, "dropout": 0.05,
+        "rank": 4,
+        "alpha": 8.0,
+        "dropout": 0.05,
     }
     # A new dict each time: changing it leaves VARIANTS as it was.
     kwargs["experts"] = 99
@@ -34,8 +38,10 @@ def test_paper_defaults_double_the_adapter_output():
     # scales it by 1: with the same A and B, the delta doubles.
     x = np.random.default_rng(0).normal(size=(3, 6)).astype("float32")
     deltas = []
-    for kwargs in ({"rank": 2, **keras_relora.VARIANTS["relora"]},
-                   keras_relora.paper_defaults(2, "relora")):
+    for kwargs in (
+        {"rank": 2, **keras_relora.VARIANTS["relora"]},
+        keras_relora.paper_defaults(2, "relora"),
+    ):
         keras.utils.set_random_seed(0)
         model = dense_model()
         base = ops.convert_to_numpy(model(x))
@@ -45,13 +51,13 @@ def test_paper_defaults_double_the_adapter_output():
         (adapter,) = state.adapters.values()
         adapter.b_kernel.assign(
             np.linspace(-1, 1, int(np.prod(adapter.b_kernel.shape)))
-            .reshape(tuple(adapter.b_kernel.shape)).astype("float32")
+            .reshape(tuple(adapter.b_kernel.shape))
+            .astype("float32")
         )
         # Inference: dropout is off, so the outputs compare exactly.
         deltas.append(ops.convert_to_numpy(model(x, training=False)) - base)
     assert np.abs(deltas[0]).max() > 1e-2
-    np.testing.assert_allclose(deltas[1], 2.0 * deltas[0], rtol=1e-5,
-                               atol=1e-6)
+    np.testing.assert_allclose(deltas[1], 2.0 * deltas[0], rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize(

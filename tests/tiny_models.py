@@ -11,8 +11,13 @@ import numpy as np
 VOCAB = 64
 
 
-def llama3_backbone(num_layers=2, dtype=None, tie_word_embeddings=False,
-                    vocabulary_size=VOCAB, hidden_dim=8):
+def llama3_backbone(
+    num_layers=2,
+    dtype=None,
+    tie_word_embeddings=False,
+    vocabulary_size=VOCAB,
+    hidden_dim=8,
+):
     return keras_hub.models.Llama3Backbone(
         vocabulary_size=vocabulary_size,
         num_layers=num_layers,
@@ -32,8 +37,9 @@ def llama3_causal_lm(num_layers=2, dtype=None, tie_word_embeddings=False):
     return keras_hub.models.Llama3CausalLM(backbone, preprocessor=None)
 
 
-def llama3_causal_lm_with_preprocessor(tokenizer, sequence_length,
-                                       hidden_dim=8):
+def llama3_causal_lm_with_preprocessor(
+    tokenizer, sequence_length, hidden_dim=8
+):
     """A 2-block random Llama 3 task that preprocesses raw strings."""
     backbone = llama3_backbone(
         vocabulary_size=tokenizer.vocabulary_size(), hidden_dim=hidden_dim
@@ -54,10 +60,19 @@ def byte_tokenizer():
     symbols = [chr(b) for b in printable]
     symbols += [chr(256 + i) for i in range(256 - len(printable))]
     merges = ["c a", "d o"]  # An empty merge list breaks the BPE table.
-    specials = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>",
-                "<|end_header_id|>", "<|eot_id|>"]
-    tokens = ["<pad>", *specials, *symbols,
-              *(m.replace(" ", "") for m in merges)]
+    specials = [
+        "<|begin_of_text|>",
+        "<|end_of_text|>",
+        "<|start_header_id|>",
+        "<|end_header_id|>",
+        "<|eot_id|>",
+    ]
+    tokens = [
+        "<pad>",
+        *specials,
+        *symbols,
+        *(m.replace(" ", "") for m in merges),
+    ]
     return keras_hub.models.Llama3Tokenizer(
         vocabulary={token: i for i, token in enumerate(tokens)},
         merges=merges,

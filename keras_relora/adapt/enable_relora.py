@@ -27,8 +27,18 @@ from keras_relora.layers.shared_lora_a import int_arg
 SHARE_A = ("role", "layer")
 
 
-def _check_args(rank, experts, alpha, share_a, train_a, dropout,
-                router_input, top_k, balance_loss, targets):
+def _check_args(
+    rank,
+    experts,
+    alpha,
+    share_a,
+    train_a,
+    dropout,
+    router_input,
+    top_k,
+    balance_loss,
+    targets,
+):
     """Checks the arguments; returns the numbers as python ints/floats."""
     rank = int_arg("rank", rank, 1, "a positive int, e.g. `rank=16`")
     experts = int_arg(
@@ -60,14 +70,18 @@ def _check_args(rank, experts, alpha, share_a, train_a, dropout,
             )
     if alpha is not None:
         alpha = float_arg(
-            "alpha", alpha, "a positive finite float or None (None: `rank`)",
+            "alpha",
+            alpha,
+            "a positive finite float or None (None: `rank`)",
             lambda v: v > 0,
         )
     dropout = float_arg(
         "dropout", dropout, "a float in [0, 1)", lambda v: 0.0 <= v < 1.0
     )
     balance_loss = float_arg(
-        "balance_loss", balance_loss, "a finite float >= 0 (0 disables it)",
+        "balance_loss",
+        balance_loss,
+        "a finite float >= 0 (0 disables it)",
         lambda v: v >= 0,
     )
     _check_targets(targets)
@@ -179,8 +193,16 @@ def enable_relora(
             f"Received: model of type {type(model).__name__}"
         )
     rank, experts, alpha, dropout, top_k, balance_loss = _check_args(
-        rank, experts, alpha, share_a, train_a, dropout, router_input, top_k,
-        balance_loss, targets,
+        rank,
+        experts,
+        alpha,
+        share_a,
+        train_a,
+        dropout,
+        router_input,
+        top_k,
+        balance_loss,
+        targets,
     )
     if layout_map is not None:
         layouts.check_layout_map(layout_map)
@@ -216,20 +238,36 @@ def enable_relora(
     adapters = {}
     for path, layer, role in chosen:
         adapter = _inject(
-            layer, path, role, shared, root,
-            rank=rank, share_a=share_a, train_a=train_a,
-            experts=experts, alpha=alpha, dropout=dropout,
-            router_input=router_input, top_k=top_k,
+            layer,
+            path,
+            role,
+            shared,
+            root,
+            rank=rank,
+            share_a=share_a,
+            train_a=train_a,
+            experts=experts,
+            alpha=alpha,
+            dropout=dropout,
+            router_input=router_input,
+            top_k=top_k,
             balance_loss=balance_loss,
             block=block_index[targets_lib.block_key(relative[path])],
             layout_map=layout_map,
         )
         adapters[path] = adapter
     settings = dict(
-        rank=rank, experts=experts, alpha=alpha,
-        targets=[path for path, _, _ in chosen], share_a=share_a,
-        train_a=train_a, dropout=dropout, router_input=router_input,
-        top_k=top_k, balance_loss=balance_loss, train_layers=train_layers,
+        rank=rank,
+        experts=experts,
+        alpha=alpha,
+        targets=[path for path, _, _ in chosen],
+        share_a=share_a,
+        train_a=train_a,
+        dropout=dropout,
+        router_input=router_input,
+        top_k=top_k,
+        balance_loss=balance_loss,
+        train_layers=train_layers,
     )
     state = ReloraState(settings, adapters, shared, blocks, frozen)
     state.trained = trained  # `{relative path: variable}`, train in full.
@@ -247,22 +285,35 @@ def _size(variable):
     return n
 
 
-def _inject(layer, path, role, shared, root, *, rank, share_a, train_a,
-            block, layout_map, **adapter_kwargs):
+def _inject(
+    layer,
+    path,
+    role,
+    shared,
+    root,
+    *,
+    rank,
+    share_a,
+    train_a,
+    block,
+    layout_map,
+    **adapter_kwargs,
+):
     d_in = ReloraDense.input_size(layer)
     key = f"{role}:{d_in}" if share_a == "role" else path
     if key not in shared:
         name = f"shared_a_{role}" if share_a == "role" else "lora_a"
         scope = f"{root.name}_relora" if share_a == "role" else path
-        if share_a == "role" and any(
-            k.startswith(f"{role}:") for k in shared
-        ):
+        if share_a == "role" and any(k.startswith(f"{role}:") for k in shared):
             name = f"{name}_{d_in}"
         laid_out = {f"{scope}/{name}/kernel": (None, None)}
         _register(layout_map, laid_out)
         with _path_scope(scope):
             shared[key] = SharedLoraA(
-                d_in, rank, trainable=train_a, name=name,
+                d_in,
+                rank,
+                trainable=train_a,
+                name=name,
                 dtype=adapter_dtype(layer),
             )
         _check_paths(layout_map, laid_out, shared[key])
@@ -274,8 +325,12 @@ def _inject(layer, path, role, shared, root, *, rank, share_a, train_a,
         _register(layout_map, laid_out)
     with _path_scope(path):
         adapter = ReloraDense(
-            layer, shared[key], block=block, name="relora",
-            _injected=True, **adapter_kwargs,
+            layer,
+            shared[key],
+            block=block,
+            name="relora",
+            _injected=True,
+            **adapter_kwargs,
         )
     _check_paths(layout_map, laid_out, adapter)
     adapter.role = role

@@ -40,10 +40,12 @@ def b_kernel_axes(layer, layout_map):
     if kernel_layout is None:
         return _replicated(3)
     axes = ReloraDense.axes_of(layer)
-    free = axes.kernel_to_2d[len(axes.in_shape):]
+    free = axes.kernel_to_2d[len(axes.in_shape) :]
     out_axes = [kernel_layout.axes[i] for i in free]
-    if out_axes and out_axes[0] is not None and all(
-        a is None for a in out_axes[1:]
+    if (
+        out_axes
+        and out_axes[0] is not None
+        and all(a is None for a in out_axes[1:])
     ):
         return (None, None, out_axes[0])
     return _replicated(3)

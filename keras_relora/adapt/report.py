@@ -24,8 +24,16 @@ class ReloraReport:
         num_blocks: int. Blocks the adapters sit in.
     """
 
-    def __init__(self, *, trainable_params, total_params, base_params,
-                 roles, settings, num_blocks):
+    def __init__(
+        self,
+        *,
+        trainable_params,
+        total_params,
+        base_params,
+        roles,
+        settings,
+        num_blocks,
+    ):
         self.trainable_params = trainable_params
         self.total_params = total_params
         self.base_params = base_params
@@ -90,8 +98,11 @@ class ReloraReport:
             f"{sum(r['layers'] for r in self.roles.values())} layers in "
             f"{self.num_blocks} blocks"
         )
-        lines = [head, f"{'role':<8}{'layers':>8}{'A':>14}{'B':>14}"
-                 f"{'router':>12}{'total':>14}"]
+        lines = [
+            head,
+            f"{'role':<8}{'layers':>8}{'A':>14}{'B':>14}"
+            f"{'router':>12}{'total':>14}",
+        ]
         for role, r in self.roles.items():
             total = r["a"] + r["b"] + r["router"]
             lines.append(

@@ -60,7 +60,7 @@ def relative_path(model, path):
     relative path, so none of them depends on the model's name.
     """
     prefix = model.name + "/"
-    return path[len(prefix):] if path.startswith(prefix) else path
+    return path[len(prefix) :] if path.startswith(prefix) else path
 
 
 def block_key(path):

@@ -54,13 +54,17 @@ def trained_variables(model, train_layers, adapted_layers):
         layers = {}
         for layer in _keras_internals.flatten_layers(model):
             path = layer.path or layer.name
-            for key in (layer.name, path,
-                        targets_lib.relative_path(root, path)):
+            for key in (
+                layer.name,
+                path,
+                targets_lib.relative_path(root, path),
+            ):
                 layers.setdefault(key, layer)
         missing = [name for name in train_layers if name not in layers]
         if missing:
-            named = sorted({layer.name for layer in layers.values()
-                            if layer.weights})
+            named = sorted(
+                {layer.name for layer in layers.values() if layer.weights}
+            )
             raise ValueError(
                 f"`train_layers` names layers that model {model.name!r} "
                 f"does not have: {missing}. Layers with weights: {named}. "

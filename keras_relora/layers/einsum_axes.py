@@ -74,7 +74,7 @@ class EinsumAxes:
                 f"The kernel of equation {equation!r} has {len(ker)} axes "
                 f"but the layer's kernel has shape {tuple(kernel_shape)}."
             )
-        sizes = dict(zip(ker, kernel_shape))
+        sizes = dict(zip(ker, kernel_shape, strict=False))
         contracted = [a for a in inp if a in ker and a not in out]
         free = [a for a in out if a in ker and a not in inp]
         shared = [a for a in ker if a in inp and a in out]
@@ -102,7 +102,7 @@ class EinsumAxes:
         self.d_out = math.prod(self.out_shape)
         b = "".join(batch)
         c, f = "".join(contracted), "".join(free)
-        # (batch..., contracted...) x (contracted..., width) -> (batch..., width)
+        # (batch..., contracted...) x (contracted..., r) -> (batch..., r)
         self.project_equation = f"{''.join(inp)},{c}{r}->{b}{r}"
         # (batch..., m, r) x (m, r, free...) -> output
         self.expand_equation = f"{b}{m}{r},{m}{r}{f}->{''.join(out)}"

@@ -146,7 +146,9 @@ class ReloraDense(keras.layers.Layer):
         **kwargs,
     ):
         injected = kwargs.pop("_injected", False)
-        if not isinstance(layer, (keras.layers.Dense, keras.layers.EinsumDense)):
+        if not isinstance(
+            layer, (keras.layers.Dense, keras.layers.EinsumDense)
+        ):
             raise TypeError(
                 "`layer` must be a `keras.layers.Dense` or "
                 "`keras.layers.EinsumDense`. "
@@ -159,7 +161,9 @@ class ReloraDense(keras.layers.Layer):
                 f"Received: shared_a={shared_a!r}"
             )
         experts = int_arg(
-            "experts", experts, 1,
+            "experts",
+            experts,
+            1,
             "an int >= 1 (1 means a single B, no router)",
         )
         if router_input not in ROUTER_INPUTS:
@@ -178,12 +182,16 @@ class ReloraDense(keras.layers.Layer):
             "dropout", dropout, "a float in [0, 1)", lambda v: 0 <= v < 1
         )
         balance_loss = float_arg(
-            "balance_loss", balance_loss,
-            "a finite float >= 0 (0 disables it)", lambda v: v >= 0,
+            "balance_loss",
+            balance_loss,
+            "a finite float >= 0 (0 disables it)",
+            lambda v: v >= 0,
         )
         if alpha is not None:
             alpha = float_arg(
-                "alpha", alpha, "a positive finite float or None",
+                "alpha",
+                alpha,
+                "a positive finite float or None",
                 lambda v: v > 0,
             )
         if block is not None:
@@ -271,8 +279,10 @@ class ReloraDense(keras.layers.Layer):
             dtype="float32",
         )
         if self.experts > 1:
-            rows = self.rank if self.router_input == "projected" else (
-                self.axes.d_in
+            rows = (
+                self.rank
+                if self.router_input == "projected"
+                else (self.axes.d_in)
             )
             self.router_kernel = self.add_weight(
                 name="router_kernel",
@@ -349,9 +359,7 @@ class ReloraDense(keras.layers.Layer):
             out = ops.matmul(mixed, ops.reshape(b, (inner, self.axes.d_out)))
             if len(self.axes.out_shape) == 1:
                 return out
-            return ops.reshape(
-                out, tuple(out.shape[:-1]) + self.axes.out_shape
-            )
+            return ops.reshape(out, tuple(out.shape[:-1]) + self.axes.out_shape)
         b = ops.reshape(b, (self.experts, self.rank) + self.axes.out_shape)
         _, expand = self.axes.equations(len(x.shape))
         return ops.einsum(expand, mixed, b)
@@ -361,8 +369,10 @@ class ReloraDense(keras.layers.Layer):
         routed = ops.one_hot(ops.argmax(flat, axis=-1), self.experts)
         fraction = ops.mean(routed, axis=0)  # f_i, no gradient
         probability = ops.mean(flat, axis=0)  # P_i
-        return self.balance_loss * self.experts * ops.sum(
-            ops.stop_gradient(fraction) * probability
+        return (
+            self.balance_loss
+            * self.experts
+            * ops.sum(ops.stop_gradient(fraction) * probability)
         )
 
     def call(self, inputs, base_outputs=None, training=None):
@@ -404,7 +414,5 @@ class ReloraDense(keras.layers.Layer):
     def from_config(cls, config):
         config = dict(config)
         layer = keras.saving.deserialize_keras_object(config.pop("layer"))
-        shared_a = keras.saving.deserialize_keras_object(
-            config.pop("shared_a")
-        )
+        shared_a = keras.saving.deserialize_keras_object(config.pop("shared_a"))
         return cls(layer, shared_a, **config)

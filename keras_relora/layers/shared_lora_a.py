@@ -83,7 +83,6 @@ class SharedLoraA(keras.layers.Layer):
         return {**super().get_config(), **config}
 
 
-
 def int_arg(name, value, minimum, what):
     """`value` as a python int >= `minimum`; numpy integers pass, bools not.
 
@@ -104,13 +103,9 @@ def float_arg(name, value, what, valid):
     Raises a `TypeError` for a non-number (a str, a bool), a `ValueError`
     for a non-finite or invalid number; both name `name`.
     """
-    is_number = isinstance(value, numbers.Real) and not isinstance(
-        value, bool
-    )
+    is_number = isinstance(value, numbers.Real) and not isinstance(value, bool)
     if not is_number:
         raise TypeError(f"`{name}` must be {what}. Received: {name}={value!r}")
     if not math.isfinite(value) or not valid(float(value)):
-        raise ValueError(
-            f"`{name}` must be {what}. Received: {name}={value!r}"
-        )
+        raise ValueError(f"`{name}` must be {what}. Received: {name}={value!r}")
     return float(value)

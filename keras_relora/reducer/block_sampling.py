@@ -201,7 +201,7 @@ def update_scores(scores, suppressed, losses, lr):
     rewards = np.exp(-losses)
     centred = rewards - rewards.mean()
     new = scores.copy()
-    for blocks, reward in zip(np.asarray(suppressed), centred):
+    for blocks, reward in zip(np.asarray(suppressed), centred, strict=False):
         for block in blocks:
             new[block] += lr * reward * p[block] * (1.0 - p[block])
     return new.astype("float32")

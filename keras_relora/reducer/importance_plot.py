@@ -18,15 +18,18 @@ def heat_map(steps, importance, path):
         from matplotlib.figure import Figure
     except ImportError:
         raise ImportError(
-            "`ReducerCallback.plot` needs matplotlib: "
-            "`pip install matplotlib`."
+            "`ReducerCallback.plot` needs matplotlib: `pip install matplotlib`."
         ) from None
-    figure = Figure(figsize=(max(4, len(steps) * 0.3 + 2), 3 + 0.15 *
-                             importance.shape[1]))
+    figure = Figure(
+        figsize=(max(4, len(steps) * 0.3 + 2), 3 + 0.15 * importance.shape[1])
+    )
     axes = figure.subplots()
     image = axes.imshow(
-        importance.T, aspect="auto", origin="lower",
-        cmap="viridis", interpolation="nearest",
+        importance.T,
+        aspect="auto",
+        origin="lower",
+        cmap="viridis",
+        interpolation="nearest",
     )
     ticks = np.linspace(0, len(steps) - 1, min(len(steps), 8)).round()
     axes.set_xticks(ticks)

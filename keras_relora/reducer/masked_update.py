@@ -63,11 +63,15 @@ class MaskedUpdate:
         self.groups = groups
         self.num_blocks = num_blocks
         self.scores = optimizer.add_variable(
-            shape=(num_blocks,), initializer="zeros", dtype="float32",
+            shape=(num_blocks,),
+            initializer="zeros",
+            dtype="float32",
             name="relora_scores",
         )
         self.control = optimizer.add_variable(
-            shape=(3,), initializer="zeros", dtype="int32",
+            shape=(3,),
+            initializer="zeros",
+            dtype="int32",
             name="relora_control",
         )
         self._original_apply = optimizer.apply
@@ -87,13 +91,17 @@ class MaskedUpdate:
         for optimizer in optimizers:
             if _ATTRIBUTE + "_saving" in optimizer.__dict__:
                 continue
-            _keras_internals.set_untracked(optimizer, _ATTRIBUTE + "_saving", True)
             _keras_internals.set_untracked(
-                optimizer, "save_own_variables",
+                optimizer, _ATTRIBUTE + "_saving", True
+            )
+            _keras_internals.set_untracked(
+                optimizer,
+                "save_own_variables",
                 self._saver(optimizer),
             )
             _keras_internals.set_untracked(
-                optimizer, "load_own_variables",
+                optimizer,
+                "load_own_variables",
                 self._loader(optimizer, optimizer.load_own_variables),
             )
 
@@ -134,7 +142,8 @@ class MaskedUpdate:
         optimizer = core_optimizer(model.optimizer)
         trainable = {id(v) for v in model.trainable_variables}
         adapters = [
-            a for a in adapters
+            a
+            for a in adapters
             if getattr(a, "b_kernel", None) is not None
             and id(a.b_kernel) in trainable
         ]
@@ -156,8 +165,9 @@ class MaskedUpdate:
             for a in adapters
         ]
         masked = cls(optimizer, groups, num_blocks)
-        masked.exclude_mirrors_from_saving({id(o): o for o in (
-            model.optimizer, optimizer)}.values())
+        masked.exclude_mirrors_from_saving(
+            {id(o): o for o in (model.optimizer, optimizer)}.values()
+        )
         _keras_internals.set_untracked(optimizer, _ATTRIBUTE, masked)
         return masked, True
 
@@ -167,9 +177,7 @@ class MaskedUpdate:
         On JAX, sync the model's state (read `callback.model`) first.
         """
         self.scores.assign(block_sampling.active_scores(scores, active))
-        self.control.assign(
-            np.array([seed, k, int(enabled)], dtype="int32")
-        )
+        self.control.assign(np.array([seed, k, int(enabled)], dtype="int32"))
 
     def set_enabled(self, enabled):
         control = ops.convert_to_numpy(self.control).copy()
@@ -195,9 +203,9 @@ class MaskedUpdate:
             for _, variables in self.groups
         ]
         result = self._original_apply(grads, trainable_variables)
-        for (block, variables), values in zip(self.groups, old):
+        for (block, variables), values in zip(self.groups, old, strict=False):
             keep = mask[block]
-            for variable, value in zip(variables, values):
+            for variable, value in zip(variables, values, strict=False):
                 variable.assign(
                     ops.where(keep, ops.convert_to_tensor(variable), value)
                 )

@@ -134,8 +134,12 @@ def _check_dataset(data, what):
 
 
 def _num_rows(arrays, what, name):
-    counts = {len(leaf) for part in arrays if part is not None
-              for leaf in _parts(part)}
+    counts = {
+        len(leaf)
+        for part in arrays
+        if part is not None
+        for leaf in _parts(part)
+    }
     if len(counts) != 1:
         raise ValueError(
             f"The arrays of {what} must all have the same number of "

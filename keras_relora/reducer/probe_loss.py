@@ -62,16 +62,16 @@ def token_loss_sums(loss_fn, y, y_pred, sample_weight):
     y_pred = keras.tree.map_structure(
         lambda t: ops.cast(ops.convert_to_tensor(t), "float32"), y_pred
     )
-    values = loss_fn(keras.tree.map_structure(ops.convert_to_tensor, y),
-                     y_pred)
+    values = loss_fn(keras.tree.map_structure(ops.convert_to_tensor, y), y_pred)
     values = np.asarray(ops.convert_to_numpy(values), dtype="float64")
     if sample_weight is None:
         return float(values.sum()), float(values.size)
     weights = np.asarray(sample_weight, dtype="float64")
     while weights.ndim > values.ndim and weights.shape[-1] == 1:
         weights = weights[..., 0]
-    weights = weights.reshape(weights.shape + (1,) * (values.ndim -
-                                                      weights.ndim))
+    weights = weights.reshape(
+        weights.shape + (1,) * (values.ndim - weights.ndim)
+    )
     try:
         weights = np.broadcast_to(weights, values.shape)
     except ValueError:

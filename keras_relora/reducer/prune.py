@@ -9,8 +9,7 @@ from keras_relora.adapt.state import require_state
 STRATEGIES = ("importance", "random")
 
 
-def prune(model, drop_ratio, importance=None, strategy="importance",
-          seed=None):
+def prune(model, drop_ratio, importance=None, strategy="importance", seed=None):
     """Removes the B experts of the least important blocks, for good.
 
     Changes `model` in place: in every block chosen, each adapter's B

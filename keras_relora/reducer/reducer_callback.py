@@ -226,10 +226,18 @@ class ReducerCallback(keras.callbacks.Callback):
             )
         num_blocks = state.num_blocks
         self.num_blocks = num_blocks
-        self._k = self._resolve("update_layers", self.update_layers,
-                                max(1, num_blocks // 4), num_blocks)
-        self._m = self._resolve("suppress_layers", self.suppress_layers,
-                                max(1, num_blocks // 2), num_blocks)
+        self._k = self._resolve(
+            "update_layers",
+            self.update_layers,
+            max(1, num_blocks // 4),
+            num_blocks,
+        )
+        self._m = self._resolve(
+            "suppress_layers",
+            self.suppress_layers,
+            max(1, num_blocks // 2),
+            num_blocks,
+        )
         self._adapters = list(state.adapters.values())
         self._active = np.zeros(num_blocks, dtype=bool)
         for adapter in self._adapters:
@@ -296,8 +304,9 @@ class ReducerCallback(keras.callbacks.Callback):
         self._loss_fn = probe_loss.loss_function(model)
         self._probes = ProbeBatches(model, self.probe_data)
         self._seed = int(ops.convert_to_numpy(self._state.seed))
-        self._masked.set_state(self._scores, self._active, self._seed,
-                               self._k, enabled=True)
+        self._masked.set_state(
+            self._scores, self._active, self._seed, self._k, enabled=True
+        )
         self._step = int(ops.convert_to_numpy(model.optimizer.iterations))
         if not self._steps:
             self._record()
@@ -366,8 +375,9 @@ class ReducerCallback(keras.callbacks.Callback):
             self._scores, suppressed, losses, self.score_lr
         )
         self._state.scores.assign(self._scores)
-        self._masked.set_state(self._scores, self._active, self._seed,
-                               self._k, enabled=True)
+        self._masked.set_state(
+            self._scores, self._active, self._seed, self._k, enabled=True
+        )
         self._record()
         if self.verbose:
             importance = self.importance.astype("float64")

@@ -23,11 +23,17 @@ class _ReducerState(keras.layers.Layer):
         super().__init__(**kwargs)
         self.num_blocks = num_blocks
         self.scores = self.add_weight(
-            name="scores", shape=(num_blocks,), initializer="zeros",
-            dtype="float32", trainable=False,
+            name="scores",
+            shape=(num_blocks,),
+            initializer="zeros",
+            dtype="float32",
+            trainable=False,
         )
         self.seed = self.add_weight(
-            name="seed", shape=(), initializer="zeros", dtype="int32",
+            name="seed",
+            shape=(),
+            initializer="zeros",
+            dtype="int32",
             trainable=False,
         )
         self.built = True

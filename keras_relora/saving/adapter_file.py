@@ -110,7 +110,8 @@ def read(filepath):
         )
     if _digest(tensors, metadata) != metadata.get("sha256"):
         covered = (
-            "tensor data" if metadata["version"] == "1"
+            "tensor data"
+            if metadata["version"] == "1"
             else "settings, base description or tensor data"
         )
         raise invalid(f"its {covered} does not match its SHA-256 digest")

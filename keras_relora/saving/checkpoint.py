@@ -76,7 +76,8 @@ def save_relora_weights(model, filepath):
         for key, variable in _variables(model, state).items()
     }
     adapter_file.write(
-        filepath, tensors,
+        filepath,
+        tensors,
         relora=_relora_description(model, state),
         base=_base_description(model, state),
     )
@@ -130,12 +131,10 @@ def load_relora_weights(model, filepath, *, check_base=True):
     relora, base, _ = content
     state = get_state(model)
     if state is None:
-        _refuse(model, filepath, _check_fresh(model, relora, base,
-                                              check_base))
+        _refuse(model, filepath, _check_fresh(model, relora, base, check_base))
         try:
             state = model_saving.enable_from_config(model, relora)
-            _refuse(model, filepath, _check(model, state, content,
-                                            check_base))
+            _refuse(model, filepath, _check(model, state, content, check_base))
             _assign(model, state, content)
         except BaseException:
             from keras_relora.saving.merge import unload
@@ -194,8 +193,7 @@ def _shared_a(model, state):
 
 def _groups(model, state):
     by_id = {
-        id(shared): group
-        for group, shared in _shared_a(model, state).items()
+        id(shared): group for group, shared in _shared_a(model, state).items()
     }
     return {
         path: by_id.get(id(adapter.shared_a))

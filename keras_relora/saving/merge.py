@@ -203,9 +203,7 @@ def _batches(data, batch_size):
     if isinstance(data, dict) or hasattr(data, "shape"):
         size = len(next(iter(keras.tree.flatten(data))))
         return [
-            keras.tree.map_structure(
-                lambda a, i=i: a[i : i + batch_size], data
-            )
+            keras.tree.map_structure(lambda a, i=i: a[i : i + batch_size], data)
             for i in range(0, size, batch_size)
         ]
     if isinstance(data, tuple):
@@ -279,7 +277,7 @@ def _measure(model, merged, batches):
     for x in batches:
         live = keras.tree.flatten(model(x, training=False))
         plain = keras.tree.flatten(merged(x, training=False))
-        for a, b in zip(live, plain):
+        for a, b in zip(live, plain, strict=False):
             a = np.asarray(ops.convert_to_numpy(a), "float64")
             b = np.asarray(ops.convert_to_numpy(b), "float64")
             squared_error += float(np.sum((b - a) ** 2))
@@ -348,7 +346,8 @@ def _copy_weights(model, merged, state, gates):
     source = [v for v in model.weights if id(v) not in relora_ids]
     target = merged.weights
     if len(source) != len(target) or any(
-        tuple(s.shape) != tuple(t.shape) for s, t in zip(source, target)
+        tuple(s.shape) != tuple(t.shape)
+        for s, t in zip(source, target, strict=False)
     ):
         raise ValueError(
             f"The rebuilt base of model {model.name!r} does not have the "
@@ -360,7 +359,7 @@ def _copy_weights(model, merged, state, gates):
     for path, adapter in state.adapters.items():
         if not adapter.pruned:
             kernels[id(adapter._base_layer.kernel)] = (path, adapter)
-    for src, dst in zip(source, target):
+    for src, dst in zip(source, target, strict=False):
         if id(src) not in kernels:
             dst.assign(src)
             continue

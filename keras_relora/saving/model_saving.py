@@ -163,8 +163,10 @@ class _SavesRelora:
         if weights_file.is_single_h5(filepath):
             saved = weights_file.read_manifest(filepath)
             weights_file.check_load(
-                self.name, filepath,
-                relora_state_config(get_state(self), self), saved,
+                self.name,
+                filepath,
+                relora_state_config(get_state(self), self),
+                saved,
             )
             if saved.get("reducer"):
                 add_reducer_state(self)  # Its scores load like any weight.

@@ -55,8 +55,12 @@ _MODULES = {
     "up": "mlp.up_proj",
     "down": "mlp.down_proj",
 }
-FAMILIES = ("Llama3Backbone", "MistralBackbone", "QwenBackbone",
-            "GemmaBackbone")
+FAMILIES = (
+    "Llama3Backbone",
+    "MistralBackbone",
+    "QwenBackbone",
+    "GemmaBackbone",
+)
 _BLOCK = re.compile(r"^(?:transformer_layer|decoder_block)_(\d+)/")
 
 
@@ -123,8 +127,9 @@ def save_peft(model, folder, *, base_model_name_or_path=None):
             f"Received: experts={state.settings['experts']}"
         )
     names = {id(layer): name for name, layer in hf_modules(model).items()}
-    outside = [p for p, a in state.adapters.items()
-               if id(a._base_layer) not in names]
+    outside = [
+        p for p, a in state.adapters.items() if id(a._base_layer) not in names
+    ]
     if outside:
         raise ValueError(
             f"Adapted layers {outside} have no Hugging Face module that "
@@ -149,12 +154,18 @@ def save_peft(model, folder, *, base_model_name_or_path=None):
             f"Every adapter of model {model.name!r} is pruned: there is no "
             "LoRA weight to write. The base model alone is the result."
         )
-    config = _config(state, sorted(_module_names(tensors)), alphas,
-                     set(names.values()), base_model_name_or_path)
+    config = _config(
+        state,
+        sorted(_module_names(tensors)),
+        alphas,
+        set(names.values()),
+        base_model_name_or_path,
+    )
     folder = os.fspath(folder)
     os.makedirs(folder, exist_ok=True)
     safetensors_numpy().save_file(
-        tensors, os.path.join(folder, WEIGHTS_NAME),
+        tensors,
+        os.path.join(folder, WEIGHTS_NAME),
         metadata={"format": "pt"},
     )
     with open(os.path.join(folder, CONFIG_NAME), "w") as f:
@@ -200,16 +211,17 @@ def _config(state, modules, alphas, every, base_name):
 
 def _module_names(tensors):
     return {
-        k[len(PREFIX):-len(A_SUFFIX)] for k in tensors
-        if k.endswith(A_SUFFIX)
+        k[len(PREFIX) : -len(A_SUFFIX)] for k in tensors if k.endswith(A_SUFFIX)
     }
 
 
 def _kernel_order(axes):
     """Permutations of `in_shape`/`out_shape` into the kernel's order."""
     n = len(axes.in_shape)
-    return (np.argsort(axes.kernel_to_2d[:n]),
-            np.argsort(axes.kernel_to_2d[n:]))
+    return (
+        np.argsort(axes.kernel_to_2d[:n]),
+        np.argsort(axes.kernel_to_2d[n:]),
+    )
 
 
 def a_to_hf(a, axes):
@@ -261,4 +273,3 @@ def safetensors_numpy():
             "`pip install keras-relora[hf]` or `pip install safetensors`."
         ) from None
     return safetensors.numpy
-

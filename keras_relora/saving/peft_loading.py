@@ -17,11 +17,11 @@ from keras_relora.adapt.state import get_state
 from keras_relora.layers.relora_dense import ReloraDense
 from keras_relora.saving import model_saving
 from keras_relora.saving import peft_format
+from keras_relora.saving.peft_format import A_SUFFIX
+from keras_relora.saving.peft_format import B_SUFFIX
 from keras_relora.saving.peft_format import CONFIG_NAME
 from keras_relora.saving.peft_format import PREFIX
 from keras_relora.saving.peft_format import WEIGHTS_NAME
-from keras_relora.saving.peft_format import A_SUFFIX
-from keras_relora.saving.peft_format import B_SUFFIX
 
 
 def load_peft(model, folder):
@@ -83,14 +83,23 @@ def load_peft(model, folder):
         _assign(state, modules, weights)
         return model
     paths = {
-        id(layer): path for path, (layer, _) in
-        targets_lib.candidates(adapted_model(model)).items()
+        id(layer): path
+        for path, (layer, _) in targets_lib.candidates(
+            adapted_model(model)
+        ).items()
     }
     targets = model_saving.exact_targets(
         paths[id(modules[name])] for name in weights
     )
-    enable_relora(model, rank, 1, alpha=alpha, share_a="layer",
-                  dropout=dropout, targets=targets)
+    enable_relora(
+        model,
+        rank,
+        1,
+        alpha=alpha,
+        share_a="layer",
+        dropout=dropout,
+        targets=targets,
+    )
     try:
         _assign(get_state(model), modules, weights)
     except BaseException:
@@ -113,8 +122,11 @@ def _read(folder):
         config = json.load(f)
     with open(paths[1], "rb") as f:
         header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
-    if any(v.get("dtype") == "BF16" for k, v in header.items()
-           if k != "__metadata__"):
+    if any(
+        v.get("dtype") == "BF16"
+        for k, v in header.items()
+        if k != "__metadata__"
+    ):
         import safetensors.torch  # numpy has no bfloat16.
 
         tensors = {
@@ -130,9 +142,16 @@ def _lora_settings(config, folder):
     """`(rank, alpha, dropout)` with `alpha / rank` PEFT's scale."""
     unsupported = [
         f"{key}={config.get(key)!r}"
-        for key in ("use_dora", "lora_bias", "fan_in_fan_out",
-                    "modules_to_save", "rank_pattern", "alpha_pattern",
-                    "target_parameters", "layer_replication")
+        for key in (
+            "use_dora",
+            "lora_bias",
+            "fan_in_fan_out",
+            "modules_to_save",
+            "rank_pattern",
+            "alpha_pattern",
+            "target_parameters",
+            "layer_replication",
+        )
         if config.get(key)
     ]
     if config.get("bias", "none") != "none":
@@ -160,7 +179,7 @@ def _pairs(tensors, modules):
         if not (key.startswith(PREFIX) and suffix):
             problems.append(f"tensor {key!r} is not a LoRA A or B weight")
             continue
-        name = key[len(PREFIX):-len(A_SUFFIX)]
+        name = key[len(PREFIX) : -len(A_SUFFIX)]
         if name not in modules:
             problems.append(f"module {name!r} is not in the model")
             continue
@@ -188,7 +207,8 @@ def _differences(state, modules, weights, rank, alpha):
     if any(abs(a - alpha) > 1e-6 * abs(alpha) for a in alphas):
         problems.append(f"alpha: folder {alpha}, model {sorted(alphas)}")
     adapted = {
-        name for name, layer in modules.items()
+        name
+        for name, layer in modules.items()
         if id(layer) in by_layer and not by_layer[id(layer)].pruned
     }
     if adapted != set(weights):
