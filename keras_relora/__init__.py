@@ -12,6 +12,7 @@ from keras_relora.adapt import enable_relora
 from keras_relora.adapt import get_state
 from keras_relora.adapt import paper_defaults
 from keras_relora.adapt import report
+from keras_relora.adapt import unload
 from keras_relora.layers import ReloraDense
 from keras_relora.layers import SharedLoraA
 from keras_relora.reducer import ReducerCallback
@@ -22,7 +23,6 @@ from keras_relora.saving import load_relora_weights
 from keras_relora.saving import merge_relora
 from keras_relora.saving import save_peft
 from keras_relora.saving import save_relora_weights
-from keras_relora.saving import unload
 
 __version__ = "0.1.0"
 

@@ -8,22 +8,26 @@ breaks one module and the test suite says which function. `pyproject.toml`
 bounds keras and keras-hub to the releases CI has run against.
 
 Besides the private attributes below, the package changes instances in
-ways that rely on Keras's behaviour rather than its private names:
+ways that rely on Keras's behaviour rather than its private names. Each
+such change made while adapters are enabled is a patch recorded in the
+model's `ReloraState` (`adapt.state`), which `unload` undoes in one loop:
 
 * `set_untracked` replaces an instance's `call`/`quantized_call`
   (`adapt.enable_relora`: the adapter's output is added to a layer's own,
   also for layers that are nodes of a functional graph), its `fit`
   (`adapt.enable_relora`: the Reducer's probe reads the training data), an
-  optimizer's `apply` (`reducer.masked_update`: the exact per-block
-  freeze), a backbone's `save_to_preset`/`get_config`
-  (`saving.model_saving`) and a router's `gates` (`saving.merge`:
-  calibration).
+  optimizer's `apply` and `save/load_own_variables`
+  (`reducer.masked_update`: the exact per-block freeze), a Task
+  backbone's `save_to_preset`/`export_to_transformers`
+  (`adapt.model_class`), for the length of a `with` block a router's
+  `gates` (`saving.merge`: calibration), and a merged backbone's
+  `get_config` (`adapt.tied_embeddings`).
 * `swap_class` changes a model's class to a per-class saving subclass and
-  back (`saving.model_saving`, `saving.merge`).
+  back (`adapt.model_class`).
 * `optimizer_built_for` reads a built optimizer's `_trainable_variables`
   (`adapt.enable_relora`: `fit` refuses a stale compile).
 * `refuse_graph_clones` overrides `Functional._run_through_graph` in the
-  saving subclass (`saving.model_saving`: `clone_model` refuses to drop
+  saving subclass (`adapt.model_class`: `clone_model` refuses to drop
   adapters).
 """
 
@@ -64,10 +68,13 @@ def unlocked_tracker(layer):
             tracker.lock()
 
 
-def untrack(layer, sublayer):
-    """Removes `sublayer` from `layer`'s tracked sub-layers (`unload`)."""
-    with unlocked_tracker(layer) as tracker:
-        tracker.untrack(sublayer)
+def untrack_variable(layer, variable):
+    """Removes `variable` from `layer`'s variables (`ReloraDense.prune`).
+
+    Keras has no public way to drop a variable from a built layer;
+    `Layer._untrack_variable` is what its own `__delattr__` uses.
+    """
+    layer._untrack_variable(variable)
 
 
 def list_torch_parameters(model):

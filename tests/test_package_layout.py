@@ -1,13 +1,17 @@
-"""The package's shape: no import cycle, rooms import one way, no backend
-framework or `keras.src` imported by library code."""
+"""The package's shape: no import cycle, sub-packages import one way, no
+private Keras API outside `_keras_internals.py`, no backend framework or
+`keras.src` imported by library code."""
 
 import ast
 import pathlib
 
+import keras
+import numpy as np
 import pytest
 
 PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "keras_relora"
-# Which room may import which (arrows one way); "" is the package root.
+# Which sub-package may import which (arrows one way). The package root
+# and its private modules (`_keras_internals`, `_checks`) are open to all.
 ALLOWED = {
     "layers": {"layers"},
     "adapt": {"adapt", "layers"},
@@ -85,15 +89,15 @@ def _find_cycle(graph):
     return None
 
 
-def _package_imports_its_rooms(graph):
-    # A room's `__init__` imports its own modules; the package root
-    # imports the rooms. Neither is a dependency of the rooms' code.
+def _without_init_imports(graph):
+    # A sub-package's `__init__` imports its own modules; the package root
+    # imports the sub-packages. Neither is a dependency of their code.
     kept = {name for name in graph if name.count(".") >= 2}
     return {name: graph[name] & kept for name in kept}
 
 
 def test_no_import_cycle():
-    cycle = _find_cycle(_package_imports_its_rooms(_graph()))
+    cycle = _find_cycle(_without_init_imports(_graph()))
     assert cycle is None, " -> ".join(cycle)
 
 
@@ -103,41 +107,174 @@ def test_cycle_finder_sees_a_cycle():
     assert _find_cycle({"a": {"b"}, "b": set()}) is None
 
 
-@pytest.mark.parametrize("room", sorted(ALLOWED))
-def test_rooms_import_one_way(room):
+@pytest.mark.parametrize("subpackage", sorted(ALLOWED))
+def test_subpackages_import_one_way(subpackage):
     graph = _graph()
     for name, deps in graph.items():
-        if not name.startswith(f"keras_relora.{room}."):
+        if not name.startswith(f"keras_relora.{subpackage}."):
             continue
         for dep in deps:
             parts = dep.split(".")
             if len(parts) < 2 or parts[1].startswith("_"):
                 continue  # The root and its private shared modules.
-            assert parts[1] in ALLOWED[room], f"{name} imports {dep}"
+            assert parts[1] in ALLOWED[subpackage], f"{name} imports {dep}"
 
 
-def test_state_module_imports_no_room():
+def test_no_import_inside_a_function():
+    # Imports at module level only (the import graph above is then the
+    # whole truth), except of optional or backend packages.
+    optional = (
+        "torch",
+        "jax",
+        "tensorflow",
+        "h5py",
+        "matplotlib",
+        "safetensors",
+    )
+    for path in PACKAGE.rglob("*.py"):
+        tree = ast.parse(path.read_text())
+        top = set(map(id, tree.body))
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Import, ast.ImportFrom)) and (
+                id(node) not in top
+            ):
+                if isinstance(node, ast.Import):
+                    names = [alias.name for alias in node.names]
+                else:
+                    names = [node.module or ""]
+                for name in names:
+                    assert name.split(".")[0] in optional, (
+                        f"{path}:{node.lineno}: import {name} in a function"
+                    )
+
+
+def test_state_module_imports_no_subpackage():
     graph = _graph()
     deps = graph["keras_relora.adapt.state"]
     assert deps <= {"keras_relora._keras_internals"}, deps
 
 
+def _keras_private_names():
+    """The `_`-names (not dunders) of Keras objects the package handles:
+    attributes and methods of built layers, models, variables, optimizers,
+    and callbacks, from instances (so that attributes set in
+    `__init__` count too)."""
+    dense = keras.layers.Dense(2)
+    dense.build((None, 3))
+    einsum = keras.layers.EinsumDense("ab,bc->ac", output_shape=2)
+    einsum.build((None, 3))
+    inputs = keras.Input((3,))
+    model = keras.Model(inputs, keras.layers.Dense(2)(inputs))
+    model.compile(optimizer="adam", loss="mse")
+    model.optimizer.build(model.trainable_variables)
+    objects = [
+        dense,
+        einsum,
+        model,
+        model.optimizer,
+        keras.optimizers.LossScaleOptimizer(keras.optimizers.SGD()),
+        keras.Variable(np.zeros(2)),
+        keras.callbacks.Callback(),
+    ]
+    names = set()
+    for obj in objects:
+        names.update(dir(obj))
+    return {n for n in names if n.startswith("_") and not n.startswith("__")}
+
+
+_SETTERS = ("setattr", "set_untracked")
+_ACCESSORS = ("getattr", "hasattr", "setattr", "delattr", "set_untracked")
+
+
+def _string_argument(node, functions):
+    """The constant str second argument of a call of one of `functions`."""
+    if not isinstance(node, ast.Call) or len(node.args) < 2:
+        return None
+    func = node.func
+    name = func.attr if isinstance(func, ast.Attribute) else None
+    name = func.id if isinstance(func, ast.Name) else name
+    argument = node.args[1]
+    if name in functions and isinstance(argument, ast.Constant):
+        return argument.value if isinstance(argument.value, str) else None
+    return None
+
+
+def _own_names(trees):
+    """`_`-names the package gives its own objects: `x._name = ...`,
+    `set_untracked(x, "_name", ...)`, methods and class attributes."""
+    names = set()
+    for tree in trees:
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Attribute) and isinstance(
+                node.ctx, ast.Store
+            ):
+                names.add(node.attr)
+            elif isinstance(node, ast.ClassDef):
+                for item in node.body:
+                    if isinstance(item, (ast.FunctionDef, ast.Assign)):
+                        targets = getattr(item, "targets", [])
+                        names.update(t.id for t in targets if hasattr(t, "id"))
+                        names.add(getattr(item, "name", None))
+            name = _string_argument(node, _SETTERS)
+            if name is not None:
+                names.add(name)
+    return names
+
+
+def _private_uses(tree, private):
+    """`(line, what)` for each use of a name of `private` in `tree`, and of
+    `object.__setattr__` and `x.__class__ = ...`."""
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute):
+            if node.attr in private:
+                found.append((node.lineno, f".{node.attr}"))
+            if node.attr == "__class__" and isinstance(node.ctx, ast.Store):
+                found.append((node.lineno, "__class__ ="))
+            if (
+                node.attr == "__setattr__"
+                and isinstance(node.value, ast.Name)
+                and node.value.id == "object"
+            ):
+                found.append((node.lineno, "object.__setattr__"))
+        name = _string_argument(node, _ACCESSORS)
+        if name in private:
+            found.append((node.lineno, repr(name)))
+    return found
+
+
 def test_private_keras_api_lives_in_one_module():
-    private = (
-        "._tracker",
-        "._track_variables",
-        "._flatten_layers",
-        "._deferred_initialize",
-        "._value",
-        "object.__setattr__",
-        "__class__ =",
-    )
-    for path in PACKAGE.rglob("*.py"):
+    paths = sorted(PACKAGE.rglob("*.py"))
+    trees = {path: ast.parse(path.read_text()) for path in paths}
+    private = _keras_private_names() - _own_names(trees.values())
+    # The names this guard exists for are seen as Keras's.
+    assert {"_tracker", "_untrack_variable", "_flatten_layers"} <= private
+    assert {"_trainable_variables", "_value"} <= private
+    for path, tree in trees.items():
         if path.name == "_keras_internals.py":
             continue
-        text = path.read_text()
-        for needle in private:
-            assert needle not in text, f"{needle!r} in {path}"
+        uses = _private_uses(tree, private)
+        assert not uses, f"{path}: private Keras API at {uses}"
+
+
+def test_private_api_guard_sees_each_kind_of_use():
+    private = {"_tracker", "_value"}
+    source = (
+        "layer._tracker.unlock()\n"
+        "v = getattr(variable, '_value', None)\n"
+        "object.__setattr__(model, 'fit', f)\n"
+        "model.__class__ = Other\n"
+        "self._mine = 1\n"
+        "x = self._mine\n"
+    )
+    uses = sorted(_private_uses(ast.parse(source), private))
+    assert uses == [
+        (1, "._tracker"),
+        (2, "'_value'"),
+        (3, "object.__setattr__"),
+        (4, "__class__ ="),
+    ]
+    assert "_mine" in _own_names([ast.parse(source)])
 
 
 def test_no_backend_framework_or_keras_src_at_module_level():
@@ -160,12 +297,6 @@ def test_no_backend_framework_or_keras_src_at_module_level():
             if isinstance(node, ast.Import):
                 for alias in node.names:
                     assert not alias.name.startswith("keras.src"), path
-
-
-def test_no_module_over_the_size_limit():
-    for path in PACKAGE.rglob("*.py"):
-        lines = len(path.read_text().splitlines())
-        assert lines <= 450, f"{path} has {lines} lines: split it"
 
 
 def test_wheel_packages_are_the_library_only():

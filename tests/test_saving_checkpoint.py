@@ -7,9 +7,9 @@ import pytest
 import tiny_models as tm
 
 import keras_relora
+from keras_relora.adapt import model_class
 from keras_relora.reducer.reducer_state import reducer_state
 from keras_relora.saving import adapter_file
-from keras_relora.saving import model_saving
 
 
 def to_numpy(x):
@@ -188,7 +188,7 @@ def test_refuses_broken_file(dense, tmp_path, how):
     y = to_numpy(plain(x))
     with pytest.raises(ValueError, match="not a valid keras_relora"):
         plain.load_relora_weights(path)
-    functional = model_saving.base_class(dense["model"])
+    functional = model_class.base_class(dense["model"])
     assert_untouched_plain(plain, x, y, cls=functional)
     adapted = copy_of_dense(dense)
     adapted.enable_relora(rank=2, experts=2)

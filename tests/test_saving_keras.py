@@ -7,8 +7,8 @@ import pytest
 import tiny_models as tm
 
 import keras_relora
+from keras_relora.adapt import model_class
 from keras_relora.reducer.reducer_state import reducer_state
-from keras_relora.saving import model_saving
 
 # Compiling a train step is slow on TF (tracing) and not what these tests
 # are about; on JAX the jitted step is the fast one.
@@ -40,7 +40,7 @@ def test_backbone_round_trip_keeps_live_adapters(tmp_path):
 
     loaded = keras.models.load_model(path)
     assert isinstance(loaded, keras_hub.models.Llama3Backbone)
-    assert model_saving.base_class(loaded) is keras_hub.models.Llama3Backbone
+    assert model_class.base_class(loaded) is keras_hub.models.Llama3Backbone
     state = keras_relora.get_state(loaded)
     assert state.settings == keras_relora.get_state(backbone).settings
     assert_same_adapters(backbone, loaded)

@@ -1,10 +1,12 @@
-"""Adapting a model: `enable_relora`, targets, variants, layouts, reports,
-and the adapter state (`adapt.state`) that the other rooms read."""
+"""Adapting a model: `enable_relora` and `unload`, targets, variants,
+layouts, reports, the class an adapted model saves with, and the record of
+what enabling changed (`adapt.state`), which the other sub-packages read."""
 
 from keras_relora.adapt.budget import budget
 from keras_relora.adapt.enable_relora import enable_relora
-from keras_relora.adapt.enable_relora import report
+from keras_relora.adapt.enable_relora import unload
 from keras_relora.adapt.report import ReloraReport
+from keras_relora.adapt.report import report
 from keras_relora.adapt.state import get_state
 from keras_relora.adapt.variants import VARIANTS
 from keras_relora.adapt.variants import paper_defaults
@@ -17,4 +19,5 @@ __all__ = [
     "get_state",
     "paper_defaults",
     "report",
+    "unload",
 ]

@@ -1,14 +1,26 @@
-"""`enable_relora`: inject ReLoRA adapters into a built Keras model."""
+"""`enable_relora` (inject ReLoRA adapters into a built Keras model) and
+its inverse, `unload`.
+
+Every change enabling makes to existing objects (a layer's `call`, the
+model's `fit` and class, the state attribute) is a patch recorded in the
+model's `ReloraState`, so `unload` undoes them all in one loop.
+"""
 
 import contextlib
 
 import keras
 
 from keras_relora import _keras_internals
+from keras_relora._checks import adapter_args
+from keras_relora._checks import bool_arg
+from keras_relora._checks import choice_arg
+from keras_relora._checks import int_arg
+from keras_relora._checks import model_arg
 from keras_relora.adapt import layouts
+from keras_relora.adapt import model_class
 from keras_relora.adapt import targets as targets_lib
-from keras_relora.adapt.report import ReloraReport
-from keras_relora.adapt.state import ENABLE_HOOKS
+from keras_relora.adapt.report import count_params
+from keras_relora.adapt.report import report
 from keras_relora.adapt.state import ReloraState
 from keras_relora.adapt.state import adapted_model
 from keras_relora.adapt.state import get_state
@@ -16,13 +28,10 @@ from keras_relora.adapt.state import require_state
 from keras_relora.adapt.state import set_state
 from keras_relora.adapt.train_layers import check_train_layers
 from keras_relora.adapt.train_layers import trained_variables
-from keras_relora.layers.relora_dense import ROUTER_INPUTS
 from keras_relora.layers.relora_dense import ReloraDense
 from keras_relora.layers.relora_dense import adapter_dtype
 from keras_relora.layers.relora_dense import linear_call
 from keras_relora.layers.shared_lora_a import SharedLoraA
-from keras_relora.layers.shared_lora_a import float_arg
-from keras_relora.layers.shared_lora_a import int_arg
 
 SHARE_A = ("role", "layer")
 
@@ -41,51 +50,26 @@ def _check_args(
 ):
     """Checks the arguments; returns the numbers as python ints/floats."""
     rank = int_arg("rank", rank, 1, "a positive int, e.g. `rank=16`")
-    experts = int_arg(
-        "experts", experts, 1, "an int >= 1 (1 = a single B per layer)"
+    checked = adapter_args(
+        experts, alpha, dropout, router_input, top_k, balance_loss
     )
-    if share_a not in SHARE_A:
-        raise ValueError(
-            f"`share_a` must be one of {SHARE_A}: 'role' shares one A by "
-            "every layer of a role (ReLoRA), 'layer' gives each layer its "
-            f"own A (LoRA, HydraLoRA). Received: share_a={share_a!r}"
-        )
-    if not isinstance(train_a, bool):
-        raise ValueError(
-            f"`train_a` must be a bool. Received: train_a={train_a!r}"
-        )
-    if router_input not in ROUTER_INPUTS:
-        raise ValueError(
-            f"`router_input` must be one of {ROUTER_INPUTS}. "
-            f"Received: router_input={router_input!r}"
-        )
-    if top_k is not None:
-        top_k = int_arg(
-            "top_k", top_k, 1, f"None or an int in [1, experts={experts}]"
-        )
-        if top_k > experts:
-            raise ValueError(
-                f"`top_k` must be None or an int in [1, experts={experts}]."
-                f" Received: top_k={top_k!r}"
-            )
-    if alpha is not None:
-        alpha = float_arg(
-            "alpha",
-            alpha,
-            "a positive finite float or None (None: `rank`)",
-            lambda v: v > 0,
-        )
-    dropout = float_arg(
-        "dropout", dropout, "a float in [0, 1)", lambda v: 0.0 <= v < 1.0
+    choice_arg(
+        "share_a",
+        share_a,
+        SHARE_A,
+        "'role' shares one A by every layer of a role (ReLoRA), 'layer' "
+        "gives each layer its own A (LoRA, HydraLoRA).",
     )
-    balance_loss = float_arg(
-        "balance_loss",
-        balance_loss,
-        "a finite float >= 0 (0 disables it)",
-        lambda v: v >= 0,
-    )
+    bool_arg("train_a", train_a)
     _check_targets(targets)
-    return rank, experts, alpha, dropout, top_k, balance_loss
+    return (
+        rank,
+        checked["experts"],
+        checked["alpha"],
+        checked["dropout"],
+        checked["top_k"],
+        checked["balance_loss"],
+    )
 
 
 def _check_targets(targets):
@@ -187,11 +171,7 @@ def enable_relora(
     print(lm.enable_relora(rank=16, experts=4))
     ```
     """
-    if not isinstance(model, keras.Model):
-        raise TypeError(
-            "`model` must be a `keras.Model`. "
-            f"Received: model of type {type(model).__name__}"
-        )
+    model_arg(model)
     rank, experts, alpha, dropout, top_k, balance_loss = _check_args(
         rank,
         experts,
@@ -224,7 +204,7 @@ def enable_relora(
         model, train_layers, [layer for _, layer, _ in chosen]
     )
     kept = {id(v) for v in trained.values()}
-    base_params = sum(_size(v) for v in model.weights)
+    base_params = count_params(model.weights)
     frozen = [v for v in model.weights if v.trainable and id(v) not in kept]
     for variable in frozen:
         variable.trainable = False
@@ -234,28 +214,6 @@ def enable_relora(
     }
     blocks = targets_lib.blocks_of(relative.values())
     block_index = {key: i for i, key in enumerate(blocks)}
-    shared = {}
-    adapters = {}
-    for path, layer, role in chosen:
-        adapter = _inject(
-            layer,
-            path,
-            role,
-            shared,
-            root,
-            rank=rank,
-            share_a=share_a,
-            train_a=train_a,
-            experts=experts,
-            alpha=alpha,
-            dropout=dropout,
-            router_input=router_input,
-            top_k=top_k,
-            balance_loss=balance_loss,
-            block=block_index[targets_lib.block_key(relative[path])],
-            layout_map=layout_map,
-        )
-        adapters[path] = adapter
     settings = dict(
         rank=rank,
         experts=experts,
@@ -269,27 +227,85 @@ def enable_relora(
         balance_loss=balance_loss,
         train_layers=train_layers,
     )
-    state = ReloraState(settings, adapters, shared, blocks, frozen)
-    state.trained = trained  # `{relative path: variable}`, train in full.
+    state = ReloraState(
+        settings,
+        adapters={},
+        shared_a={},
+        blocks=blocks,
+        frozen=frozen,
+        trained=trained,
+    )
+    for path, layer, role in chosen:
+        state.adapters[path] = _inject(
+            state,
+            layer,
+            path,
+            role,
+            root,
+            rank=rank,
+            share_a=share_a,
+            train_a=train_a,
+            experts=experts,
+            alpha=alpha,
+            dropout=dropout,
+            router_input=router_input,
+            top_k=top_k,
+            balance_loss=balance_loss,
+            block=block_index[targets_lib.block_key(relative[path])],
+            layout_map=layout_map,
+        )
     set_state(model, state)
-    _record_fit_data(model, state)
-    for hook in ENABLE_HOOKS:  # `.keras` files keep the adapters.
-        hook(model)
+    # `fit` keeps a handle on its data (the Reducer's probe reads it).
+    guard_fit(model, state)
+    model_class.attach(model, state)  # `.keras` files keep the adapters.
     return report(model, base_params=base_params)
 
 
-def _size(variable):
-    n = 1
-    for d in variable.shape:
-        n *= int(d)
-    return n
+def unload(model):
+    """Removes the ReLoRA adapters from `model`, in place.
+
+    Undoes `enable_relora`: the adapted layers get their own `call` back,
+    their `relora` sub-layers (and the shared `A`s) are removed, the
+    variables that `enable_relora` froze are trainable again, and the
+    model loses its ReLoRA state (with the Reducer's variables) and saving
+    class. The outputs are the base model's again. Compile the model
+    again before training it: a model trained before refuses `fit` until
+    then (its optimizer was built for the adapters).
+
+    Args:
+        model: A `keras.Model` with ReLoRA adapters.
+
+    Returns:
+        `model`.
+
+    Example:
+
+    ```python
+    keras_relora.unload(backbone)
+    backbone.enable_relora(rank=4, experts=2)  # new settings
+    ```
+    """
+    state = require_state(model, "`unload`")
+    state.undo_patches()
+    for adapter in state.adapters.values():
+        layer = adapter._base_layer
+        with _keras_internals.unlocked_tracker(layer) as tracker:
+            tracker.untrack(adapter)
+            if "relora" in dir(layer):
+                delattr(layer, "relora")
+    for variable in state.frozen:
+        variable.trainable = True
+    model_class.refresh_torch_parameters(model)
+    # Refuse a `fit` with the optimizer compiled for the adapters.
+    guard_fit(model)
+    return model
 
 
 def _inject(
+    state,
     layer,
     path,
     role,
-    shared,
     root,
     *,
     rank,
@@ -299,6 +315,7 @@ def _inject(
     layout_map,
     **adapter_kwargs,
 ):
+    shared = state.shared_a
     d_in = ReloraDense.input_size(layer)
     key = f"{role}:{d_in}" if share_a == "role" else path
     if key not in shared:
@@ -327,16 +344,16 @@ def _inject(
         adapter = ReloraDense(
             layer,
             shared[key],
+            role=role,
             block=block,
             name="relora",
             _injected=True,
             **adapter_kwargs,
         )
     _check_paths(layout_map, laid_out, adapter)
-    adapter.role = role
     with _keras_internals.unlocked_tracker(layer):
         layer.relora = adapter
-    _patch_call(layer, adapter)
+    _patch_call(state, layer, adapter)
     return adapter
 
 
@@ -360,7 +377,7 @@ def _path_scope(path):
         yield
 
 
-def _patch_call(layer, adapter):
+def _patch_call(state, layer, adapter):
     """Makes `layer`'s own call return its output plus the adapter's.
 
     The layer object stays where it is (in a functional graph, in a
@@ -373,16 +390,7 @@ def _patch_call(layer, adapter):
             base = linear_call(layer, _original, inputs, *args, **kwargs)
             return adapter(inputs, base, training=kwargs.get("training"))
 
-        _keras_internals.set_untracked(layer, method, patched)
-
-
-def _record_fit_data(model, state):
-    """Wraps `model.fit` (on this instance) to keep a handle on its data.
-
-    The wrapper also refuses a `fit` whose compiled optimizer was built for
-    another set of trainable variables (see `guard_fit`).
-    """
-    guard_fit(model, state)
+        state.patch(layer, method, patched)
 
 
 def guard_fit(model, state=None):
@@ -416,7 +424,10 @@ def guard_fit(model, state=None):
 
     guarded_fit.__doc__ = fit.__doc__
     guarded_fit._relora_original = fit
-    _keras_internals.set_untracked(model, "fit", guarded_fit)
+    if state is None:
+        _keras_internals.set_untracked(model, "fit", guarded_fit)
+    else:
+        state.patch(model, "fit", guarded_fit)
 
 
 def check_compiled_variables(model):
@@ -440,14 +451,3 @@ def check_compiled_variables(model):
             "optimizer, before `fit`. Nothing was trained; the model is "
             "unchanged."
         )
-
-
-def unpatch_call(layer):
-    for method in ("call", "quantized_call"):
-        layer.__dict__.pop(method, None)
-
-
-def report(model, base_params=None):
-    """The `ReloraReport` of an adapted model."""
-    state = require_state(model, "`report`")
-    return ReloraReport.from_model(model, state, base_params=base_params)

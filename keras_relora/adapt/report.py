@@ -1,11 +1,19 @@
-"""`ReloraReport`: what `enable_relora` and `budget` return."""
+"""`ReloraReport` and `report`: what `enable_relora` and `budget` return."""
+
+import math
+
+from keras_relora.adapt.state import require_state
 
 
-def _size(variable):
-    n = 1
-    for d in variable.shape:
-        n *= int(d)
-    return n
+def count_params(variables):
+    """The number of scalars in `variables` (an iterable of variables)."""
+    return sum(math.prod(int(d) for d in v.shape) for v in variables)
+
+
+def report(model, base_params=None):
+    """The `ReloraReport` of an adapted model."""
+    state = require_state(model, "`report`")
+    return ReloraReport.from_model(model, state, base_params=base_params)
 
 
 class ReloraReport:
@@ -56,22 +64,22 @@ class ReloraReport:
             kernel = adapter.shared_a.kernel
             if id(kernel) not in seen:
                 seen.add(id(kernel))
-                row["a"] += _size(kernel)
+                row["a"] += count_params([kernel])
             for kind, variable in (
                 ("b", adapter.b_kernel),
                 ("router", adapter.router_kernel),
             ):
                 if variable is not None:
-                    row[kind] += _size(variable)
+                    row[kind] += count_params([variable])
         for row in roles.values():
             adapter_params += row["a"] + row["b"] + row["router"]
-        total = sum(_size(v) for v in model.weights)
+        total = count_params(model.weights)
         if base_params is None:
             # Only adapter weights (and the non-trainable suppression
             # scalars) were added by enable_relora.
             base_params = total - adapter_params - len(state.adapters)
         return cls(
-            trainable_params=sum(_size(v) for v in model.trainable_weights),
+            trainable_params=count_params(model.trainable_weights),
             total_params=total,
             base_params=base_params,
             roles=roles,

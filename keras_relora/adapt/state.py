@@ -1,20 +1,104 @@
-"""The adapter state that every part of the package reads.
+"""The record of what `enable_relora` changed on a model.
 
 `enable_relora` puts a `ReloraState` on the model; saving, merging and the
-Reducer read it through `get_state`/`require_state`. This module imports
-no other module of the package, so every room can depend on it.
+Reducer read it through `get_state`/`require_state`, and `unload` undoes
+it. Every change to an object that enabling (or the Reducer, or saving)
+makes on an instance goes through `ReloraState.patch`, so that `unload`
+undoes them all in one loop. This module imports no other module of the
+package (but `_keras_internals`), so every part of it can depend on this
+one.
 """
 
+import contextlib
+import dataclasses
+
 import keras
+import numpy as np
 
 from keras_relora import _keras_internals
 
-# Called with the model at the end of `enable_relora`. `keras_relora.saving`
-# registers the class swap that keeps adapters in `.keras` files here, so
-# that `adapt` does not import `saving` (arrows point one way).
-ENABLE_HOOKS = []
+# The attribute of the adapted model that holds the Reducer's variables
+# (`save_weights` walks attributes, so it finds them there).
+REDUCER_ATTRIBUTE = "relora_reducer"
+_STATE_ATTRIBUTE = "_relora_state"
+_MISSING = object()
 
 
+@dataclasses.dataclass(eq=False)
+class Patch:
+    """One attribute of one object replaced on the instance.
+
+    Attributes:
+        obj: The object changed (a layer, the model, an optimizer).
+        name: The attribute, `"__class__"` for a class swap.
+        previous: The instance's own value before, or `_MISSING` if the
+            attribute came from the class (the class for a swap).
+    """
+
+    obj: object
+    name: str
+    previous: object
+
+    @classmethod
+    def apply(cls, obj, name, value):
+        if name == "__class__":
+            patch = cls(obj, name, type(obj))
+            _keras_internals.swap_class(obj, value)
+        else:
+            patch = cls(obj, name, obj.__dict__.get(name, _MISSING))
+            _keras_internals.set_untracked(obj, name, value)
+        return patch
+
+    def undo(self):
+        if self.name == "__class__":
+            _keras_internals.swap_class(self.obj, self.previous)
+        elif self.previous is _MISSING:
+            self.obj.__dict__.pop(self.name, None)
+        else:
+            _keras_internals.set_untracked(self.obj, self.name, self.previous)
+
+
+@contextlib.contextmanager
+def patched(obj, name, value):
+    """`ReloraState.patch` for the duration of a `with` block."""
+    patch = Patch.apply(obj, name, value)
+    try:
+        yield
+    finally:
+        patch.undo()
+
+
+class ReducerVariables(keras.layers.Layer):
+    """The Reducer's variables on the model: block scores and the seed.
+
+    Kept on the adapted model (untracked by its layer list, so the model's
+    variables and train step do not change) under the attribute
+    `relora_reducer`, where `save_weights` finds it, and listed in the
+    model's `ReloraState.extra_variables`, which adapter checkpoints carry.
+    Made by `ReloraState.add_reducer`.
+    """
+
+    def __init__(self, num_blocks, **kwargs):
+        super().__init__(**kwargs)
+        self.num_blocks = num_blocks
+        self.scores = self.add_weight(
+            name="scores",
+            shape=(num_blocks,),
+            initializer="zeros",
+            dtype="float32",
+            trainable=False,
+        )
+        self.seed = self.add_weight(
+            name="seed",
+            shape=(),
+            initializer="zeros",
+            dtype="int32",
+            trainable=False,
+        )
+        self.built = True
+
+
+@dataclasses.dataclass(eq=False)
 class ReloraState:
     """What `enable_relora` did to a model (kept on the model, untracked).
 
@@ -25,21 +109,52 @@ class ReloraState:
         shared_a: dict. Group key -> `SharedLoraA`.
         blocks: list of str. Block keys; an adapter's `block` indexes it.
         frozen: list. Variables that were trainable before and were frozen.
+        trained: dict. Relative path -> variable of the `train_layers`,
+            which train in full next to the adapters.
+        reducer: `ReducerVariables` or None. The Reducer's scores and seed,
+            once a `ReducerCallback` (or a loaded file) attached them.
         fit_data: dict or None. The `x`, `y`, `sample_weight` and
             `batch_size` of the latest `model.fit` call, so that callbacks
             (the Reducer's probe) can hold a batch of the training data.
         extra_variables: dict. Path -> variable of further ReLoRA state
-            that checkpoints must carry (e.g. the Reducer's scores).
+            that checkpoints must carry (the Reducer's scores and seed).
+        patches: list of `Patch`, in the order they were applied.
     """
 
-    def __init__(self, settings, adapters, shared_a, blocks, frozen):
-        self.settings = settings
-        self.adapters = adapters
-        self.shared_a = shared_a
-        self.blocks = blocks
-        self.frozen = frozen
-        self.fit_data = None
-        self.extra_variables = {}
+    settings: dict
+    adapters: dict
+    shared_a: dict
+    blocks: list
+    frozen: list
+    trained: dict = dataclasses.field(default_factory=dict)
+    reducer: ReducerVariables | None = None
+    fit_data: dict | None = None
+    extra_variables: dict = dataclasses.field(default_factory=dict)
+    patches: list = dataclasses.field(default_factory=list)
+
+    def patch(self, obj, name, value):
+        """Sets `obj.name = value` on the instance, untracked by Keras, and
+        records it for `undo_patches`. `name="__class__"` swaps the class.
+        """
+        self.patches.append(Patch.apply(obj, name, value))
+
+    def undo_patches(self):
+        """Undoes every `patch`, the latest first."""
+        while self.patches:
+            self.patches.pop().undo()
+
+    def add_reducer(self, model, seed):
+        """Attaches the Reducer's variables (scores at zero) to `model`."""
+        root = adapted_model(model)
+        reducer = ReducerVariables(self.num_blocks, name=REDUCER_ATTRIBUTE)
+        reducer.seed.assign(np.int32(seed))
+        # A plain attribute: `save_weights` walks attributes, while the
+        # model's variable lists (and so its compiled step) stay as they are.
+        self.patch(root, REDUCER_ATTRIBUTE, reducer)
+        self.reducer = reducer
+        for variable in reducer.weights:
+            self.extra_variables[variable.path] = variable
+        return reducer
 
     def variables(self):
         """Every ReLoRA variable, keyed by its path (A once, in order)."""
@@ -63,11 +178,16 @@ def adapted_model(model):
     return model
 
 
+def holders(model):
+    """`model` and the model that holds its layers, each once."""
+    return list({id(m): m for m in (model, adapted_model(model))}.values())
+
+
 def get_state(model):
     """The model's `ReloraState`, or None if ReLoRA is not enabled."""
-    state = model.__dict__.get("_relora_state")
+    state = model.__dict__.get(_STATE_ATTRIBUTE)
     if state is None and adapted_model(model) is not model:
-        state = adapted_model(model).__dict__.get("_relora_state")
+        state = adapted_model(model).__dict__.get(_STATE_ATTRIBUTE)
     return state
 
 
@@ -82,8 +202,7 @@ def require_state(model, what):
 
 
 def set_state(model, state):
+    """Puts `state` on `model` (and its backbone), recorded as patches."""
     # A plain attribute, outside Keras's tracking and torch's Module registry.
-    _keras_internals.set_untracked(model, "_relora_state", state)
-    inner = adapted_model(model)
-    if inner is not model:
-        _keras_internals.set_untracked(inner, "_relora_state", state)
+    for holder in holders(model):
+        state.patch(holder, _STATE_ATTRIBUTE, state)

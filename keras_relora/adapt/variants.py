@@ -1,6 +1,7 @@
 """Named adapter settings, so methods compare by name."""
 
-import numbers
+from keras_relora._checks import choice_arg
+from keras_relora._checks import int_arg
 
 # Each entry is a dict of `enable_relora` keyword arguments. LoRA,
 # LoRA-FA, ShareLoRA, HydraLoRA and ReLoRA are configurations of one layer
@@ -55,23 +56,11 @@ def paper_defaults(rank, variant="relora_multi"):
     lm.enable_relora(**keras_relora.paper_defaults(8))  # alpha=16.0
     ```
     """
-    if variant not in VARIANTS:
-        raise ValueError(
-            f"`variant` must be one of {sorted(VARIANTS)}. "
-            f"Received: variant={variant!r}"
-        )
-    if (
-        isinstance(rank, bool)
-        or not isinstance(rank, numbers.Integral)
-        or rank <= 0
-    ):
-        raise ValueError(
-            "`rank` must be a positive int, e.g. `rank=8`. "
-            f"Received: rank={rank!r}"
-        )
+    choice_arg("variant", variant, tuple(sorted(VARIANTS)))
+    rank = int_arg("rank", rank, 1, "a positive int, e.g. `rank=8`")
     return {
         **VARIANTS[variant],
-        "rank": int(rank),
-        "alpha": PAPER_ALPHA_PER_RANK * int(rank),
+        "rank": rank,
+        "alpha": PAPER_ALPHA_PER_RANK * rank,
         "dropout": PAPER_DROPOUT,
     }

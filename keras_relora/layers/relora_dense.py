@@ -2,12 +2,10 @@ import keras
 from keras import ops
 
 from keras_relora import _keras_internals
+from keras_relora._checks import adapter_args
+from keras_relora._checks import int_arg
 from keras_relora.layers.einsum_axes import EinsumAxes
 from keras_relora.layers.shared_lora_a import SharedLoraA
-from keras_relora.layers.shared_lora_a import float_arg
-from keras_relora.layers.shared_lora_a import int_arg
-
-ROUTER_INPUTS = ("projected", "input")
 
 
 def linear_call(layer, fn, *args, **kwargs):
@@ -110,6 +108,9 @@ class ReloraDense(keras.layers.Layer):
             tokens whose largest gate is expert `i` and `P_i` the mean gate
             of expert `i`. Added with `add_loss` in training. Defaults to
             `0.0` (off).
+        role: str or None. The role of `layer` in its model (`"q"`,
+            `"up"`, ...), which groups adapters in reports and in
+            `share_a="role"`. `enable_relora` sets it. Defaults to `None`.
         block: int or None. The transformer block the layer belongs to,
             used by `ReducerCallback`. Defaults to `None`.
         **kwargs: Base layer keyword arguments, such as `name`.
@@ -141,6 +142,7 @@ class ReloraDense(keras.layers.Layer):
         router_input="projected",
         top_k=None,
         balance_loss=0.0,
+        role=None,
         block=None,
         pruned=False,
         **kwargs,
@@ -160,51 +162,27 @@ class ReloraDense(keras.layers.Layer):
                 "`SharedLoraA(input_dim, rank)`. "
                 f"Received: shared_a={shared_a!r}"
             )
-        experts = int_arg(
-            "experts",
-            experts,
-            1,
-            "an int >= 1 (1 means a single B, no router)",
+        checked = adapter_args(
+            experts, alpha, dropout, router_input, top_k, balance_loss
         )
-        if router_input not in ROUTER_INPUTS:
-            raise ValueError(
-                f"`router_input` must be one of {ROUTER_INPUTS}. "
-                f"Received: router_input={router_input!r}"
-            )
-        if top_k is not None:
-            what = f"None (dense gates) or an int in [1, experts={experts}]"
-            top_k = int_arg("top_k", top_k, 1, what)
-            if top_k > experts:
-                raise ValueError(
-                    f"`top_k` must be {what}. Received: top_k={top_k!r}"
-                )
-        dropout = float_arg(
-            "dropout", dropout, "a float in [0, 1)", lambda v: 0 <= v < 1
-        )
-        balance_loss = float_arg(
-            "balance_loss",
-            balance_loss,
-            "a finite float >= 0 (0 disables it)",
-            lambda v: v >= 0,
-        )
-        if alpha is not None:
-            alpha = float_arg(
-                "alpha",
-                alpha,
-                "a positive finite float or None",
-                lambda v: v > 0,
+        if role is not None and not isinstance(role, str):
+            raise TypeError(
+                "`role` must be None or a str naming the layer's role, e.g. "
+                f"`role='q'`. Received: role={role!r}"
             )
         if block is not None:
             block = int_arg("block", block, 0, "None or an int >= 0")
         kwargs.setdefault("dtype", adapter_dtype(layer))
         super().__init__(**kwargs)
-        self.experts = experts
+        self.experts = checked["experts"]
         self.rank = shared_a.rank
+        alpha = checked["alpha"]
         self.alpha = float(alpha if alpha is not None else self.rank)
-        self.dropout = float(dropout)
+        self.dropout = checked["dropout"]
         self.router_input = router_input
-        self.top_k = top_k
-        self.balance_loss = float(balance_loss)
+        self.top_k = checked["top_k"]
+        self.balance_loss = checked["balance_loss"]
+        self.role = role
         self.block = block
         self.pruned = bool(pruned)
         self.injected = injected
@@ -217,7 +195,7 @@ class ReloraDense(keras.layers.Layer):
             _keras_internals.set_untracked(self, "_base_layer", layer)
         self.shared_a = shared_a
         self.dropout_layer = (
-            keras.layers.Dropout(dropout) if dropout > 0 else None
+            keras.layers.Dropout(self.dropout) if self.dropout > 0 else None
         )
         if layer.built:
             self.build()
@@ -299,7 +277,7 @@ class ReloraDense(keras.layers.Layer):
         """
         for variable in (self.b_kernel, self.router_kernel):
             if variable is not None:
-                self._untrack_variable(variable)
+                _keras_internals.untrack_variable(self, variable)
         self.b_kernel = None
         self.router_kernel = None
         self.pruned = True
@@ -405,6 +383,7 @@ class ReloraDense(keras.layers.Layer):
             "router_input": self.router_input,
             "top_k": self.top_k,
             "balance_loss": self.balance_loss,
+            "role": self.role,
             "block": self.block,
             "pruned": self.pruned,
         }

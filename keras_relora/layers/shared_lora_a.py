@@ -1,8 +1,7 @@
-import math
-import numbers
-
 import keras
 from keras import ops
+
+from keras_relora._checks import int_arg
 
 
 @keras.saving.register_keras_serializable(package="keras_relora")
@@ -81,31 +80,3 @@ class SharedLoraA(keras.layers.Layer):
             ),
         }
         return {**super().get_config(), **config}
-
-
-def int_arg(name, value, minimum, what):
-    """`value` as a python int >= `minimum`; numpy integers pass, bools not.
-
-    Raises a `ValueError` naming `name`, saying it must be `what`.
-    """
-    if (
-        not isinstance(value, numbers.Integral)
-        or isinstance(value, bool)
-        or value < minimum
-    ):
-        raise ValueError(f"`{name}` must be {what}. Received: {name}={value!r}")
-    return int(value)
-
-
-def float_arg(name, value, what, valid):
-    """`value` as a finite python float for which `valid(value)` holds.
-
-    Raises a `TypeError` for a non-number (a str, a bool), a `ValueError`
-    for a non-finite or invalid number; both name `name`.
-    """
-    is_number = isinstance(value, numbers.Real) and not isinstance(value, bool)
-    if not is_number:
-        raise TypeError(f"`{name}` must be {what}. Received: {name}={value!r}")
-    if not math.isfinite(value) or not valid(float(value)):
-        raise ValueError(f"`{name}` must be {what}. Received: {name}={value!r}")
-    return float(value)

@@ -24,13 +24,14 @@ whole `fit` on JAX and TensorFlow.
 
 `apply` is replaced on the instance: JAX's `stateless_apply` and
 TensorFlow's `apply_gradients` call `self.apply`, and torch's trainer calls
-`apply` directly, so one wrapper serves every backend.
+`apply` directly, so one wrapper serves every backend. Each change to the
+optimizer is a patch of the model's `ReloraState`: `unload` undoes it.
 """
 
 import numpy as np
 from keras import ops
 
-from keras_relora import _keras_internals
+from keras_relora.adapt.state import require_state
 from keras_relora.reducer import block_sampling
 
 _ATTRIBUTE = "_relora_masked_update"
@@ -58,7 +59,8 @@ class MaskedUpdate:
         groups: list of `(block, [B, slot, ...])`.
     """
 
-    def __init__(self, optimizer, groups, num_blocks):
+    def __init__(self, state, optimizer, groups, num_blocks):
+        self.state = state
         self.optimizer = optimizer
         self.groups = groups
         self.num_blocks = num_blocks
@@ -75,7 +77,7 @@ class MaskedUpdate:
             name="relora_control",
         )
         self._original_apply = optimizer.apply
-        _keras_internals.set_untracked(optimizer, "apply", self._apply)
+        state.patch(optimizer, "apply", self._apply)
         self._mirrors = {id(self.scores), id(self.control)}
 
     def exclude_mirrors_from_saving(self, optimizers):
@@ -91,15 +93,11 @@ class MaskedUpdate:
         for optimizer in optimizers:
             if _ATTRIBUTE + "_saving" in optimizer.__dict__:
                 continue
-            _keras_internals.set_untracked(
-                optimizer, _ATTRIBUTE + "_saving", True
+            self.state.patch(optimizer, _ATTRIBUTE + "_saving", True)
+            self.state.patch(
+                optimizer, "save_own_variables", self._saver(optimizer)
             )
-            _keras_internals.set_untracked(
-                optimizer,
-                "save_own_variables",
-                self._saver(optimizer),
-            )
-            _keras_internals.set_untracked(
+            self.state.patch(
                 optimizer,
                 "load_own_variables",
                 self._loader(optimizer, optimizer.load_own_variables),
@@ -130,7 +128,7 @@ class MaskedUpdate:
         """Wraps `model.optimizer` (building it first if needed).
 
         Args:
-            model: A compiled `keras.Model`.
+            model: A compiled `keras.Model` with ReLoRA adapters.
             adapters: iterable of `ReloraDense`.
             num_blocks: int. `L`.
 
@@ -139,6 +137,7 @@ class MaskedUpdate:
             was installed now (False when the optimizer already had one for
             the same B kernels).
         """
+        state = require_state(model, "`ReducerCallback`")
         optimizer = core_optimizer(model.optimizer)
         trainable = {id(v) for v in model.trainable_variables}
         adapters = [
@@ -164,11 +163,11 @@ class MaskedUpdate:
             (a.block, [a.b_kernel] + _slots(optimizer, a.b_kernel))
             for a in adapters
         ]
-        masked = cls(optimizer, groups, num_blocks)
+        masked = cls(state, optimizer, groups, num_blocks)
         masked.exclude_mirrors_from_saving(
             {id(o): o for o in (model.optimizer, optimizer)}.values()
         )
-        _keras_internals.set_untracked(optimizer, _ATTRIBUTE, masked)
+        state.patch(optimizer, _ATTRIBUTE, masked)
         return masked, True
 
     def set_state(self, scores, active, seed, k, enabled=True):

@@ -3,7 +3,8 @@
 import numpy as np
 from keras import ops
 
-from keras_relora.adapt.state import adapted_model
+from keras_relora._checks import choice_arg
+from keras_relora._checks import float_arg
 from keras_relora.adapt.state import require_state
 
 STRATEGIES = ("importance", "random")
@@ -45,19 +46,13 @@ def prune(model, drop_ratio, importance=None, strategy="importance", seed=None):
     """
     state = require_state(model, "`prune`")
     num_blocks = state.num_blocks
-    if isinstance(drop_ratio, bool) or not (
-        isinstance(drop_ratio, (int, float, np.floating))
-        and 0.0 <= drop_ratio <= 1.0
-    ):
-        raise ValueError(
-            "`drop_ratio` must be a float in [0, 1], the fraction of blocks "
-            f"whose B experts are removed. Received: drop_ratio={drop_ratio!r}"
-        )
-    if strategy not in STRATEGIES:
-        raise ValueError(
-            f"`strategy` must be one of {STRATEGIES}. "
-            f"Received: strategy={strategy!r}"
-        )
+    drop_ratio = float_arg(
+        "drop_ratio",
+        drop_ratio,
+        "a float in [0, 1], the fraction of blocks whose B experts are removed",
+        lambda v: 0.0 <= v <= 1.0,
+    )
+    choice_arg("strategy", strategy, STRATEGIES)
     active = np.zeros(num_blocks, dtype=bool)
     for adapter in state.adapters.values():
         if not adapter.pruned:
@@ -69,7 +64,7 @@ def prune(model, drop_ratio, importance=None, strategy="importance", seed=None):
         rng = np.random.default_rng(seed)
         chosen = rng.choice(candidates, count, replace=False)
     else:
-        importance = _importance(model, importance, num_blocks)
+        importance = _importance(state, importance)
         order = candidates[np.argsort(importance[candidates], kind="stable")]
         chosen = order[:count]
     chosen = sorted(int(block) for block in chosen)
@@ -79,9 +74,10 @@ def prune(model, drop_ratio, importance=None, strategy="importance", seed=None):
     return chosen
 
 
-def _importance(model, importance, num_blocks):
+def _importance(state, importance):
+    num_blocks = state.num_blocks
     if importance is None:
-        reducer = adapted_model(model).__dict__.get("relora_reducer")
+        reducer = state.reducer
         if reducer is None:
             raise ValueError(
                 "`prune` with `strategy='importance'` needs block "

@@ -6,6 +6,8 @@ import keras
 import numpy as np
 from keras import ops
 
+from keras_relora._checks import float_arg
+from keras_relora._checks import int_arg
 from keras_relora.adapt.state import require_state
 from keras_relora.reducer import block_sampling
 from keras_relora.reducer import importance_plot
@@ -17,14 +19,12 @@ from keras_relora.reducer.reducer_state import reducer_state
 
 
 def _check_count(name, value):
-    if value is not None and (
-        not isinstance(value, (int, np.integer))
-        or isinstance(value, bool)
-        or value < 1
-    ):
-        raise ValueError(
-            f"`{name}` must be None (the default fraction of the blocks) or "
-            f"an int >= 1. Received: {name}={value!r}"
+    if value is not None:
+        int_arg(
+            name,
+            value,
+            1,
+            "None (the default fraction of the blocks) or an int >= 1",
         )
 
 
@@ -147,44 +147,31 @@ class ReducerCallback(keras.callbacks.Callback):
         super().__init__()
         _check_count("update_layers", update_layers)
         _check_count("suppress_layers", suppress_layers)
-        if (
-            not isinstance(interval, (int, np.integer))
-            or isinstance(interval, bool)
-            or interval < 1
-        ):
-            raise ValueError(
-                "`interval` must be an int >= 1 (training steps between "
-                f"probes). Received: interval={interval!r}"
-            )
-        if (
-            not isinstance(trials, (int, np.integer))
-            or isinstance(trials, bool)
-            or trials < 2
-        ):
-            raise ValueError(
-                "`trials` must be an int >= 2: the rewards are centred over "
-                "the trials, so a single trial never changes a score. "
-                f"Received: trials={trials!r}"
-            )
-        if not 0.0 <= suppression_factor < 1.0:
-            raise ValueError(
-                "`suppression_factor` must be in [0, 1) (1 would not "
-                "suppress anything). "
-                f"Received: suppression_factor={suppression_factor!r}"
-            )
-        if not score_lr > 0:
-            raise ValueError(
-                "`score_lr` must be a positive float. "
-                f"Received: score_lr={score_lr!r}"
-            )
-        if seed is not None and (
-            not isinstance(seed, (int, np.integer))
-            or isinstance(seed, bool)
-            or not 0 <= seed < 2**31
-        ):
-            raise ValueError(
-                "`seed` must be None or an int in [0, 2**31). "
-                f"Received: seed={seed!r}"
+        interval = int_arg(
+            "interval",
+            interval,
+            1,
+            "an int >= 1 (training steps between probes)",
+        )
+        trials = int_arg(
+            "trials",
+            trials,
+            2,
+            "an int >= 2: the rewards are centred over the trials, so a "
+            "single trial never changes a score",
+        )
+        suppression_factor = float_arg(
+            "suppression_factor",
+            suppression_factor,
+            "a float in [0, 1) (1 would not suppress anything)",
+            lambda v: 0.0 <= v < 1.0,
+        )
+        score_lr = float_arg(
+            "score_lr", score_lr, "a positive float", lambda v: v > 0
+        )
+        if seed is not None:
+            seed = int_arg(
+                "seed", seed, 0, "None or an int in [0, 2**31)", 2**31 - 1
             )
         if isinstance(probe_data, (list, tuple)) and not (
             2 <= len(probe_data) <= 3

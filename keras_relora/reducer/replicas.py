@@ -23,6 +23,7 @@ same decisions, the ones one device would take on the whole batch:
 """
 
 import keras
+import numpy as np
 
 
 def predict_batch(model, x):
@@ -81,7 +82,6 @@ def _jax_sum(total, count):
 
     if jax.process_count() == 1:
         return total, count
-    import numpy as np
     from jax.experimental import multihost_utils
 
     # float32 on the way (JAX's default): each value travels as a float32

@@ -31,15 +31,20 @@ Layout:
 import os
 import warnings
 
-import keras
 import numpy as np
 from keras import ops
 
+from keras_relora._checks import model_arg
+from keras_relora.adapt.enable_relora import unload
+from keras_relora.adapt.model_class import base_class
+from keras_relora.adapt.model_class import relora_state_config
 from keras_relora.adapt.state import adapted_model
 from keras_relora.adapt.state import get_state
 from keras_relora.adapt.state import require_state
+from keras_relora.adapt.targets import relative_path
 from keras_relora.saving import adapter_file
-from keras_relora.saving import model_saving
+from keras_relora.saving.model_saving import adaptable_layers
+from keras_relora.saving.model_saving import enable_from_config
 
 # Settings that change the variables or the outputs: they must match.
 _STRICT = ("rank", "experts", "alpha", "share_a", "router_input", "top_k")
@@ -122,23 +127,17 @@ def load_relora_weights(model, filepath, *, check_base=True):
     backbone.load_relora_weights("adapters.safetensors")  # enables, loads
     ```
     """
-    if not isinstance(model, keras.Model):
-        raise TypeError(
-            "`model` must be a `keras.Model`. "
-            f"Received: model of type {type(model).__name__}"
-        )
+    model_arg(model)
     content = adapter_file.read(filepath)
     relora, base, _ = content
     state = get_state(model)
     if state is None:
         _refuse(model, filepath, _check_fresh(model, relora, base, check_base))
         try:
-            state = model_saving.enable_from_config(model, relora)
+            state = enable_from_config(model, relora)
             _refuse(model, filepath, _check(model, state, content, check_base))
             _assign(model, state, content)
         except BaseException:
-            from keras_relora.saving.merge import unload
-
             if get_state(model) is not None:
                 unload(model)
             raise
@@ -170,23 +169,25 @@ def _variables(model, state):
                 found[f"adapters/{path}/{variable.name}"] = variable
     for path, variable in state.extra_variables.items():
         found[f"extra/{path}"] = variable
-    for path, variable in getattr(state, "trained", {}).items():
+    for path, variable in state.trained.items():
         found[f"trained/{path}"] = variable  # `train_layers`: a Task's head.
     return found
 
 
 def _adapters(model, state):
     """`{relative layer path: ReloraDense}`."""
+    root = adapted_model(model)
     return {
-        model_saving.relative_path(model, path): adapter
+        relative_path(root, path): adapter
         for path, adapter in state.adapters.items()
     }
 
 
 def _shared_a(model, state):
     """`{group: SharedLoraA}`, the groups of `share_a="layer"` relative."""
+    root = adapted_model(model)
     return {
-        model_saving.relative_path(model, group): shared
+        relative_path(root, group): shared
         for group, shared in state.shared_a.items()
     }
 
@@ -202,7 +203,7 @@ def _groups(model, state):
 
 
 def _relora_description(model, state):
-    description = model_saving.relora_state_config(state, model)
+    description = relora_state_config(state, model)
     description["groups"] = _groups(model, state)
     return description
 
@@ -216,7 +217,7 @@ def _base_description(model, state):
         kernels[path] = [int(d) for d in adapter.axes.kernel_shape]
         fingerprint[path] = _fingerprint(layer)
     return {
-        "class": model_saving.base_class(root).__name__,
+        "class": base_class(root).__name__,
         "kernel_shapes": kernels,
         "fingerprint": fingerprint,
     }
@@ -263,9 +264,9 @@ def _refuse(model, filepath, problems):
 def _check_fresh(model, relora, base, check_base):
     """Differences found before enabling adapters on a plain `model`."""
     root = adapted_model(model)
-    found = model_saving.adaptable_layers(model)
+    found = adaptable_layers(model)
     problems = []
-    name = model_saving.base_class(root).__name__
+    name = base_class(root).__name__
     if base["class"] != name:
         problems.append(f"base model: file {base['class']}, model {name}")
     missing = [p for p in relora["settings"]["targets"] if p not in found]
@@ -369,7 +370,7 @@ def _check(model, state, content, check_base):
                 f"A group of {path}: file {group!r}, model {groups[path]!r}"
             )
     root = adapted_model(model)
-    name = model_saving.base_class(root).__name__
+    name = base_class(root).__name__
     if base["class"] != name:
         problems.append(f"base model: file {base['class']}, model {name}")
     layers = {p: a._base_layer for p, a in adapters.items()}
@@ -413,9 +414,9 @@ def _warn_training_settings(state, relora):
 
 def _assign(model, state, content):
     relora, _, tensors = content
-    if relora.get("reducer"):
+    if relora.get("reducer") and state.reducer is None:
         # The file holds the Reducer's scores: give the model their home.
-        model_saving.add_reducer_state(model)
+        state.add_reducer(model, seed=0)
     variables = _variables(model, state)
     for key, variable in variables.items():
         if key in tensors and tuple(tensors[key].shape) != tuple(

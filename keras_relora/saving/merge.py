@@ -1,17 +1,18 @@
-"""`merge_relora` (fold the adapters into the base kernels) and `unload`."""
+"""`merge_relora`: fold the adapters into the base kernels of a new model."""
+
+import contextlib
 
 import keras
 import numpy as np
 from keras import ops
 
-from keras_relora import _keras_internals
-from keras_relora.adapt.enable_relora import guard_fit
-from keras_relora.adapt.enable_relora import unpatch_call
-from keras_relora.adapt.state import adapted_model
+from keras_relora._checks import int_arg
+from keras_relora.adapt import tied_embeddings
+from keras_relora.adapt.model_class import base_class
+from keras_relora.adapt.model_class import serialize_as_base
+from keras_relora.adapt.state import holders
+from keras_relora.adapt.state import patched
 from keras_relora.adapt.state import require_state
-from keras_relora.reducer.reducer_state import STATE_ATTRIBUTE
-from keras_relora.saving import model_saving
-from keras_relora.saving import tied_embeddings
 
 
 def merge_relora(
@@ -79,11 +80,7 @@ def merge_relora(
     ```
     """
     state = require_state(model, "`merge_relora`")
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(
-            f"`batch_size` must be a positive int. Received: "
-            f"batch_size={batch_size!r}"
-        )
+    batch_size = int_arg("batch_size", batch_size, 1, "a positive int")
     _check_float_base(state)
     routed = {
         path: adapter
@@ -126,52 +123,6 @@ def merge_relora(
     if return_error:
         return merged, error
     return merged
-
-
-def unload(model):
-    """Removes the ReLoRA adapters from `model`, in place.
-
-    Undoes `enable_relora`: the adapted layers get their own `call` back,
-    their `relora` sub-layers (and the shared `A`s) are removed, the
-    variables that `enable_relora` froze are trainable again, and the
-    model loses its ReLoRA state and saving class. The outputs are the
-    base model's again. Compile the model again before training it: a
-    model trained before refuses `fit` until then (its optimizer was built
-    for the adapters).
-
-    Args:
-        model: A `keras.Model` with ReLoRA adapters.
-
-    Returns:
-        `model`.
-
-    Example:
-
-    ```python
-    keras_relora.unload(backbone)
-    backbone.enable_relora(rank=4, experts=2)  # new settings
-    ```
-    """
-    state = require_state(model, "`unload`")
-    for adapter in state.adapters.values():
-        layer = adapter._base_layer
-        unpatch_call(layer)
-        with _keras_internals.unlocked_tracker(layer) as tracker:
-            tracker.untrack(adapter)
-            if "relora" in dir(layer):
-                delattr(layer, "relora")
-    for variable in state.frozen:
-        variable.trainable = True
-
-    adapted_model(model).__dict__.pop(STATE_ATTRIBUTE, None)
-    for holder in {id(m): m for m in (model, adapted_model(model))}.values():
-        if holder.__dict__.get("_relora_state") is state:
-            holder.__dict__.pop("_relora_state")
-            holder.__dict__.pop("fit", None)  # enable_relora's fit wrapper
-            model_saving.detach(holder)
-    # Refuse a `fit` with the optimizer compiled for the adapters.
-    guard_fit(model)
-    return model
 
 
 def _check_float_base(state):
@@ -248,17 +199,14 @@ def _mean_gates(model, routed, batches):
 
         return gates
 
-    for path, adapter in routed.items():
-        _keras_internals.set_untracked(
-            adapter, "gates", recording(path, adapter)
-        )
-    try:
+    with contextlib.ExitStack() as stack:
+        for path, adapter in routed.items():
+            stack.enter_context(
+                patched(adapter, "gates", recording(path, adapter))
+            )
         for x in batches:
             current["x"] = x
             model(x, training=False)
-    finally:
-        for adapter in routed.values():
-            adapter.__dict__.pop("gates", None)
     means = {}
     for path in routed:
         if counts[path] == 0:
@@ -290,19 +238,11 @@ def _measure(model, merged, batches):
 
 def _rebuild_base(model):
     """A new model of the original classes from `model`'s base config."""
-    holders = {id(m): m for m in (model, adapted_model(model))}.values()
-    saved = [(m, type(m)) for m in holders]
     custom = {}
-    for m, _ in saved:
-        cls = model_saving.base_class(m)
+    for m in holders(model):
+        cls = base_class(m)
         custom[keras.saving.get_registered_name(cls)] = cls
-    try:
-        for m, _ in saved:
-            _keras_internals.swap_class(m, model_saving.base_class(m))
-        config = dict(keras.saving.serialize_keras_object(model))
-    finally:
-        for m, cls in saved:
-            _keras_internals.swap_class(m, cls)
+    config = serialize_as_base(model)
     config.pop("compile_config", None)
     tied = tied_embeddings.omitted_tied_embeddings(model)
     tied_embeddings.add_tied_embeddings(config, tied)

@@ -34,9 +34,9 @@ import numpy as np
 from keras import ops
 
 from keras_relora.adapt import targets as targets_lib
+from keras_relora.adapt.model_class import base_class
 from keras_relora.adapt.state import adapted_model
 from keras_relora.adapt.state import require_state
-from keras_relora.saving import model_saving
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -67,7 +67,7 @@ _BLOCK = re.compile(r"^(?:transformer_layer|decoder_block)_(\d+)/")
 def hf_modules(model):
     """`{Hugging Face module name: keras layer}` of a keras-hub LM."""
     backbone = adapted_model(model)
-    family = model_saving.base_class(backbone).__name__
+    family = base_class(backbone).__name__
     if family not in FAMILIES:
         raise ValueError(
             "PEFT folders name the Hugging Face modules of the model, which "

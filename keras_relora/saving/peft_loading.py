@@ -12,11 +12,12 @@ import numpy as np
 
 from keras_relora.adapt import targets as targets_lib
 from keras_relora.adapt.enable_relora import enable_relora
+from keras_relora.adapt.enable_relora import unload
 from keras_relora.adapt.state import adapted_model
 from keras_relora.adapt.state import get_state
 from keras_relora.layers.relora_dense import ReloraDense
-from keras_relora.saving import model_saving
 from keras_relora.saving import peft_format
+from keras_relora.saving.model_saving import exact_targets
 from keras_relora.saving.peft_format import A_SUFFIX
 from keras_relora.saving.peft_format import B_SUFFIX
 from keras_relora.saving.peft_format import CONFIG_NAME
@@ -88,9 +89,7 @@ def load_peft(model, folder):
             adapted_model(model)
         ).items()
     }
-    targets = model_saving.exact_targets(
-        paths[id(modules[name])] for name in weights
-    )
+    targets = exact_targets(paths[id(modules[name])] for name in weights)
     enable_relora(
         model,
         rank,
@@ -103,8 +102,6 @@ def load_peft(model, folder):
     try:
         _assign(get_state(model), modules, weights)
     except BaseException:
-        from keras_relora.saving.merge import unload
-
         unload(model)
         raise
     return model

@@ -1,6 +1,6 @@
 """keras-hub Llama backbones whose config omits `tie_word_embeddings`.
 
-Used by `.keras` saving (`model_saving`) and `merge_relora` (`merge`).
+Used by `.keras` saving (`adapt.model_class`) and `merge_relora`.
 """
 
 from keras_relora import _keras_internals
