@@ -162,8 +162,9 @@ def word_tokenizer(texts, path):
 
 
 # Two offline configs. "small" is the default; "tiny" (`--tiny`, for CI)
-# has the shapes of the test suite's tiny PaliGemma (tests/tiny_models.py),
-# so that a test run compiles fewer new shapes.
+# has the shapes of the test suite's tiny PaliGemma
+# (tests/helpers/tiny_models.py), so that a test run compiles fewer new
+# shapes.
 CONFIGS = {
     "small": {
         "image_size": 32,

@@ -97,8 +97,9 @@ def parse_args(argv=None):
 # Two offline configs, both with a 4-level VAE (8x downsampling, as SD3's:
 # the MMDiT's latent input is a fixed eighth of the image size). "small"
 # (the default) has 4 MMDiT blocks; "tiny" (`--tiny`, for CI) has the
-# MMDiT and CLIP shapes of the test suite's tiny SD3 (tests/tiny_models.py),
-# so that a test run compiles fewer new shapes.
+# MMDiT and CLIP shapes of the test suite's tiny SD3
+# (tests/helpers/tiny_models.py), so that a test run compiles fewer new
+# shapes.
 CONFIGS = {
     "small": {
         "mmdit_dim": 64,

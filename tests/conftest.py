@@ -1,7 +1,23 @@
+"""Shared test setup.
+
+Layout: `unit/` (the library on tiny synthetic models, seconds per test),
+`integration/` (keras-hub exports, saving formats, distributed runs, real
+offline models), `benchmarks/` (the benchmark pipelines and their quick
+runs), `examples/` (the examples and the README). Helpers live in
+`helpers/`, which this file puts on `sys.path`: `import tiny_models as tm`.
+Every test outside `unit/` is marked `slow`: `pytest -m "not slow"` runs
+the unit tests alone.
+"""
+
 import os
+import pathlib
+import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+TESTS = pathlib.Path(__file__).resolve().parent
+sys.path.insert(0, str(TESTS / "helpers"))
 
 import keras  # noqa: E402
 import pytest  # noqa: E402
@@ -10,6 +26,15 @@ if keras.config.backend() == "torch":
     import torch
 
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+SLOW_FOLDERS = ("integration", "benchmarks", "examples")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        folder = item.path.relative_to(TESTS).parts[0]
+        if folder in SLOW_FOLDERS:
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(autouse=True)

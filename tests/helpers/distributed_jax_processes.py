@@ -2,7 +2,7 @@
 
 Run by `test_distributed_jax_processes.py` in a subprocess:
 
-    KERAS_BACKEND=jax python tests/distributed_jax_processes.py
+    KERAS_BACKEND=jax python tests/helpers/distributed_jax_processes.py
 
 The shape of a multi-host run on one machine: this script starts 2 worker
 processes (`--worker N`), each with one CPU device, joined by

@@ -12,9 +12,9 @@ import os
 import keras
 import numpy as np
 import pytest
+import tiny_models as tm
 
 import keras_relora
-from tests import tiny_models as tm
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")

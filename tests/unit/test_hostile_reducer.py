@@ -9,10 +9,10 @@ behaviour.
 import keras
 import numpy as np
 import pytest
+import tiny_models as tm
 from keras import ops
 
 import keras_relora
-from tests import tiny_models as tm
 
 NUM_BLOCKS = 4
 

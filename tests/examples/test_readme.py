@@ -13,7 +13,7 @@ import pathlib
 import re
 import shlex
 
-README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
+README = pathlib.Path(__file__).resolve().parents[2] / "README.md"
 
 
 def python_blocks():

@@ -5,10 +5,10 @@ import keras
 import keras_hub
 import numpy as np
 import pytest
+import tiny_models as tm
 from keras import ops
 
 import keras_relora
-from tests import tiny_models as tm
 
 HEAD = ("logits/kernel", "logits/bias")
 LOSS = "sparse_categorical_crossentropy"

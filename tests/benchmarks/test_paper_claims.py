@@ -11,12 +11,11 @@ import json
 
 import numpy as np
 import pytest
-
-from tests.test_benchmarks_quick import benchmark_module
-from tests.test_benchmarks_quick import needs_assets
-from tests.test_benchmarks_quick import needs_smollm2
-from tests.test_benchmarks_quick import run_script
-from tests.test_benchmarks_quick import smoke_backend
+from benchmark_scripts import benchmark_module
+from benchmark_scripts import needs_assets
+from benchmark_scripts import needs_smollm2
+from benchmark_scripts import run_script
+from benchmark_scripts import smoke_backend
 
 scipy_stats = pytest.importorskip("scipy.stats")
 

@@ -4,7 +4,7 @@ Run by `test_distribution.py` in a subprocess, because JAX reads
 `XLA_FLAGS=--xla_force_host_platform_device_count=8` only at start-up:
 
     XLA_FLAGS=--xla_force_host_platform_device_count=8 KERAS_BACKEND=jax \\
-        python tests/distributed_fit.py
+        python tests/helpers/distributed_fit.py
 
 It trains the same adapted tiny Llama 3 (same initial weights, same data,
 SGD) on one device, under `ModelParallel` with keras-hub's layout map and

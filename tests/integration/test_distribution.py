@@ -12,7 +12,9 @@ import sys
 import keras
 import pytest
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+HELPERS = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "helpers"
+)
 
 pytestmark = pytest.mark.skipif(
     keras.config.backend() != "jax",
@@ -29,7 +31,7 @@ def result():
         XLA_FLAGS="--xla_force_host_platform_device_count=8",
     )
     process = subprocess.run(
-        [sys.executable, os.path.join(HERE, "distributed_fit.py")],
+        [sys.executable, os.path.join(HELPERS, "distributed_fit.py")],
         env=env,
         capture_output=True,
         text=True,

@@ -14,8 +14,7 @@ import re
 import keras
 import numpy as np
 import pytest
-
-from tests import tiny_models as tm
+import tiny_models as tm
 
 pytest.importorskip("olmo_eval")
 torch = pytest.importorskip("torch")

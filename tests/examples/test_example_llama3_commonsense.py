@@ -17,7 +17,9 @@ import keras
 import numpy as np
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+)
 SCRIPT = os.path.join(ROOT, "examples", "llama3_commonsense.py")
 BACKEND = keras.config.backend()
 SECTIONS = (

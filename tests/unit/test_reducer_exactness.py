@@ -9,11 +9,11 @@ bitwise unchanged. A and routers keep training.
 import keras
 import numpy as np
 import pytest
+import tiny_models as tm
 from keras import ops
 
 import keras_relora
 from keras_relora.reducer import block_sampling
-from tests import tiny_models as tm
 
 NUM_BLOCKS = 4
 

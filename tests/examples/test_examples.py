@@ -17,7 +17,10 @@ import pytest
 import keras_relora
 
 EXAMPLES = os.path.join(
-    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples"
+    os.path.dirname(
+        os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    ),
+    "examples",
 )
 
 

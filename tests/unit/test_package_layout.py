@@ -9,7 +9,7 @@ import keras
 import numpy as np
 import pytest
 
-PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "keras_relora"
+PACKAGE = pathlib.Path(__file__).resolve().parents[2] / "keras_relora"
 # Which sub-package may import which (arrows one way). The package root
 # and its private modules (`_keras_internals`, `_checks`) are open to all.
 ALLOWED = {

@@ -3,7 +3,7 @@
 Run by `test_distributed_tf.py` in a subprocess (TensorFlow fixes its
 logical devices when it first initialises):
 
-    KERAS_BACKEND=tensorflow python tests/distributed_tf.py
+    KERAS_BACKEND=tensorflow python tests/helpers/distributed_tf.py
 
 It trains the same adapted tiny Llama 3 (same initial weights, same data,
 SGD with momentum) on one device, then built, adapted and compiled under

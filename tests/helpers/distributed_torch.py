@@ -2,7 +2,7 @@
 
 Run by `test_distributed_torch.py` in a subprocess:
 
-    KERAS_BACKEND=torch python tests/distributed_torch.py
+    KERAS_BACKEND=torch python tests/helpers/distributed_torch.py
 
 As in Keras's guide "Multi-GPU distributed training with PyTorch": one
 process per replica (`torch.multiprocessing.start_processes`), a

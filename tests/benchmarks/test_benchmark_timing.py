@@ -12,7 +12,9 @@ import sys
 
 import keras
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+)
 TAG = "RESULT_JSON "
 
 

