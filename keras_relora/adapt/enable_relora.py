@@ -48,9 +48,10 @@ def _check_args(
     balance_loss,
     targets,
 ):
-    """Checks the arguments; returns the numbers as python ints/floats."""
+    """Checks the arguments; returns `rank` and the checked `adapter_args`
+    (numbers as python ints/floats)."""
     rank = int_arg("rank", rank, 1, "a positive int, e.g. `rank=16`")
-    checked = adapter_args(
+    adapter = adapter_args(
         experts, alpha, dropout, router_input, top_k, balance_loss
     )
     choice_arg(
@@ -62,14 +63,7 @@ def _check_args(
     )
     bool_arg("train_a", train_a)
     _check_targets(targets)
-    return (
-        rank,
-        checked["experts"],
-        checked["alpha"],
-        checked["dropout"],
-        checked["top_k"],
-        checked["balance_loss"],
-    )
+    return rank, adapter
 
 
 def _check_targets(targets):
@@ -172,7 +166,7 @@ def enable_relora(
     ```
     """
     model_arg(model)
-    rank, experts, alpha, dropout, top_k, balance_loss = _check_args(
+    rank, adapter = _check_args(
         rank,
         experts,
         alpha,
@@ -216,15 +210,10 @@ def enable_relora(
     block_index = {key: i for i, key in enumerate(blocks)}
     settings = dict(
         rank=rank,
-        experts=experts,
-        alpha=alpha,
+        **adapter,
         targets=[path for path, _, _ in chosen],
         share_a=share_a,
         train_a=train_a,
-        dropout=dropout,
-        router_input=router_input,
-        top_k=top_k,
-        balance_loss=balance_loss,
         train_layers=train_layers,
     )
     state = ReloraState(
@@ -245,14 +234,9 @@ def enable_relora(
             rank=rank,
             share_a=share_a,
             train_a=train_a,
-            experts=experts,
-            alpha=alpha,
-            dropout=dropout,
-            router_input=router_input,
-            top_k=top_k,
-            balance_loss=balance_loss,
             block=block_index[targets_lib.block_key(relative[path])],
             layout_map=layout_map,
+            **adapter,
         )
     set_state(model, state)
     # `fit` keeps a handle on its data (the Reducer's probe reads it).
