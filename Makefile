@@ -1,12 +1,14 @@
 # Two entry points for a fresh machine (see README):
 #   make demo   - the main job: a real ReLoRA fine-tune of SmolLM2-135M
 #   make test   - the whole test suite, once per backend
+# and the documentation site:
+#   make docs   - builds site/ from docs/ (strict: any warning fails)
 PYTHON ?= python3
 VENV ?= .venv
 BACKENDS ?= torch jax tensorflow
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test install
+.PHONY: demo test docs install
 
 install: $(STAMP)
 
@@ -33,3 +35,6 @@ test: $(STAMP)
 demo: $(STAMP)
 	KERAS_BACKEND=$${KERAS_BACKEND:-jax} $(VENV)/bin/python \
 		examples/llama3_commonsense.py $(ARGS)
+
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/python -m mkdocs build --strict

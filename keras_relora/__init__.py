@@ -3,6 +3,8 @@
 Importing the package adds `enable_relora` to every `keras.Model`.
 """
 
+import importlib.metadata
+
 import keras
 
 from keras_relora.adapt import VARIANTS
@@ -24,7 +26,11 @@ from keras_relora.saving import merge_relora
 from keras_relora.saving import save_peft
 from keras_relora.saving import save_relora_weights
 
-__version__ = "0.1.0"
+# The version is pyproject.toml's, read from the installed package.
+try:
+    __version__ = importlib.metadata.version("keras-relora")
+except importlib.metadata.PackageNotFoundError:  # A source tree, not installed.
+    __version__ = "unknown"
 
 __all__ = [
     "VARIANTS",
