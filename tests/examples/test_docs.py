@@ -23,10 +23,10 @@ import subprocess
 import sys
 
 import keras
+import markdown_blocks as mb
 import pytest
 
 import keras_relora
-import markdown_blocks as mb
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 DOCS = ROOT / "docs"

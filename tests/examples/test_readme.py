@@ -17,8 +17,9 @@ import os
 import pathlib
 import re
 
-import keras_relora
 import markdown_blocks as mb
+
+import keras_relora
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 README = ROOT / "README.md"
