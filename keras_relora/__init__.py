@@ -7,11 +7,16 @@ import keras
 
 from keras_relora.adapt import VARIANTS
 from keras_relora.adapt import ReloraReport
+from keras_relora.adapt import active_adapter
+from keras_relora.adapt import adapter_names
 from keras_relora.adapt import budget
+from keras_relora.adapt import delete_adapter
+from keras_relora.adapt import disable_adapters
 from keras_relora.adapt import enable_relora
 from keras_relora.adapt import get_state
 from keras_relora.adapt import paper_defaults
 from keras_relora.adapt import report
+from keras_relora.adapt import set_adapter
 from keras_relora.adapt import unload
 from keras_relora.layers import ReloraDense
 from keras_relora.layers import SharedLoraA
@@ -33,7 +38,11 @@ __all__ = [
     "ReloraModel",
     "ReloraReport",
     "SharedLoraA",
+    "active_adapter",
+    "adapter_names",
     "budget",
+    "delete_adapter",
+    "disable_adapters",
     "enable_relora",
     "get_state",
     "load_peft",
@@ -44,8 +53,18 @@ __all__ = [
     "report",
     "save_peft",
     "save_relora_weights",
+    "set_adapter",
     "unload",
 ]
+
+
+def _install_method(function):
+    def method(self, *args, **kwargs):
+        return function(self, *args, **kwargs)
+
+    method.__name__ = function.__name__
+    method.__doc__ = function.__doc__
+    setattr(keras.Model, function.__name__, method)
 
 
 def _install_model_methods():
@@ -60,6 +79,15 @@ def _install_model_methods():
 
     def load_weights(self, filepath, *, check_base=True):
         return load_relora_weights(self, filepath, check_base=check_base)
+
+    for function in (
+        active_adapter,
+        adapter_names,
+        delete_adapter,
+        disable_adapters,
+        set_adapter,
+    ):
+        _install_method(function)
 
     save_weights.__doc__ = save_relora_weights.__doc__
     load_weights.__doc__ = load_relora_weights.__doc__
