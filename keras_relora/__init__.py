@@ -16,6 +16,7 @@ from keras_relora.adapt import enable_relora
 from keras_relora.adapt import get_state
 from keras_relora.adapt import paper_defaults
 from keras_relora.adapt import report
+from keras_relora.adapt import route_examples
 from keras_relora.adapt import set_adapter
 from keras_relora.adapt import unload
 from keras_relora.layers import ReloraDense
@@ -51,6 +52,7 @@ __all__ = [
     "paper_defaults",
     "prune",
     "report",
+    "route_examples",
     "save_peft",
     "save_relora_weights",
     "set_adapter",
@@ -85,6 +87,7 @@ def _install_model_methods():
         adapter_names,
         delete_adapter,
         disable_adapters,
+        route_examples,
         set_adapter,
     ):
         _install_method(function)

@@ -9,6 +9,7 @@ from keras_relora.adapt.named_adapters import active_adapter
 from keras_relora.adapt.named_adapters import adapter_names
 from keras_relora.adapt.named_adapters import delete_adapter
 from keras_relora.adapt.named_adapters import disable_adapters
+from keras_relora.adapt.named_adapters import route_examples
 from keras_relora.adapt.named_adapters import set_adapter
 from keras_relora.adapt.report import ReloraReport
 from keras_relora.adapt.report import report
@@ -28,6 +29,7 @@ __all__ = [
     "get_state",
     "paper_defaults",
     "report",
+    "route_examples",
     "set_adapter",
     "unload",
 ]

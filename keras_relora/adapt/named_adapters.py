@@ -126,10 +126,23 @@ def adapters_call(state, layer, inputs, base, training):
             inputs, training=training, loss_weight=ops.mean(weight)
         )
         if len(weight.shape) == 1:  # One weight per example.
+            _check_batch(weight, delta)
             weight = ops.reshape(weight, (-1,) + (1,) * (len(delta.shape) - 1))
         delta = delta * ops.cast(weight, delta.dtype)
         outputs = outputs + ops.cast(delta, outputs.dtype)
     return _activation(layer, outputs)
+
+
+def _check_batch(weight, delta):
+    rows, batch = weight.shape[0], delta.shape[0]
+    if rows is not None and batch is not None and rows != batch:
+        raise ValueError(
+            "`adapter_ids` of `route_examples` has one entry per example, "
+            f"but the batch has {batch} examples and `adapter_ids` {rows}. "
+            "Call the model on one batch of that size (e.g. "
+            "`model.predict(x, batch_size=len(adapter_ids))`). "
+            f"Received: adapter_ids of length {rows}"
+        )
 
 
 def _adapted_layers(state):
@@ -188,10 +201,18 @@ def remove_layers(state, name):
             registry.pop(name, None)
 
 
+_COMPILED = (
+    "predict_function",
+    "train_function",
+    "test_function",
+    "generate_function",  # keras-hub's CausalLM
+)
+
+
 def _reset_compiled(model):
     """Drops the compiled predict/train/test functions (traced again)."""
     for holder in {id(m): m for m in [model, *holders(model)]}.values():
-        for name in ("predict_function", "train_function", "test_function"):
+        for name in _COMPILED:
             if getattr(holder, name, None) is not None:
                 setattr(holder, name, None)
 
@@ -344,6 +365,74 @@ def disable_adapters(model):
     finally:
         state.disabled = False
         _reset_compiled(model)
+
+
+@contextlib.contextmanager
+def route_examples(model, adapter_ids):
+    """A context manager routing each example to its own adapter.
+
+    Inside the block, example `i` of every batch the model runs gets the
+    base's output plus adapter `adapter_ids[i]`'s alone, in the same
+    forward pass (PEFT's `adapter_names=`; several tasks served in one
+    batch). The routing is Python state of the model, read when the
+    model's functions are traced: compiled functions (predict, keras-hub's
+    `generate`) are dropped on entry and exit and trace again, and every
+    batch inside must have `len(adapter_ids)` examples, e.g. one `predict`
+    with `batch_size=len(adapter_ids)`. A context manager, not an input,
+    so that it works on any model (a keras-hub task's inputs and
+    preprocessor are fixed). Every adapter computes its output on the
+    whole batch.
+
+    Args:
+        model: A `keras.Model` with ReLoRA adapters.
+        adapter_ids: A list with one entry per example: an adapter name, an
+            int index into `adapter_names(model)`, or None (the base model
+            alone).
+
+    Example:
+
+    ```python
+    with keras_relora.route_examples(model, ["sst2", "arc", None]):
+        logits = model.predict(x, batch_size=3)
+    ```
+    """
+    state = require_state(model, "`route_examples`")
+    weights = _example_weights(state, adapter_ids)
+    state.example_weights = ops.convert_to_tensor(weights)
+    _reset_compiled(model)
+    try:
+        yield model
+    finally:
+        state.example_weights = None
+        _reset_compiled(model)
+
+
+def _example_weights(state, adapter_ids):
+    names = list(state.named)
+    if isinstance(adapter_ids, (str, bytes)) or not hasattr(
+        adapter_ids, "__len__"
+    ):
+        raise TypeError(
+            "`adapter_ids` must be a list with one entry per example (an "
+            "adapter name, an index into `adapter_names(model)`, or None). "
+            f"Received: adapter_ids={adapter_ids!r}"
+        )
+    ids = np.asarray(adapter_ids, dtype=object).reshape(-1)
+    weights = np.zeros((len(ids), len(names)), dtype="float32")
+    for row, entry in enumerate(ids):
+        if entry is None:
+            continue
+        if isinstance(entry, (int, np.integer)) and 0 <= entry < len(names):
+            weights[row, int(entry)] = 1.0
+        elif isinstance(entry, str) and entry in names:
+            weights[row, names.index(entry)] = 1.0
+        else:
+            raise ValueError(
+                f"`adapter_ids[{row}]` must be one of the model's adapter "
+                f"names {names}, an index below {len(names)}, or None (the "
+                f"base). Received: adapter_ids={list(adapter_ids)!r}"
+            )
+    return weights
 
 
 # -- training one adapter among several ------------------------------------

@@ -309,3 +309,70 @@ def test_keras_hub_task_two_adapters():
         np.testing.assert_allclose(numpy(lm(data)), base, 0, 1e-6)
     lm.set_adapter("default")
     np.testing.assert_array_equal(numpy(lm(data)), first)
+
+
+def alone(model, name, x):
+    """`model(x)` with adapter `name` active (None: adapters disabled)."""
+    if name is None:
+        with keras_relora.disable_adapters(model):
+            return numpy(model(x))
+    keras_relora.set_adapter(model, name)
+    try:
+        return numpy(model(x))
+    finally:
+        keras_relora.set_adapter(model, "default")
+
+
+def test_route_examples_matches_each_example_alone():
+    model, _ = two_adapter_model()
+    x, _ = tm.dense_data(batch=5)
+    ids = ["small", "default", None, 1, "small"]
+    names = ["small", "default", None, "small", "small"]
+    expected = np.concatenate(
+        [alone(model, n, x[i : i + 1]) for i, n in enumerate(names)]
+    )
+    model.compile(loss="mse")
+    outside = model.predict(x, batch_size=5, verbose=0)
+    with keras_relora.route_examples(model, ids):
+        np.testing.assert_allclose(numpy(model(x)), expected, 0, 1e-5)
+        routed = model.predict(x, batch_size=5, verbose=0)
+        with pytest.raises(ValueError, match="batch has 4 examples"):
+            model(x[:4])
+    np.testing.assert_allclose(routed, expected, 0, 1e-5)
+    np.testing.assert_array_equal(
+        model.predict(x, batch_size=5, verbose=0), outside
+    )
+    with pytest.raises(ValueError, match=r"adapter_ids\[1\].*'nope'"):
+        with model.route_examples(["small", "nope"]):
+            pass
+    with pytest.raises(TypeError, match="one entry per example"):
+        with model.route_examples("small"):
+            pass
+
+
+def test_route_examples_on_a_keras_hub_task():
+    keras.utils.set_random_seed(0)
+    lm = tm.llama3_causal_lm()
+    data = tm.lm_data()[0]
+    lm.enable_relora(rank=4, experts=2)
+    tm.randomize_adapters(lm, seed=1)
+    lm.enable_relora(rank=2, experts=1, targets=["q", "v"], adapter_name="qv")
+    lm.set_adapter("qv")
+    tm.randomize_adapters(lm, seed=2)
+    lm.set_adapter("default")
+    ids = ["qv", "default", "qv", None]
+    expected = np.concatenate(
+        [
+            alone(lm, n, {k: v[i : i + 1] for k, v in data.items()})
+            for i, n in enumerate(ids)
+        ]
+    )
+    with lm.route_examples(ids):
+        routed = lm.predict(data, batch_size=4, verbose=0)
+    np.testing.assert_allclose(routed, expected, 0, 1e-5)
+
+
+def test_keras_file_of_several_adapters_refuses(tmp_path):
+    model, _ = two_adapter_model()
+    with pytest.raises(ValueError, match=r"several named adapters.*'small'"):
+        model.save(tmp_path / "model.keras")
