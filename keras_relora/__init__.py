@@ -9,11 +9,17 @@ import keras
 
 from keras_relora.adapt import VARIANTS
 from keras_relora.adapt import ReloraReport
+from keras_relora.adapt import active_adapter
+from keras_relora.adapt import adapter_names
 from keras_relora.adapt import budget
+from keras_relora.adapt import delete_adapter
+from keras_relora.adapt import disable_adapters
 from keras_relora.adapt import enable_relora
 from keras_relora.adapt import get_state
 from keras_relora.adapt import paper_defaults
 from keras_relora.adapt import report
+from keras_relora.adapt import route_examples
+from keras_relora.adapt import set_adapter
 from keras_relora.adapt import unload
 from keras_relora.layers import ReloraDense
 from keras_relora.layers import SharedLoraA
@@ -39,7 +45,11 @@ __all__ = [
     "ReloraModel",
     "ReloraReport",
     "SharedLoraA",
+    "active_adapter",
+    "adapter_names",
     "budget",
+    "delete_adapter",
+    "disable_adapters",
     "enable_relora",
     "get_state",
     "load_peft",
@@ -48,10 +58,21 @@ __all__ = [
     "paper_defaults",
     "prune",
     "report",
+    "route_examples",
     "save_peft",
     "save_relora_weights",
+    "set_adapter",
     "unload",
 ]
+
+
+def _install_method(function):
+    def method(self, *args, **kwargs):
+        return function(self, *args, **kwargs)
+
+    method.__name__ = function.__name__
+    method.__doc__ = function.__doc__
+    setattr(keras.Model, function.__name__, method)
 
 
 def _install_model_methods():
@@ -66,6 +87,16 @@ def _install_model_methods():
 
     def load_weights(self, filepath, *, check_base=True):
         return load_relora_weights(self, filepath, check_base=check_base)
+
+    for function in (
+        active_adapter,
+        adapter_names,
+        delete_adapter,
+        disable_adapters,
+        route_examples,
+        set_adapter,
+    ):
+        _install_method(function)
 
     save_weights.__doc__ = save_relora_weights.__doc__
     load_weights.__doc__ = load_relora_weights.__doc__

@@ -18,9 +18,12 @@ from keras_relora._checks import int_arg
 from keras_relora._checks import model_arg
 from keras_relora.adapt import layouts
 from keras_relora.adapt import model_class
+from keras_relora.adapt import named_adapters
 from keras_relora.adapt import targets as targets_lib
+from keras_relora.adapt.named_adapters import check_adapter_name
 from keras_relora.adapt.report import count_params
 from keras_relora.adapt.report import report
+from keras_relora.adapt.state import AdapterGroup
 from keras_relora.adapt.state import ReloraState
 from keras_relora.adapt.state import adapted_model
 from keras_relora.adapt.state import get_state
@@ -95,6 +98,7 @@ def enable_relora(
     balance_loss=0.0,
     layout_map=None,
     train_layers=None,
+    adapter_name="default",
 ):
     """Freezes `model` and adds ReLoRA adapters to its target layers.
 
@@ -153,6 +157,12 @@ def enable_relora(
             trainable; `[]` freezes every layer. Their weights go into
             `save_relora_weights` files and into `merge_relora`'s result.
             Defaults to `None`.
+        adapter_name: str. The name of the adapter, a Python identifier.
+            On a model that has adapters already, a new name adds another
+            adapter with its own settings (rank, experts, targets, ...);
+            the first adapter stays active (`keras_relora.set_adapter`
+            switches), and `train_layers` stays as the first call set it.
+            Defaults to `"default"`.
 
     Returns:
         A `ReloraReport`: trainable and total parameters, percent of the
@@ -180,11 +190,17 @@ def enable_relora(
     )
     if layout_map is not None:
         layouts.check_layout_map(layout_map)
-    if get_state(model) is not None:
+    check_adapter_name(adapter_name)
+    existing = get_state(model)
+    if existing is not None and adapter_name in existing.named:
         raise ValueError(
-            f"ReLoRA is already enabled on model {model.name!r}. To change "
-            "its settings, call `keras_relora.unload(model)` first, or load "
-            "a fresh model."
+            f"ReLoRA is already enabled on model {model.name!r} with an "
+            f"adapter named {adapter_name!r} (adapters: "
+            f"{list(existing.named)}). To add another adapter, pass a new "
+            "`adapter_name`; to change this one's settings, call "
+            "`keras_relora.delete_adapter(model, name)` (or "
+            "`keras_relora.unload(model)`) first. "
+            f"Received: adapter_name={adapter_name!r}"
         )
     if not model.built:
         raise ValueError(
@@ -194,12 +210,25 @@ def enable_relora(
     train_layers = check_train_layers(train_layers)
     root = adapted_model(model)
     chosen = targets_lib.select(root, targets)
-    trained = trained_variables(
-        model, train_layers, [layer for _, layer, _ in chosen]
-    )
-    kept = {id(v) for v in trained.values()}
-    base_params = count_params(model.weights)
-    frozen = [v for v in model.weights if v.trainable and id(v) not in kept]
+    if existing is None:
+        trained = trained_variables(
+            model, train_layers, [layer for _, layer, _ in chosen]
+        )
+        kept = {id(v) for v in trained.values()}
+        base_params = count_params(model.weights)
+        frozen = [v for v in model.weights if v.trainable and id(v) not in kept]
+    else:
+        # A further adapter: the base is frozen and `train_layers` set.
+        adapter_ids = {
+            id(v)
+            for group in existing.named.values()
+            for v in group.variables().values()
+        }
+        base_params = count_params(
+            [v for v in model.weights if id(v) not in adapter_ids]
+        )
+        train_layers = existing.settings["train_layers"]
+        trained, frozen = existing.trained, []
     for variable in frozen:
         variable.trainable = False
 
@@ -216,17 +245,25 @@ def enable_relora(
         train_a=train_a,
         train_layers=train_layers,
     )
-    state = ReloraState(
-        settings,
-        adapters={},
-        shared_a={},
-        blocks=blocks,
-        frozen=frozen,
-        trained=trained,
-    )
+    group = AdapterGroup(settings, adapters={}, shared_a={}, blocks=blocks)
+    if existing is None:
+        state = ReloraState(
+            settings,
+            adapters=group.adapters,
+            shared_a=group.shared_a,
+            blocks=blocks,
+            frozen=frozen,
+            trained=trained,
+            active=adapter_name,
+        )
+    else:
+        state = existing
+    state.named[adapter_name] = group
     for path, layer, role in chosen:
-        state.adapters[path] = _inject(
+        group.adapters[path] = _inject(
             state,
+            group,
+            adapter_name,
             layer,
             path,
             role,
@@ -238,6 +275,9 @@ def enable_relora(
             layout_map=layout_map,
             **adapter,
         )
+    if existing is not None:
+        named_adapters.added(model, state, adapter_name)
+        return report(model, base_params=base_params)
     set_state(model, state)
     # `fit` keeps a handle on its data (the Reducer's probe reads it).
     guard_fit(model, state)
@@ -271,12 +311,9 @@ def unload(model):
     """
     state = require_state(model, "`unload`")
     state.undo_patches()
-    for adapter in state.adapters.values():
-        layer = adapter._base_layer
-        with _keras_internals.unlocked_tracker(layer) as tracker:
-            tracker.untrack(adapter)
-            if "relora" in dir(layer):
-                delattr(layer, "relora")
+    named_adapters.remove_selector(state)
+    for name in list(state.named):
+        named_adapters.remove_layers(state, name)
     for variable in state.frozen:
         variable.trainable = True
     model_class.refresh_torch_parameters(model)
@@ -287,6 +324,8 @@ def unload(model):
 
 def _inject(
     state,
+    group,
+    adapter_name,
     layer,
     path,
     role,
@@ -299,12 +338,13 @@ def _inject(
     layout_map,
     **adapter_kwargs,
 ):
-    shared = state.shared_a
+    shared = group.shared_a
+    suffix = named_adapters.suffix(adapter_name)
     d_in = ReloraDense.input_size(layer)
     key = f"{role}:{d_in}" if share_a == "role" else path
     if key not in shared:
-        name = f"shared_a_{role}" if share_a == "role" else "lora_a"
-        scope = f"{root.name}_relora" if share_a == "role" else path
+        name = f"shared_a_{role}" if share_a == "role" else f"lora_a{suffix}"
+        scope = f"{root.name}_relora{suffix}" if share_a == "role" else path
         if share_a == "role" and any(k.startswith(f"{role}:") for k in shared):
             name = f"{name}_{d_in}"
         laid_out = {f"{scope}/{name}/kernel": (None, None)}
@@ -330,14 +370,19 @@ def _inject(
             shared[key],
             role=role,
             block=block,
-            name="relora",
+            name=f"relora{suffix}",
             _injected=True,
             **adapter_kwargs,
         )
     _check_paths(layout_map, laid_out, adapter)
     with _keras_internals.unlocked_tracker(layer):
-        layer.relora = adapter
-    _patch_call(state, layer, adapter)
+        setattr(layer, f"relora{suffix}", adapter)
+    registry = layer.__dict__.get(named_adapters.REGISTRY)
+    if registry is None:
+        registry = {}
+        state.patch(layer, named_adapters.REGISTRY, registry)
+        _patch_call(state, layer)
+    registry[adapter_name] = adapter
     return adapter
 
 
@@ -361,18 +406,21 @@ def _path_scope(path):
         yield
 
 
-def _patch_call(state, layer, adapter):
-    """Makes `layer`'s own call return its output plus the adapter's.
+def _patch_call(state, layer):
+    """Makes `layer`'s own call return its output plus its adapters'.
 
     The layer object stays where it is (in a functional graph, in a
-    keras-hub block), so every caller goes through the adapter.
+    keras-hub block), so every caller goes through the adapters (those
+    in the layer's registry, `named_adapters.adapters_call`).
     """
     for method in ("call", "quantized_call"):
         original = getattr(layer, method)
 
         def patched(inputs, *args, _original=original, **kwargs):
             base = linear_call(layer, _original, inputs, *args, **kwargs)
-            return adapter(inputs, base, training=kwargs.get("training"))
+            return named_adapters.adapters_call(
+                state, layer, inputs, base, kwargs.get("training")
+            )
 
         state.patch(layer, method, patched)
 
@@ -394,6 +442,8 @@ def guard_fit(model, state=None):
 
     def guarded_fit(x=None, y=None, batch_size=None, *args, **kwargs):
         check_compiled_variables(model)
+        if state is not None:
+            named_adapters.before_fit(model, state)
         if state is None:
             if model.__dict__.get("fit") is guarded_fit:
                 del model.__dict__["fit"]

@@ -281,6 +281,15 @@ def relora_config(model):
             f"Model {model.name!r} has the ReLoRA saving class but no ReLoRA "
             "state. Call `keras_relora.unload(model)` to restore its class."
         )
+    if len(state.named) > 1:
+        raise ValueError(
+            f"Model {model.name!r} has several named adapters "
+            f"({list(state.named)}); its config (and so a `.keras` file) "
+            "can describe one only. Save each adapter with "
+            "`keras_relora.set_adapter(model, name)` then "
+            "`model.save_relora_weights(path)`, or delete the others "
+            "(`keras_relora.delete_adapter`) before `model.save`."
+        )
     base = serialize_as_base(model)
     # The outer config carries the compile config; the base is compiled
     # once, after its adapters exist (its trainable set is then the same).

@@ -99,6 +99,24 @@ class ReducerVariables(keras.layers.Layer):
 
 
 @dataclasses.dataclass(eq=False)
+class AdapterGroup:
+    """One named adapter: its settings and layers (see `ReloraState`)."""
+
+    settings: dict
+    adapters: dict
+    shared_a: dict
+    blocks: list
+
+    def variables(self):
+        """The adapter's variables, keyed by path (A once, in order)."""
+        found = {}
+        for adapter in self.adapters.values():
+            for variable in adapter.shared_a.weights + adapter.weights:
+                found.setdefault(variable.path, variable)
+        return found
+
+
+@dataclasses.dataclass(eq=False)
 class ReloraState:
     """What `enable_relora` did to a model (kept on the model, untracked).
 
@@ -119,6 +137,17 @@ class ReloraState:
         extra_variables: dict. Path -> variable of further ReLoRA state
             that checkpoints must carry (the Reducer's scores and seed).
         patches: list of `Patch`, in the order they were applied.
+        named: dict. Adapter name -> `AdapterGroup`, in the order added.
+            `settings`, `adapters`, `shared_a` and `blocks` above are the
+            active adapter's (`activate` points them there), so saving,
+            merging and the Reducer work on the active adapter.
+        active: str. The name of the active adapter.
+        selector: The `AdapterSelector` that weights every adapter's
+            output in the forward pass (None while there is one adapter).
+        example_weights: None, or a `(batch, len(named))` tensor that
+            routes each example to its adapters (`route_examples`).
+        disabled: bool. True inside `disable_adapters` on a model with
+            one adapter (with several, the selector holds zeros instead).
     """
 
     settings: dict
@@ -131,6 +160,21 @@ class ReloraState:
     fit_data: dict | None = None
     extra_variables: dict = dataclasses.field(default_factory=dict)
     patches: list = dataclasses.field(default_factory=list)
+    named: dict = dataclasses.field(default_factory=dict)
+    active: str = "default"
+    selector: object = None
+    example_weights: object = None
+    disabled: bool = False
+
+    def activate(self, name):
+        """Points `settings`, `adapters`, `shared_a`, `blocks` at the
+        adapter `name` (Python state only; see `named_adapters`)."""
+        group = self.named[name]
+        self.settings = group.settings
+        self.adapters = group.adapters
+        self.shared_a = group.shared_a
+        self.blocks = group.blocks
+        self.active = name
 
     def patch(self, obj, name, value):
         """Sets `obj.name = value` on the instance, untracked by Keras, and

@@ -207,8 +207,17 @@ class ReloraDense(keras.layers.Layer):
         return [name for name in super().__dir__() if name != "_base_layer"]
 
     def _freeze_base(self):
+        # Not the variables of other adapters the layer holds already
+        # (named adapters; `keras_relora.set_adapter`).
+        adapters = {
+            id(v)
+            for sub in _keras_internals.flatten_layers(self._base_layer)
+            if isinstance(sub, (ReloraDense, SharedLoraA))
+            for v in sub.weights
+        }
         for variable in self._base_layer.weights:
-            variable.trainable = False
+            if id(variable) not in adapters:
+                variable.trainable = False
 
     @staticmethod
     def axes_of(layer):
@@ -310,8 +319,13 @@ class ReloraDense(keras.layers.Layer):
             gates = gates / ops.sum(gates, axis=-1, keepdims=True)
         return gates
 
-    def delta(self, inputs, training=None):
-        """The adapter's contribution, `(alpha / rank) * sum_i g_i h B_i`."""
+    def delta(self, inputs, training=None, loss_weight=None):
+        """The adapter's contribution, `(alpha / rank) * sum_i g_i h B_i`.
+
+        `loss_weight` (a scalar tensor) scales the balance loss this call
+        adds in training: an adapter whose output is weighted by 0 adds
+        none.
+        """
         x = inputs
         if self.dropout_layer is not None:
             x = self.dropout_layer(x, training=training)
@@ -324,7 +338,10 @@ class ReloraDense(keras.layers.Layer):
         else:
             gates = self.gates(x, h)  # (..., experts)
             if training and self.balance_loss > 0:
-                self.add_loss(self._balance_loss(gates))
+                loss = self._balance_loss(gates)
+                if loss_weight is not None:
+                    loss = loss * ops.cast(loss_weight, loss.dtype)
+                self.add_loss(loss)
             gates = ops.cast(gates, dtype) * scale
             # (..., experts, rank): concat_i(g_i * h), contracted with B in
             # one einsum over (experts, rank).
