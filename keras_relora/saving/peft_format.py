@@ -14,12 +14,12 @@ converter) read:
   the module computes `x @ W.T + scale * (x @ A.T) @ B.T`.
 
 The module names are the ones keras-hub's `export_to_transformers` writes
-for the same backbone (Llama 3, Mistral, Qwen, Gemma), and `d_in`/`d_out`
-are flattened as that exporter flattens the kernel: contracted axes, then
-free axes, each in the kernel's axis order. An adapter's `A` is
-`(d_in, rank)` with its axes in the input's order and its `B`
-`(experts, rank, d_out)` in the output's order, so both are permuted into
-the kernel's order here.
+for the same backbone (Llama 3, Mistral, Qwen, Gemma, Gemma 3), and
+`d_in`/`d_out` are flattened as that exporter flattens the kernel:
+contracted axes, then free axes, each in the kernel's axis order. An
+adapter's `A` is `(d_in, rank)` with its axes in the input's order and its
+`B` `(experts, rank, d_out)` in the output's order, so both are permuted
+into the kernel's order here.
 
 Only single-B adapters have a PEFT form: a routed mixture of experts
 (`experts > 1`) mixes its B's with input-dependent gates, which PEFT's
@@ -60,6 +60,7 @@ FAMILIES = (
     "MistralBackbone",
     "QwenBackbone",
     "GemmaBackbone",
+    "Gemma3Backbone",
 )
 _BLOCK = re.compile(r"^(?:transformer_layer|decoder_block)_(\d+)/")
 
@@ -98,8 +99,8 @@ def save_peft(model, folder, *, base_model_name_or_path=None):
     module names). Does not change `model`.
 
     Args:
-        model: A keras-hub Llama 3, Mistral, Qwen or Gemma backbone or
-            CausalLM with ReLoRA adapters (`experts=1`).
+        model: A keras-hub Llama 3, Mistral, Qwen, Gemma or Gemma 3
+            backbone or CausalLM with ReLoRA adapters (`experts=1`).
         folder: str or `os.PathLike`. Created if missing; the two files
             are overwritten.
         base_model_name_or_path: str or None. Written to the config for

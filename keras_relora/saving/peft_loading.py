@@ -43,8 +43,8 @@ def load_peft(model, folder):
     `ValueError` lists it and `model` is left as it was.
 
     Args:
-        model: A keras-hub Llama 3, Mistral, Qwen or Gemma backbone or
-            CausalLM, built, with or without ReLoRA adapters.
+        model: A keras-hub Llama 3, Mistral, Qwen, Gemma or Gemma 3
+            backbone or CausalLM, built, with or without ReLoRA adapters.
         folder: str or `os.PathLike`. Holds `adapter_config.json` and
             `adapter_model.safetensors`.
 
