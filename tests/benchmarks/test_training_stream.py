@@ -15,10 +15,9 @@ import argparse
 
 import numpy as np
 import pytest
-
-from tests.test_benchmarks_quick import benchmark_module
-from tests.test_benchmarks_quick import needs_assets
-from tests.test_benchmarks_quick import needs_smollm2
+from benchmark_scripts import benchmark_module
+from benchmark_scripts import needs_assets
+from benchmark_scripts import needs_smollm2
 
 DOCUMENTS = {"sst2": 872, "arc_easy": 570}
 PAPER_CLAIMS_SIZES = {
