@@ -14,11 +14,12 @@ With a Llama-family keras-hub model (`keras_logits_fn`'s default) each
 context runs once, padded on the left to a multiple of `bucket` (so JAX and
 TensorFlow compile one function per length), and each answer runs from the
 context's key/value cache; the vocabulary projection is computed only
-after each context's last token and at the answers' tokens. Other models (and transformers, the
-reference) run each answer as a whole sequence: the task's collated
-batches trimmed to their longest query, rounded up to a multiple of
-`bucket`. Either way the metric gets those rows with `ctx_len` set to 1, so
-it reads exactly the rows it would have read in the full logits.
+after each context's last token and at the answers' tokens. Other models
+(and transformers, the reference) run each answer as a whole sequence:
+the task's collated batches trimmed to their longest query, rounded up to
+a multiple of `bucket`. Either way the metric gets those rows with
+`ctx_len` set to 1, so it reads exactly the rows it would have read in the
+full logits.
 
 Example:
 
