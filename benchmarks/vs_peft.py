@@ -37,12 +37,34 @@ and temporaries of a training step, not the weights or optimizer state
 already allocated. torch on CPU has no allocator statistics; RSS is what
 every backend shares.
 
+Where the time goes (`--base`, `--profile`):
+
+* `peft_base` and `torch:base`: the same models with no adapter and only
+  the first block's input norm trainable (a train step whose backward runs
+  through every block, as LoRA's does, with no adapter work). The
+  adapter's own overhead is `(adapted - base) / base`, per round, for PEFT
+  (`peft_lora` vs `peft_base`) and for ours (`torch:lora`,
+  `torch:relora_multi` vs `torch:base`); `torch:base` vs `peft_base` is
+  keras-hub's layers plus Keras's train step against transformers' plain
+  loop.
+* `--profile`: one step of each torch row under `torch.profiler`, the self
+  CPU time of its operators summed by where they were called from (the
+  innermost frame in keras_relora, keras-hub, Keras's trainer, optimizer,
+  loss or metrics, transformers, PEFT, torch.optim; backward operators run
+  in autograd's engine and have no Python frame).
+
+`--random-weights` builds both sides from SmolLM2-135M's config with
+random weights (no GGUF needed); on a machine with CUDA, the torch rows
+and PEFT run on the GPU.
+
 Usage:
 
 ```
 python benchmarks/vs_peft.py                       # SmolLM2-135M
 python benchmarks/vs_peft.py --quick               # tiny random Llama
 python benchmarks/vs_peft.py --backends jax --rounds 3
+python benchmarks/vs_peft.py --rows lora,relora_multi --base --profile
+python benchmarks/vs_peft.py --random-weights      # no GGUF, GPU if any
 ```
 """
 
@@ -69,6 +91,21 @@ QUICK_CONFIG = {
     "num_attention_heads": 4,
     "num_key_value_heads": 2,
     "head_dim": 16,
+    "tie_word_embeddings": True,
+}
+# SmolLM2-135M-Instruct's architecture (its config.json), for
+# `--random-weights`.
+SMOLLM2_CONFIG = {
+    "vocab_size": 49152,
+    "hidden_size": 576,
+    "intermediate_size": 1536,
+    "num_hidden_layers": 30,
+    "num_attention_heads": 9,
+    "num_key_value_heads": 3,
+    "head_dim": 64,
+    "rms_norm_eps": 1e-5,
+    "max_position_embeddings": 8192,
+    "rope_parameters": {"rope_theta": 100000.0, "rope_type": "default"},
     "tie_word_embeddings": True,
 }
 TORCH_ROWS = ("keras_lora", "lora", "relora_multi", "relora_multi+reducer")
@@ -124,6 +161,23 @@ def parse_args(argv=None):
         action="store_true",
         help="compile the torch rows with jit_compile=True",
     )
+    p.add_argument(
+        "--base",
+        action="store_true",
+        help="also time peft_base and torch:base (no adapter, first input "
+        "norm trainable): the adapter's own overhead",
+    )
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="profile one step of each torch row (torch.profiler), self CPU "
+        "time by caller: keras_relora, keras-hub, Keras, transformers, ...",
+    )
+    p.add_argument(
+        "--random-weights",
+        action="store_true",
+        help="SmolLM2-135M's config with random weights (no GGUF needed)",
+    )
     p.add_argument("--json", default=None)
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--folder", default=None, help=argparse.SUPPRESS)
@@ -141,7 +195,7 @@ def parse_args(argv=None):
 
 def model_folder(args):
     """The Hugging Face folder both sides load (SmolLM2, or a tiny Llama)."""
-    if not args.quick:
+    if not args.quick and not args.random_weights:
         import relora_offline
 
         return relora_offline.convert_smollm2()
@@ -149,7 +203,9 @@ def model_folder(args):
     import transformers
 
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(**QUICK_CONFIG)
+    config = transformers.LlamaConfig(
+        **(QUICK_CONFIG if args.quick else SMOLLM2_CONFIG)
+    )
     config.architectures = ["LlamaForCausalLM"]
     model = transformers.LlamaForCausalLM(config)
     folder = tempfile.mkdtemp(prefix="vs_peft_tiny_")
@@ -209,24 +265,44 @@ def load_backbone(folder):
     )
 
 
-class PeftRow:
-    name = "peft_lora"
+def torch_device():
+    """`"cuda"` when torch sees a GPU (Keras's torch backend uses it then)."""
+    import torch
 
-    def __init__(self, folder, tokens):
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+class PeftRow:
+    """PEFT LoRA; with `base=True`, no adapter and only the first block's
+    input norm trainable (the backward still runs through every block)."""
+
+    def __init__(self, folder, tokens, base=False):
         import peft
         import torch
         import transformers
 
+        self.name = "peft_base" if base else "peft_lora"
         model = transformers.AutoModelForCausalLM.from_pretrained(
             folder, dtype=torch.float32
-        )
-        config = peft.LoraConfig(
-            r=RANK,
-            lora_alpha=RANK,
-            lora_dropout=0.0,
-            target_modules=HF_TARGETS,
-        )
-        self.model = peft.get_peft_model(model, config)
+        ).to(torch_device())
+        if base:
+            for p in model.parameters():
+                p.requires_grad_(False)
+            model.model.layers[0].input_layernorm.weight.requires_grad_(True)
+            self.model = model
+            self.note = "no adapter; layers[0].input_layernorm trainable"
+        else:
+            config = peft.LoraConfig(
+                r=RANK,
+                lora_alpha=RANK,
+                lora_dropout=0.0,
+                target_modules=HF_TARGETS,
+            )
+            self.model = peft.get_peft_model(model, config)
+            self.note = (
+                f"peft LoraConfig(r={RANK}, lora_alpha={RANK}, "
+                f"targets={HF_TARGETS}), torch.optim.AdamW"
+            )
         self.model.train()
         self.optimizer = torch.optim.AdamW(
             [p for p in self.model.parameters() if p.requires_grad], lr=LR
@@ -234,18 +310,15 @@ class PeftRow:
         self.trainable = sum(
             p.numel() for p in self.model.parameters() if p.requires_grad
         )
-        self.tokens = torch.from_numpy(tokens)
-        self.note = (
-            f"peft LoraConfig(r={RANK}, lora_alpha={RANK}, "
-            f"targets={HF_TARGETS}), torch.optim.AdamW"
-        )
+        self.tokens = torch.from_numpy(tokens).to(torch_device())
         self.i = 0
 
     def logits(self, x):
         import torch
 
+        x = torch.from_numpy(x).to(torch_device())
         with torch.no_grad():
-            return self.model(input_ids=torch.from_numpy(x)).logits.numpy()
+            return self.model(input_ids=x).logits.cpu().numpy()
 
     def step(self):
         import torch.nn.functional as F
@@ -291,6 +364,12 @@ class KerasRow:
         variant = name.split("+")[0]
         if variant == "keras_lora":
             self.note = step_time.setup_keras_lora(model, RANK)
+        elif variant == "base":
+            step_time.freeze_all(model)
+            norm = backbone.transformer_layers[0]._self_attention_layernorm
+            for variable in norm.weights:
+                variable.trainable = True
+            self.note = "no adapter; block 0's input norm trainable"
         else:
             self.note = step_time.setup_variant(variant)(model, RANK)
         self.callbacks = []
@@ -302,6 +381,8 @@ class KerasRow:
                 f"{self.callbacks[0].interval})"
             )
             self.interval = self.callbacks[0].interval
+        if keras.config.backend() == "torch" and torch_device() == "cuda":
+            self.callbacks.append(CudaSync())
         model.compile(
             optimizer=keras.optimizers.AdamW(LR),
             loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
@@ -352,6 +433,19 @@ class KerasRow:
         return self.round(max(count, steps + 1) - 1)
 
 
+def CudaSync():
+    """A callback that waits for the GPU at every batch end (before the
+    step timer stamps it)."""
+    import keras
+    import torch
+
+    class Sync(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            torch.cuda.synchronize()
+
+    return Sync()
+
+
 class ForwardRow:
     """The base model's forward pass alone, no grad (`--forward`)."""
 
@@ -379,12 +473,12 @@ def forward_rows(folder, tokens):
 
     hf = transformers.AutoModelForCausalLM.from_pretrained(
         folder, dtype=torch.float32
-    )
+    ).to(torch_device())
     hf.eval()
 
     def hf_logits(x):
         with torch.no_grad():
-            return hf(input_ids=torch.from_numpy(x)).logits
+            return hf(input_ids=torch.from_numpy(x).to(torch_device())).logits
 
     backbone = load_backbone(folder)
     lm = keras_hub.models.Llama3CausalLM(backbone=backbone, preprocessor=None)
@@ -568,8 +662,13 @@ def main(args):
         print(
             f"built peft_lora ({time.perf_counter() - start:.1f} s)", flush=True
         )
+        torch_rows = [r for r in args.rows.split(",") if r]
+        if args.base:
+            rows["peft_base"] = PeftRow(folder, tokens, base=True)
+            rows["peft_base"].round(1)
+            torch_rows.append("base")
         jit = True if args.jit_compile else "auto"
-        for name in [r for r in args.rows.split(",") if r]:
+        for name in torch_rows:
             start = time.perf_counter()
             rows[name] = KerasRow(name, folder, tokens, jit)
             same[name] = rel_diff(rows[name].logits(check), reference)
@@ -600,12 +699,77 @@ def main(args):
             flush=True,
         )
         samples = interleave(rows, args)
+        profiles = {}
+        if args.profile:
+            for name, row in rows.items():
+                if isinstance(row, (PeftRow, KerasRow)):
+                    profiles[name] = profile_step(row)
     finally:
         for child in children:
             child.close()
     env["loadavg_end"] = round(os.getloadavg()[0], 2)
-    report(args, env, samples, notes, same)
+    report(args, env, samples, notes, same, profiles)
     del keras
+
+
+# Where an operator was called from: the innermost frame of its Python
+# stack whose file matches (backward operators have no Python frame).
+CALLERS = (
+    ("keras_relora/", "keras_relora (ours)"),
+    ("keras/src/backend/torch/optimizers/", "Keras optimizer"),
+    ("keras/src/optimizers/", "Keras optimizer"),
+    ("keras/src/losses/", "Keras loss"),
+    ("keras/src/metrics/", "Keras metrics"),
+    ("keras/src/backend/torch/trainer", "Keras train step"),
+    ("keras/src/trainers/", "Keras train step"),
+    ("keras_hub/", "keras-hub layers"),
+    ("peft/", "PEFT"),
+    ("transformers/", "transformers layers"),
+    ("torch/optim/", "torch.optim"),
+    ("vs_peft.py", "plain loop (loss)"),
+)
+
+
+def profile_step(row):
+    """Self CPU ms of one train step, by caller (`CALLERS`): of its torch
+    operators, and of the Python functions that the profiler's Python
+    tracer records (which slows Python-heavy code, so the step's profiled
+    wall time is longer than its timed one)."""
+    import torch
+
+    if isinstance(row, KerasRow):
+        (x, y) = row.data(1)[1]
+        row.model.train_on_batch(x, y)  # Builds the function, untimed.
+
+        def step():
+            row.model.train_on_batch(x, y)
+    else:
+        step = row.step
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    start = time.perf_counter()
+    with torch.profiler.profile(activities=activities, with_stack=True) as p:
+        step()
+    wall = time.perf_counter() - start
+    by_caller = {}
+    for event in p.events():
+        python = ".py(" in event.name or event.name.startswith("<built-in")
+        caller, parent, seen_python = None, event, False
+        while parent is not None and caller is None:
+            name = parent.name.replace("\\", "/")
+            seen_python = seen_python or ".py(" in name
+            caller = next((c for key, c in CALLERS if key in name), None)
+            if name.startswith("autograd::engine"):
+                caller = "backward (autograd engine)"
+            parent = parent.cpu_parent
+        if caller is None and "threading.py(" in name:
+            continue  # Another thread's wait (e.g. tqdm's monitor).
+        if caller is None:
+            caller = "other" if seen_python else "backward (autograd engine)"
+        key = f"{caller}, {'Python' if python else 'operators'}"
+        by_caller[key] = (
+            by_caller.get(key, 0.0) + event.self_cpu_time_total / 1e3
+        )
+    return {"wall_ms": 1e3 * wall, "self_cpu_ms": by_caller}
 
 
 def rel_diff(got, reference):
@@ -642,7 +806,60 @@ def interleave(rows, args):
     return samples
 
 
-def report(args, env, samples, notes, same):
+def report_overheads(samples):
+    """`(adapted - base) / base` per round, medians: PEFT's and ours."""
+    pairs = [("peft_lora", "peft_base")] + [
+        (name, "base")
+        for name in samples
+        if ":" not in name
+        and not name.endswith("_forward")
+        and name not in ("peft_lora", "peft_base", "base")
+    ]
+    pairs += [("base", "peft_base")]
+    out = {}
+    for adapted, base in pairs:
+        if adapted not in samples or base not in samples:
+            continue
+        ratios = [
+            statistics.median(a["normal"]) / statistics.median(b["normal"]) - 1
+            for a, b in zip(samples[adapted], samples[base], strict=True)
+        ]
+        out[f"{adapted} vs {base}"] = {
+            "median": statistics.median(ratios),
+            "min": min(ratios),
+            "max": max(ratios),
+        }
+    if out:
+        print("\n(adapted - base) / base, median [min, max] over rounds:")
+        for name, stats in out.items():
+            print(
+                f"  {name:<32} {stats['median']:+.3f} "
+                f"[{stats['min']:+.3f}, {stats['max']:+.3f}]"
+            )
+    return out
+
+
+def report_profiles(profiles):
+    if not profiles:
+        return
+    callers = sorted({c for p in profiles.values() for c in p["self_cpu_ms"]})
+    rows = [
+        [c] + [f"{p['self_cpu_ms'].get(c, 0):.0f}" for p in profiles.values()]
+        for c in callers
+    ]
+    rows.append(
+        ["total self CPU"]
+        + [f"{sum(p['self_cpu_ms'].values()):.0f}" for p in profiles.values()]
+    )
+    rows.append(
+        ["step wall (profiled)"]
+        + [f"{p['wall_ms']:.0f}" for p in profiles.values()]
+    )
+    print("\nOne profiled step, self CPU ms by caller:")
+    print(common.markdown_table(["caller", *profiles], rows))
+
+
+def report(args, env, samples, notes, same, profiles=None):
     base = [statistics.median(s["normal"]) for s in samples["peft_lora"]]
     result = {
         "env": env,
@@ -656,7 +873,9 @@ def report(args, env, samples, notes, same):
             name
             if ":" in name
             else (
-                name if name in ("peft_lora", "hf_forward") else f"torch:{name}"
+                name
+                if name in ("peft_lora", "peft_base", "hf_forward")
+                else f"torch:{name}"
             )
         )
         medians = [statistics.median(s["normal"]) for s in rounds]
@@ -739,6 +958,9 @@ def report(args, env, samples, notes, same):
             rows,
         )
     )
+    result["adapter_overhead"] = report_overheads(samples)
+    result["profiles"] = profiles or {}
+    report_profiles(profiles)
     common.emit_result(result)
     common.write_json(args.json, result)
 

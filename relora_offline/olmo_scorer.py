@@ -8,13 +8,18 @@ it runs a model on those batches and feeds the metric, and it reads
 per-document results back from the metric so that a paired bootstrap over
 documents can be computed.
 
-Cost: the collated batches are padded to a multiple of 128 tokens and the
-metric reads only `lm_logits[i][ctx_len - 1 : ctx_len + cont_len - 1]`. The
-scorer trims each batch to its own longest query, rounded up to a multiple
-of `bucket` (so JAX and TensorFlow compile one function per length), and
-computes the vocabulary projection only at the positions that the metric
-reads. It hands the metric those rows with `ctx_len` set to 1, so the
-metric reads exactly the rows it would have read in the full logits.
+Cost: a multiple-choice document's 2-4 answers share its context, and the
+metric reads only `lm_logits[i][ctx_len - 1 : ctx_len + cont_len - 1]`.
+With a Llama-family keras-hub model (`keras_logits_fn`'s default) each
+context runs once, padded on the left to a multiple of `bucket` (so JAX and
+TensorFlow compile one function per length), and each answer runs from the
+context's key/value cache; the vocabulary projection is computed only
+after each context's last token and at the answers' tokens. Other models
+(and transformers, the reference) run each answer as a whole sequence:
+the task's collated batches trimmed to their longest query, rounded up to
+a multiple of `bucket`. Either way the metric gets those rows with
+`ctx_len` set to 1, so it reads exactly the rows it would have read in the
+full logits.
 
 Example:
 
@@ -36,6 +41,8 @@ import os
 
 import numpy as np
 
+from relora_offline import causal_lm_logits
+
 # The data half lives in `olmo_data`; its names are re-exported here.
 from relora_offline.olmo_data import build_task
 from relora_offline.olmo_data import gold_samples
@@ -44,13 +51,13 @@ from relora_offline.olmo_data import smollm2_tokenizer
 from relora_offline.olmo_data import split_documents
 
 
-def keras_logits_fn(causal_lm, jit_compile="auto"):
-    """Logits of a keras-hub `CausalLM` at chosen positions only.
+def keras_logits_fn(causal_lm, jit_compile="auto", share_context="auto"):
+    """Logits of a keras-hub `CausalLM` at the positions the metric reads.
 
-    Runs the backbone on the whole sequence, gathers the hidden states at
-    `positions` and projects only those onto the vocabulary with the
-    backbone's (tied or untied) `token_embedding`, in one compiled
-    function per input shape (`predict_on_batch`).
+    With `share_context` (the default for Llama-family models), `score_task`
+    and `gold_nll` run each document's context once and its continuations
+    from the context's key/value cache; otherwise each continuation runs as
+    a whole sequence. Both give the same numbers (to float rounding).
 
     Args:
         causal_lm: a `keras_hub.models.CausalLM` whose backbone reads
@@ -59,52 +66,19 @@ def keras_logits_fn(causal_lm, jit_compile="auto"):
         jit_compile: `"auto"` (Keras's choice: XLA on JAX, and on
             TensorFlow only with an accelerator) or a bool, as
             `Model.compile` takes it. XLA pays a compilation per input
-            shape that only many calls of one shape repay (TensorFlow,
-            SmolLM2, 2 CPU cores, one pass over 200 documents of SST-2
-            and ARC-Easy: 54-62 s without XLA, 108-169 s with
-            `jit_compile=True`).
+            shape that only many calls of one shape repay.
+        share_context: `"auto"`, `True` or `False`; see
+            `causal_lm_logits.KerasLogits`.
 
     Returns:
-        A function `(token_ids, padding_mask, positions) -> logits`, numpy
-        `(batch, positions, vocabulary)` float32.
+        A `causal_lm_logits.KerasLogits`: called as `(token_ids,
+        padding_mask, positions) -> logits` (numpy `(batch, positions,
+        vocabulary)` float32), and with `context_logits` when it shares
+        contexts.
     """
-    import keras
-
-    backbone = causal_lm.backbone
-
-    class ContinuationLogits(keras.Model):
-        def __init__(self):
-            super().__init__()
-            self.causal_lm = causal_lm
-
-        def call(self, inputs):
-            hidden = backbone(
-                {
-                    "token_ids": inputs["token_ids"],
-                    "padding_mask": inputs["padding_mask"],
-                }
-            )  # (batch, length, hidden)
-            hidden = keras.ops.take_along_axis(
-                hidden, inputs["positions"][:, :, None], axis=1
-            )  # (batch, positions, hidden)
-            logits = backbone.token_embedding(hidden, reverse=True)
-            return keras.ops.cast(logits, "float32")
-
-    model = ContinuationLogits()
-    if jit_compile != "auto":
-        model.jit_compile = bool(jit_compile)
-
-    def logits_fn(token_ids, padding_mask, positions):
-        out = model.predict_on_batch(
-            {
-                "token_ids": token_ids,
-                "padding_mask": padding_mask,
-                "positions": positions,
-            }
-        )
-        return np.asarray(keras.ops.convert_to_numpy(out), "float32")
-
-    return logits_fn
+    return causal_lm_logits.KerasLogits(
+        causal_lm, jit_compile=jit_compile, share_context=share_context
+    )
 
 
 def transformers_logits_fn(model):
@@ -138,6 +112,9 @@ TaskScores = collections.namedtuple(
         "correct",  # bool per document
         "gold_nll",  # summed NLL of the gold continuation per document
         "gold_tokens",  # tokens of the gold continuation per document
+        "choice_scores",  # (documents, choices) the metric's score of each
+        # continuation (log-likelihood, or per character for len_norm),
+        # NaN past a document's last continuation
     ],
 )
 
@@ -151,17 +128,21 @@ def score_task(
 ):
     """Scores documents of an `olmo_eval` task with `olmo_eval.ICLMetric`.
 
-    Each continuation is one sequence (context + continuation); sequences
-    are sorted by length, collated by the task's own `collate_fn`, trimmed
-    to the batch's longest query rounded up to a multiple of `bucket`, and
-    padded to `batch_size` rows, so every call has one of few shapes.
+    With a `logits_fn` that shares contexts (`keras_logits_fn` of a Llama
+    model), each call runs `batch_size` contexts once and their
+    continuations from the key/value cache. Otherwise each continuation is
+    one sequence (context + continuation); sequences are sorted by length,
+    collated by the task's own `collate_fn`, trimmed to the batch's longest
+    query rounded up to a multiple of `bucket`, and padded to `batch_size`
+    rows, so every call has one of few shapes.
 
     Args:
         logits_fn: `(token_ids, padding_mask, positions) -> logits`, see
             `keras_logits_fn` and `transformers_logits_fn`.
         task: an `olmo_eval` task.
         doc_ids: documents to score. Defaults to `None` (all).
-        batch_size: int. Sequences per call. Defaults to `16`.
+        batch_size: int. Contexts (or sequences) per call. Defaults to
+            `16`.
         bucket: int. Lengths are rounded up to a multiple of it. Defaults
             to `16` (SmolLM2 with adapters on JAX, 2 CPU cores: compiling a
             new shape cost ~7 CPU s, a call of 32 x 64 tokens ~7 CPU s and
@@ -188,7 +169,7 @@ def score_task(
         )
     metric = olmo_eval.ICLMetric(metric_type=task.metric_type)
     summed = {}  # (doc_id, cont_id) -> (summed NLL, tokens)
-    for batch, logits in _continuation_logits(
+    for batch, logits in _logits_batches(
         logits_fn, task, samples, batch_size, bucket
     ):
         # The metric reads rows ctx_len - 1 ... of its logits: with the
@@ -207,11 +188,14 @@ def score_task(
         labels.setdefault(doc, label)
     docs = np.asarray(sorted(loglikelihoods), "int64")
     predictions, gold = [], []
-    for doc in docs:
+    width = max(max(v) for v in loglikelihoods.values()) + 1
+    choice_scores = np.full((len(docs), width), np.nan)
+    for i, doc in enumerate(docs):
         values = loglikelihoods[int(doc)]
         scores = np.full(max(values) + 1, -np.inf)
         for cont, value in values.items():
             scores[cont] = value
+            choice_scores[i, cont] = value
         predictions.append(int(np.argmax(scores)))
         gold.append(summed[(int(doc), labels[int(doc)])])
     label_array = np.asarray([labels[int(d)] for d in docs], "int64")
@@ -225,6 +209,7 @@ def score_task(
         correct=predictions == label_array,
         gold_nll=np.asarray([g[0] for g in gold], "float64"),
         gold_tokens=np.asarray([g[1] for g in gold], "int64"),
+        choice_scores=choice_scores,
     )
 
 
@@ -269,6 +254,77 @@ def _continuation_logits(logits_fn, task, samples, batch_size, bucket):
         yield batch, torch.from_numpy(np.ascontiguousarray(logits))
 
 
+def _shared_context_logits(logits_fn, task, samples, batch_size, bucket):
+    """As `_continuation_logits`, with each context run once.
+
+    Samples that share a context (a document's answers) form a group: a
+    call runs `batch_size` contexts (padded on the left to a multiple of
+    `bucket`) and, from their key/value cache, every continuation of two
+    or more tokens (its tokens but the last, padded on the right to a
+    multiple of 8). A one-token continuation is scored from its context's
+    last logits alone. Yields one collated batch per group.
+    """
+    import torch
+
+    groups = collections.defaultdict(list)
+    for s in samples:
+        context = tuple(s["query"][: int(s["ctx_len"])])
+        groups[(int(s["doc_id"]), context)].append(s)
+    groups = sorted(
+        groups.items(),
+        key=lambda g: (
+            _round_up(len(g[0][1]), bucket),
+            _round_up(max(int(s["cont_len"]) for s in g[1]) - 1, 8),
+            len(g[0][1]),
+        ),
+    )
+    pad = task.tokenizer.pad_token_id
+    for start in range(0, len(groups), batch_size):
+        chunk = groups[start : start + batch_size]
+        length = _round_up(max(len(key[1]) for key, _ in chunk), bucket)
+        context_ids = np.full((batch_size, length), pad, "int32")
+        context_mask = np.zeros((batch_size, length), "int32")
+        rows, owners = [], []
+        for g, ((_, context), members) in enumerate(chunk):
+            context_ids[g, length - len(context) :] = context
+            context_mask[g, length - len(context) :] = 1
+            for s in members:
+                if int(s["cont_len"]) > 1:
+                    rows.append(s["query"][int(s["ctx_len"]) :])
+                    owners.append(g)
+        row_ids = row_context = None
+        if rows:
+            row_length = _round_up(max(len(r) for r in rows), 8)
+            num_rows = _round_up(len(rows), batch_size)
+            row_ids = np.full((num_rows, row_length), pad, "int32")
+            row_context = np.zeros((num_rows,), "int32")
+            for r, (tokens, g) in enumerate(zip(rows, owners, strict=True)):
+                row_ids[r, : len(tokens)] = tokens
+                row_context[r] = g
+        last, row_logits = logits_fn.context_logits(
+            context_ids, context_mask, row_ids, row_context
+        )
+        r = 0
+        for g, (_, members) in enumerate(chunk):
+            width = max(int(s["cont_len"]) for s in members)
+            logits = np.zeros((len(members), width, last.shape[-1]), "float32")
+            for i, s in enumerate(members):
+                logits[i, 0] = last[g]
+                n = int(s["cont_len"])
+                if n > 1:
+                    logits[i, 1:n] = row_logits[r, : n - 1]
+                    r += 1
+            yield task.collate_fn(members), torch.from_numpy(logits)
+
+
+def _logits_batches(logits_fn, task, samples, batch_size, bucket):
+    if getattr(logits_fn, "shares_context", False):
+        return _shared_context_logits(
+            logits_fn, task, samples, batch_size, bucket
+        )
+    return _continuation_logits(logits_fn, task, samples, batch_size, bucket)
+
+
 def _summed_nll(batch, logits):
     """`{(doc_id, cont_id): (summed NLL, tokens)}` of a batch's rows."""
     import torch
@@ -304,7 +360,7 @@ def gold_nll(logits_fn, task, doc_ids, batch_size=16, bucket=16):
             f"doc_ids={doc_ids!r}"
         )
     summed = {}
-    for batch, logits in _continuation_logits(
+    for batch, logits in _logits_batches(
         logits_fn, task, samples, batch_size, bucket
     ):
         summed.update(_summed_nll(batch, logits))
@@ -352,7 +408,8 @@ def paired_bootstrap(before, after, num_resamples=10000, seed=0):
 
 
 def main(argv=None):
-    """Zero-shot SmolLM2 per task: keras-hub vs transformers, same scorer.
+    """Zero-shot SmolLM2 per task: keras-hub (each context once, and per
+    sequence) vs transformers, same scorer, with the wall time of each.
 
     `python -m relora_offline.olmo_scorer --tasks sst2,arc_easy --docs 100`
     """
@@ -374,29 +431,34 @@ def main(argv=None):
     lm = smollm2.load_smollm2(sequence_length=128)
     hf, _ = smollm2.load_smollm2_transformers()
     runs = (
-        (f"keras-hub ({keras.config.backend()})", keras_logits_fn(lm)),
-        ("transformers (torch)", transformers_logits_fn(hf)),
-    )
-    print(
-        f"{'task':<10} {'docs':>5}  {'metric':<11}"
-        + "".join(f" {name:>22}" for name, _ in runs)
-        + "  differ  max|d nll|"
+        (
+            f"keras-hub ({keras.config.backend()}, context once)",
+            keras_logits_fn(lm),
+        ),
+        (
+            f"keras-hub ({keras.config.backend()}, per sequence)",
+            keras_logits_fn(lm, share_context=False),
+        ),
+        ("transformers (torch, per sequence)", transformers_logits_fn(hf)),
     )
     for name in args.tasks.split(","):
         task = build_task(name, tokenizer)
         _, doc_ids = split_documents(task, 0, args.docs, seed=args.seed)
-        got, seconds = [], []
-        for _, fn in runs:
+        key = accuracy_key(task)
+        print(f"{name}: {len(doc_ids)} documents, {key}", flush=True)
+        got = []
+        for label, fn in runs:
             start = time.perf_counter()
             got.append(score_task(fn, task, doc_ids, batch_size=32))
-            seconds.append(time.perf_counter() - start)
-        key = accuracy_key(task)
-        line = f"{name:<10} {len(doc_ids):>5}  {key:<11}"
-        for scores, s in zip(got, seconds, strict=False):
-            line += f" {scores.metrics[key]:>14.2%} ({s:4.0f} s)"
-        differ = int(np.sum(got[0].predictions != got[1].predictions))
-        gap = float(np.max(np.abs(got[0].gold_nll - got[1].gold_nll)))
-        print(f"{line}  {differ:>6}  {gap:.2e}", flush=True)
+            seconds = time.perf_counter() - start
+            gap = np.max(np.abs(got[-1].gold_nll - got[0].gold_nll))
+            differ = int(np.sum(got[-1].predictions != got[0].predictions))
+            print(
+                f"  {label:<40} {got[-1].metrics[key]:7.2%} {seconds:6.1f} s"
+                f"  vs the first: {differ} predictions differ, max |d gold"
+                f" nll| {gap:.2e}",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

