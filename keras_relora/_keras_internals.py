@@ -14,10 +14,10 @@ ways that rely on Keras's behaviour rather than its private names:
   (`adapt.enable_relora`: the adapter's output is added to a layer's own,
   also for layers that are nodes of a functional graph), its `fit`
   (`adapt.enable_relora`: the Reducer's probe reads the training data), an
-  optimizer's `apply` (`reducer.masked_update`: the exact per-block
-  freeze), a backbone's `save_to_preset`/`get_config`
-  (`saving.model_saving`) and a router's `gates` (`saving.merge`:
-  calibration).
+  optimizer's update step (`route_optimizer_update`, for
+  `reducer.masked_update`: the per-block update of B), a backbone's
+  `save_to_preset`/`get_config` (`saving.model_saving`) and a router's
+  `gates` (`saving.merge`: calibration).
 * `swap_class` changes a model's class to a per-class saving subclass and
   back (`saving.model_saving`, `saving.merge`).
 * `optimizer_built_for` reads a built optimizer's `_trainable_variables`
@@ -154,3 +154,42 @@ def refuse_graph_clones(namespace, cls, refuse):
         return original(self, inputs, checked, call_fn=call_fn)
 
     namespace["_run_through_graph"] = _run_through_graph
+
+
+def route_optimizer_update(optimizer, update_step, weight_decay):
+    """Routes an optimizer's variable updates through two functions.
+
+    `BaseOptimizer.apply` unscales the gradients (loss scaling), adds them
+    up (gradient accumulation), clips them, then calls
+    `_apply_weight_decay(variables)` and `_backend_update_step(grads,
+    variables, learning_rate)`; each backend overrides these two (torch's
+    fused `foreach` update, TensorFlow's distribution merge call, JAX's
+    stateless accumulation calls them unconditionally). Keras has no
+    public hook at that point, where the gradients are final. This
+    replaces both on the instance: `update_step(original, grads,
+    variables, learning_rate)` and `weight_decay(original, variables)`
+    receive the instance's own methods as `original`
+    (`reducer.masked_update`: the per-block update of B).
+    """
+    original_update = optimizer._backend_update_step
+    original_decay = optimizer._apply_weight_decay
+
+    def _backend_update_step(grads, variables, learning_rate):
+        return update_step(original_update, grads, variables, learning_rate)
+
+    def _apply_weight_decay(variables):
+        return weight_decay(original_decay, variables)
+
+    set_untracked(optimizer, "_backend_update_step", _backend_update_step)
+    set_untracked(optimizer, "_apply_weight_decay", _apply_weight_decay)
+
+
+def uses_weight_decay(optimizer, variable):
+    """Whether `optimizer` decays `variable` (`exclude_from_weight_decay`).
+
+    `BaseOptimizer._use_weight_decay` resolves the variables and name
+    patterns excluded with the public `exclude_from_weight_decay`.
+    """
+    return optimizer.weight_decay is not None and optimizer._use_weight_decay(
+        variable
+    )

@@ -25,8 +25,9 @@ class ReloraState:
         shared_a: dict. Group key -> `SharedLoraA`.
         blocks: list of str. Block keys; an adapter's `block` indexes it.
         frozen: list. Variables that were trainable before and were frozen.
-        fit_data: dict or None. The `x`, `y`, `sample_weight` and
-            `batch_size` of the latest `model.fit` call, so that callbacks
+        fit_data: dict or None. The `x`, `y`, `sample_weight`,
+            `batch_size` and `validation_split` (0 when `validation_data`
+            overrides it) of the latest `model.fit` call, so that callbacks
             (the Reducer's probe) can hold a batch of the training data.
         extra_variables: dict. Path -> variable of further ReLoRA state
             that checkpoints must carry (e.g. the Reducer's scores).
