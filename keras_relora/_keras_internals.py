@@ -193,3 +193,35 @@ def uses_weight_decay(optimizer, variable):
     return optimizer.weight_decay is not None and optimizer._use_weight_decay(
         variable
     )
+
+
+def rebuild_jax_train_state(model):
+    """Makes a JAX `fit`'s saved state whole after a `predict_on_batch`.
+
+    During a JAX `fit`, the trainer keeps the latest values of every
+    variable in `model._jax_state` and puts them back at the end of the
+    epoch. A `predict_on_batch` from a callback (the Reducer's probe)
+    replaces that dict with the trainable and non-trainable variables
+    only. If the data then ends with one more, empty step (a dataset of
+    unknown length), `fit` takes the variables out of the model (purges
+    them) for that step, finds no batch, and puts back only what the
+    dict holds: the optimizer's and metrics' variables stay empty, and
+    the epoch's metric read fails ("'NoneType' object is not callable").
+    Called with the model's variables in sync, this stores all four
+    groups again, from the variables; no-op on other backends.
+    """
+    if keras.config.backend() != "jax":
+        return
+    if getattr(model, "_jax_state", None) is None:
+        return
+    optimizer = getattr(model, "optimizer", None)
+    model._jax_state = {
+        "trainable_variables": [v.value for v in model.trainable_variables],
+        "non_trainable_variables": [
+            v.value for v in model.non_trainable_variables
+        ],
+        "optimizer_variables": (
+            [v.value for v in optimizer.variables] if optimizer else []
+        ),
+        "metrics_variables": [v.value for v in model.metrics_variables],
+    }

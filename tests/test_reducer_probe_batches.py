@@ -200,3 +200,27 @@ def test_summary(capsys):
     assert f"would remove the B experts of blocks {removed}" in text
     with pytest.raises(ValueError, match="Received: drop_ratio=2"):
         reducer.summary(drop_ratio=2)
+
+
+def test_probe_in_the_last_step_of_a_dataset_of_unknown_length():
+    # A dataset whose length `fit` cannot know ends each epoch with one
+    # more, empty step: on JAX, `fit` takes the model's variables into
+    # its state before it finds the data exhausted, and puts back what
+    # its state holds. A probe (predict) in the step before left that
+    # state without the optimizer's and metrics' variables.
+    import tensorflow as tf
+
+    model = adapted_mlp()
+    x, y = tm.dense_data(32)
+    dataset = (
+        tf.data.Dataset.from_tensor_slices((x, y))
+        .filter(lambda *_: True)  # Unknown cardinality.
+        .batch(8)
+    )
+    reducer = keras_relora.ReducerCallback(update_layers=1, interval=2, seed=0)
+    history = model.fit(dataset, epochs=2, verbose=0, callbacks=[reducer])
+    steps, _ = reducer.importance_history
+    np.testing.assert_array_equal(steps, [0, 2, 4, 6, 8])  # Last steps too.
+    assert np.isfinite(history.history["loss"]).all()
+    assert int(ops.convert_to_numpy(model.optimizer.iterations)) == 8
+    model.fit(dataset, epochs=1, verbose=0)  # The optimizer state is whole.

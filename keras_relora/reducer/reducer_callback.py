@@ -9,6 +9,7 @@ import keras
 import numpy as np
 from keras import ops
 
+from keras_relora import _keras_internals
 from keras_relora.adapt.state import require_state
 from keras_relora.reducer import block_sampling
 from keras_relora.reducer import importance_plot
@@ -462,7 +463,11 @@ class ReducerCallback(keras.callbacks.Callback):
         self._step += batch - self._batch_begin + 1
         if self._step // self.interval > previous // self.interval:
             start = time.perf_counter()
-            self._run_probe()
+            try:
+                self._run_probe()
+            finally:
+                # JAX: the probe's predict left `fit`'s state partial.
+                _keras_internals.rebuild_jax_train_state(self.model)
             self.probe_seconds += time.perf_counter() - start
 
     def on_epoch_end(self, epoch, logs=None):
