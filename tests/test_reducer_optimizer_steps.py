@@ -401,3 +401,52 @@ def test_files_from_before_the_counts_load(tmp_path):
     np.testing.assert_array_equal(
         ops.convert_to_numpy(callback._masked.counts), 5
     )
+
+
+@pytest.mark.skipif(
+    keras.config.backend() != "torch",
+    reason="torch computes per-parameter gradients on request only",
+)
+def test_torch_computes_no_gradient_for_unselected_b():
+    x, y = tm.dense_data(48)
+    model = _adapted(keras.optimizers.AdamW(0.05, weight_decay=0.1))
+    reducer = keras_relora.ReducerCallback(update_layers=1, interval=2, seed=5)
+    seen = []
+
+    class Gradients(keras.callbacks.Callback):
+        def on_train_batch_begin(self, batch, logs=None):
+            masked = reducer._masked
+            control = ops.convert_to_numpy(masked.control)
+            self.mask = ops.convert_to_numpy(
+                block_sampling.update_mask(
+                    ops.convert_to_numpy(masked.scores),
+                    control[0],
+                    _steps_of(self.model),
+                    control[1],
+                )
+            )
+
+        def on_train_batch_end(self, batch, logs=None):
+            for block, variables in reducer._masked.groups:
+                grad = variables[0].value.grad
+                assert (grad is not None) == bool(self.mask[block])
+            seen.append(int(self.mask.sum()))
+
+    import warnings
+
+    with warnings.catch_warnings():
+        # Keras warns of every variable without a gradient; not of these.
+        warnings.filterwarnings("error", message="Gradients do not exist")
+        _fit(model, reducer, x, y)
+        model.fit(
+            x,
+            y,
+            batch_size=8,
+            epochs=1,
+            verbose=0,
+            callbacks=[reducer, Gradients()],
+        )
+    assert seen == [1] * 6
+    # After the fit, every B gets its gradient again.
+    for _, variables in reducer._masked.groups:
+        assert variables[0].value.requires_grad

@@ -28,6 +28,10 @@ where the mask is off (exact as well, but it keeps a copy of B and its
 slots during the step, and a bias correction, if any, uses the global
 step).
 
+On torch (one process), the unselected blocks' B get no gradient at all:
+the mask of the next step is known when a step ends, and their
+`requires_grad` is switched off before the forward pass, as IST does.
+
 Everything the step reads lives in optimizer variables (`relora_scores`,
 `relora_control` = `[seed, k, enabled]`, `relora_update_counts` and the
 optimizer's own `iterations`): inside the JAX optimizer step the model's
@@ -232,20 +236,40 @@ class MaskedUpdate:
         """
         self.scores.assign(block_sampling.active_scores(scores, active))
         self.control.assign(np.array([seed, k, int(enabled)], dtype="int32"))
+        self._set_gradient_flags(self.optimizer.iterations)
 
     def set_enabled(self, enabled):
         control = ops.convert_to_numpy(self.control).copy()
         control[2] = int(enabled)
         self.control.assign(control)
+        self._set_gradient_flags(self.optimizer.iterations)
+
+    def _set_gradient_flags(self, step):
+        """torch: only the B of the blocks of `step` get a gradient.
+
+        The mask of the step to come is known before its forward pass, so
+        torch computes no weight gradient for the other blocks' B (as
+        IST's `requires_grad=False`); `apply` then receives no gradient
+        for them and leaves them, their slots and their weight decay
+        alone, which is what the masked update does with them anyway.
+        Not with several torch processes: `DistributedDataParallel`
+        expects the same parameters to get gradients at every step.
+        """
+        if not _toggles_gradients():
+            return
+        mask = ops.convert_to_numpy(self.mask_at(step)).tolist()
+        for block, variables in self.groups:
+            variables[0].value.requires_grad_(bool(mask[block]))
 
     def mask(self):
         """The mask of the current step, bool `(L,)` (all True if off)."""
+        return self.mask_at(self.optimizer.iterations)
+
+    def mask_at(self, step):
+        """The mask of `step`, bool `(L,)` (all True if off)."""
         control = ops.convert_to_tensor(self.control)
         mask = block_sampling.update_mask(
-            ops.convert_to_tensor(self.scores),
-            control[0],
-            self.optimizer.iterations,
-            control[1],
+            ops.convert_to_tensor(self.scores), control[0], step, control[1]
         )
         return ops.logical_or(mask, ops.equal(control[2], 0))
 
@@ -276,6 +300,7 @@ class MaskedUpdate:
                 self._masked_update(mine, learning_rate, mask)
             counts = ops.convert_to_tensor(self.counts)
             self.counts.assign(counts + ops.cast(mask, "int32"))
+            self._set_gradient_flags(self.optimizer.iterations + 1)
 
     def _masked_update(self, grads, learning_rate, mask):
         """The optimizer's own formula, per block step count, masked."""
@@ -423,6 +448,19 @@ def _no_grad():
 
         return torch.no_grad()
     return contextlib.nullcontext()
+
+
+def _toggles_gradients():
+    """Whether B's gradients are switched per step (torch, one process)."""
+    if keras.config.backend() != "torch":
+        return False
+    import torch.distributed as dist
+
+    return not (
+        dist.is_available()
+        and dist.is_initialized()
+        and dist.get_world_size() > 1
+    )
 
 
 def _sum_over_replicas(grads):

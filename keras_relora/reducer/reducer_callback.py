@@ -46,6 +46,10 @@ def _check_float(name, value, rule, within):
 
 
 PROBE_TOKENS = ("weighted", "all")
+# Keras's warning when every variable without a gradient is a B kernel.
+_NO_B_GRADIENTS = (
+    r"Gradients do not exist for variables \[('[^']*/b_kernel'(, )?)+\] "
+)
 
 
 class ReducerCallback(keras.callbacks.Callback):
@@ -283,6 +287,7 @@ class ReducerCallback(keras.callbacks.Callback):
         self._probe = None  # The latest probe batch.
         self._loss_fn = None
         self._owner = None  # id of the model the results belong to.
+        self._filter = None
         self._reset_results()
         self._step = 0
         self._batch_begin = 0
@@ -433,8 +438,16 @@ class ReducerCallback(keras.callbacks.Callback):
         if not self._steps:
             self._record()
         self._start_time = time.perf_counter()
+        # torch: the unselected blocks' B get no gradient, and Keras warns
+        # of every variable without one; not of those B.
+        warnings.filterwarnings(
+            "ignore", message=_NO_B_GRADIENTS, category=UserWarning
+        )
+        self._filter = warnings.filters[0]
 
     def on_train_end(self, logs=None):
+        if self._filter in warnings.filters:
+            warnings.filters.remove(self._filter)
         self.train_seconds += time.perf_counter() - self._start_time
         _ = self.model  # On JAX, syncs the state before assigning.
         # Without the callback, later fits of the model train every block.
