@@ -16,9 +16,10 @@ model's `ReloraState` (`adapt.state`), which `unload` undoes in one loop:
   (`adapt.enable_relora`: the adapter's output is added to a layer's own,
   also for layers that are nodes of a functional graph), its `fit`
   (`adapt.enable_relora`: the Reducer's probe reads the training data), an
-  optimizer's `apply` and `save/load_own_variables`
-  (`reducer.masked_update`: the exact per-block freeze), a Task
-  backbone's `save_to_preset`/`export_to_transformers`
+  optimizer's `apply` (`adapt.named_adapters`) and
+  `save/load_own_variables` (`reducer.masked_update`), its update step
+  (`route_optimizer_update`, for `reducer.masked_update`: the per-block
+  update of B), a Task backbone's `save_to_preset`/`export_to_transformers`
   (`adapt.model_class`), for the length of a `with` block a router's
   `gates` (`saving.merge`: calibration), and a merged backbone's
   `get_config` (`adapt.tied_embeddings`).
@@ -161,3 +162,77 @@ def refuse_graph_clones(namespace, cls, refuse):
         return original(self, inputs, checked, call_fn=call_fn)
 
     namespace["_run_through_graph"] = _run_through_graph
+
+
+def route_optimizer_update(optimizer, update_step, weight_decay, setter=None):
+    """Routes an optimizer's variable updates through two functions.
+
+    `BaseOptimizer.apply` unscales the gradients (loss scaling), adds them
+    up (gradient accumulation), clips them, then calls
+    `_apply_weight_decay(variables)` and `_backend_update_step(grads,
+    variables, learning_rate)`; each backend overrides these two (torch's
+    fused `foreach` update, TensorFlow's distribution merge call, JAX's
+    stateless accumulation calls them unconditionally). Keras has no
+    public hook at that point, where the gradients are final. This
+    replaces both on the instance: `update_step(original, grads,
+    variables, learning_rate)` and `weight_decay(original, variables)`
+    receive the instance's own methods as `original`
+    (`reducer.masked_update`: the per-block update of B). `setter(obj,
+    name, value)` sets the two attributes (default `set_untracked`; the
+    Reducer passes `ReloraState.patch`, so `unload` undoes them).
+    """
+    original_update = optimizer._backend_update_step
+    original_decay = optimizer._apply_weight_decay
+
+    def _backend_update_step(grads, variables, learning_rate):
+        return update_step(original_update, grads, variables, learning_rate)
+
+    def _apply_weight_decay(variables):
+        return weight_decay(original_decay, variables)
+
+    setter = setter or set_untracked
+    setter(optimizer, "_backend_update_step", _backend_update_step)
+    setter(optimizer, "_apply_weight_decay", _apply_weight_decay)
+
+
+def uses_weight_decay(optimizer, variable):
+    """Whether `optimizer` decays `variable` (`exclude_from_weight_decay`).
+
+    `BaseOptimizer._use_weight_decay` resolves the variables and name
+    patterns excluded with the public `exclude_from_weight_decay`.
+    """
+    return optimizer.weight_decay is not None and optimizer._use_weight_decay(
+        variable
+    )
+
+
+def rebuild_jax_train_state(model):
+    """Makes a JAX `fit`'s saved state whole after a `predict_on_batch`.
+
+    During a JAX `fit`, the trainer keeps the latest values of every
+    variable in `model._jax_state` and puts them back at the end of the
+    epoch. A `predict_on_batch` from a callback (the Reducer's probe)
+    replaces that dict with the trainable and non-trainable variables
+    only. If the data then ends with one more, empty step (a dataset of
+    unknown length), `fit` takes the variables out of the model (purges
+    them) for that step, finds no batch, and puts back only what the
+    dict holds: the optimizer's and metrics' variables stay empty, and
+    the epoch's metric read fails ("'NoneType' object is not callable").
+    Called with the model's variables in sync, this stores all four
+    groups again, from the variables; no-op on other backends.
+    """
+    if keras.config.backend() != "jax":
+        return
+    if getattr(model, "_jax_state", None) is None:
+        return
+    optimizer = getattr(model, "optimizer", None)
+    model._jax_state = {
+        "trainable_variables": [v.value for v in model.trainable_variables],
+        "non_trainable_variables": [
+            v.value for v in model.non_trainable_variables
+        ],
+        "optimizer_variables": (
+            [v.value for v in optimizer.variables] if optimizer else []
+        ),
+        "metrics_variables": [v.value for v in model.metrics_variables],
+    }

@@ -448,11 +448,15 @@ def guard_fit(model, state=None):
             if model.__dict__.get("fit") is guarded_fit:
                 del model.__dict__["fit"]
         else:
+            # Keras holds out the last rows; `validation_data` overrides.
+            split = kwargs.get("validation_split", (args[3:4] or [0.0])[0])
+            held_out = kwargs.get("validation_data", (args[4:5] or [None])[0])
             state.fit_data = {
                 "x": x,
                 "y": y,
                 "sample_weight": kwargs.get("sample_weight"),
                 "batch_size": batch_size,
+                "validation_split": split if held_out is None else 0.0,
             }
         return fit(x, y, batch_size, *args, **kwargs)
 

@@ -69,13 +69,24 @@ def patched(obj, name, value):
 
 
 class ReducerVariables(keras.layers.Layer):
-    """The Reducer's variables on the model: block scores and the seed.
+    """The Reducer's model-side state: block scores and the sampling seed.
 
     Kept on the adapted model (untracked by its layer list, so the model's
     variables and train step do not change) under the attribute
-    `relora_reducer`, where `save_weights` finds it, and listed in the
-    model's `ReloraState.extra_variables`, which adapter checkpoints carry.
-    Made by `ReloraState.add_reducer`.
+    `relora_reducer`, where `save_weights` finds it; the scores and seed
+    are registered in the model's `ReloraState.extra_variables`, which
+    adapter checkpoints carry. Made by `ReloraState.add_reducer`.
+
+    It also carries the optimizer's per-block update counts of B
+    (`update_counts`, with `counts_at`, the optimizer step they were
+    taken at) into `save_weights` and `.keras` files: they are optimizer
+    state, but saved with the optimizer they would make its variables
+    differ in number from a plain optimizer's, whose checkpoints then no
+    longer load into each other. They are copied from the optimizer when
+    saved (`counts_source`), and the Reducer adopts them at the next
+    `fit` start only if the optimizer's step is still `counts_at` (the
+    optimizer state was loaded with them). Files written before these
+    variables existed hold two entries and load as before.
     """
 
     def __init__(self, num_blocks, **kwargs):
@@ -95,7 +106,42 @@ class ReducerVariables(keras.layers.Layer):
             dtype="int32",
             trainable=False,
         )
+        self.update_counts = self.add_weight(
+            name="update_counts",
+            shape=(num_blocks,),
+            initializer="zeros",
+            dtype="int32",
+            trainable=False,
+        )
+        self.counts_at = self.add_weight(
+            name="counts_at",
+            shape=(),
+            initializer=keras.initializers.Constant(-1),
+            dtype="int32",
+            trainable=False,
+        )
         self.built = True
+        # `() -> (counts, step)` or None; set by the Reducer's optimizer.
+        _keras_internals.set_untracked(self, "counts_source", None)
+        # Whether the counts were loaded since the Reducer last read them.
+        _keras_internals.set_untracked(self, "counts_loaded", False)
+
+    def save_own_variables(self, store):
+        source = self.counts_source() if self.counts_source else None
+        if source is not None:
+            counts, step = source
+            self.update_counts.assign(np.asarray(counts, dtype="int32"))
+            self.counts_at.assign(np.int32(step))
+        super().save_own_variables(store)
+
+    def load_own_variables(self, store):
+        if len(store.keys()) == 2:  # Files from before the counts.
+            self.scores.assign(store["0"])
+            self.seed.assign(store["1"])
+            self.counts_at.assign(np.int32(-1))
+        else:
+            super().load_own_variables(store)
+        _keras_internals.set_untracked(self, "counts_loaded", True)
 
 
 @dataclasses.dataclass(eq=False)
@@ -133,6 +179,9 @@ class ReloraState:
             once a `ReducerCallback` (or a loaded file) attached them.
         fit_data: dict or None. The `x`, `y`, `sample_weight` and
             `batch_size` of the latest `model.fit` call, so that callbacks
+    fit_data: dict or None. The `x`, `y`, `sample_weight`,
+            `batch_size` and `validation_split` (0 when `validation_data`
+            overrides it) of the latest `model.fit` call, so that callbacks
             (the Reducer's probe) can hold a batch of the training data.
         extra_variables: dict. Path -> variable of further ReLoRA state
             that checkpoints must carry (the Reducer's scores and seed).
@@ -196,7 +245,7 @@ class ReloraState:
         # model's variable lists (and so its compiled step) stay as they are.
         self.patch(root, REDUCER_ATTRIBUTE, reducer)
         self.reducer = reducer
-        for variable in reducer.weights:
+        for variable in (reducer.scores, reducer.seed):
             self.extra_variables[variable.path] = variable
         return reducer
 

@@ -6,23 +6,33 @@ from keras import ops
 
 from keras_relora.adapt.state import require_state
 
-_DEFAULT_PROBE_BATCH = 32
+DEFAULT_PROBE_BATCH = 16
+# Separates the probe's draws from the other uses of the Reducer's seed.
+_SALT = 0x5EED0F
 
 
 class ProbeBatches:
     """The Reducer's probe batches: `batch(i)` is the batch of probe `i`.
 
-    Probe `i` (counted from the first step of training, so that a resumed
-    run probes the batches an uninterrupted one would) gets batch
-    `i mod n` of its source, which has `n` batches:
+    Probe `i` is counted from the first step of training, so that a
+    resumed run probes the batches an uninterrupted one would. As IST's
+    probe (a shuffled `DataLoader` of the training data, batch 16, drawn
+    from again when exhausted), each probe draws a fresh random batch:
 
     * arrays `(x, y[, sample_weight])` (`probe_data`, or the arrays the
-      latest `fit` call received): successive slices of `batch_size` rows,
-      wrapping around at the end so that every batch has the same shape
-      (one trace of the compiled predict step);
-    * a re-iterable dataset (`tf.data.Dataset`, `keras.utils.PyDataset`,
-      a torch `DataLoader`): its successive batches, again from its start
-      when it is exhausted.
+      latest `fit` call received, without the rows `validation_split`
+      holds out): the rows are shuffled, one permutation per pass seeded
+      by `(seed, pass)`, and probe `i` takes the next `batch_size` rows
+      of it. A pass has `rows // batch_size` batches (the rows left over
+      go to the next pass's shuffle), so every batch has the same shape
+      (one trace of the compiled predict step) and every replica or
+      process with the same seed draws the same rows;
+    * a `keras.utils.PyDataset`: one of its batches, in a seeded shuffled
+      order of its batches, pass after pass;
+    * another re-iterable dataset (`tf.data.Dataset`, a torch
+      `DataLoader`): its successive batches, again from its start when it
+      is exhausted; shuffle it (`Dataset.shuffle`, `DataLoader(shuffle=
+      True)`) for random batches. Datasets keep their own batch size.
 
     A keras-hub task's batch goes through its preprocessor here. Batches
     are host (numpy) arrays.
@@ -30,15 +40,23 @@ class ProbeBatches:
     Args:
         model: The adapted, compiled model.
         probe_data: The `ReducerCallback`'s `probe_data` argument.
+        batch_size: int. Rows of a probe batch drawn from arrays.
+        seed: int. The Reducer's seed.
     """
 
-    def __init__(self, model, probe_data):
+    def __init__(
+        self, model, probe_data, batch_size=DEFAULT_PROBE_BATCH, seed=0
+    ):
         self._model = model
+        self._seed = int(seed)
+        rows = None  # All rows, unless `validation_split` holds some out.
         if probe_data is not None:
             what, self._name = "`probe_data`", "probe_data"
-            data, batch_size = probe_data, None
-            if isinstance(data, (list, tuple)):
+            data = probe_data
+            if isinstance(data, (list, tuple)) and not _is_string_list(data):
                 data = tuple(data) + (None,) * (3 - len(data))
+            elif _is_array_like(data):
+                data = _inputs_only(model, data)
         else:
             what, self._name = "the training data", "x"
             state = require_state(model, "`ReducerCallback`")
@@ -48,29 +66,47 @@ class ProbeBatches:
                     "`ReducerCallback` found no training data to draw probe "
                     "batches from. Pass `probe_data=(x, y)`."
                 )
-            batch_size = fit_data["batch_size"]
             data = fit_data["x"]
             if _is_array_like(data):
                 data = (data, fit_data["y"], fit_data["sample_weight"])
+                split = fit_data.get("validation_split") or 0.0
+                if split:
+                    # Keras holds out the last rows (`fit`'s own split).
+                    total = _num_rows(data, what, self._name)
+                    rows = int(np.floor(total * (1.0 - split)))
         self._what = what
-        batch_size = batch_size or _DEFAULT_PROBE_BATCH
         if isinstance(data, tuple):
             self._arrays = data
-            self._rows = _num_rows(data, what, self._name)
-            self._size = min(batch_size, self._rows)
+            self._rows = rows or _num_rows(data, what, self._name)
+            self._size = min(int(batch_size), self._rows)
+            self._pass = None  # `(pass, permutation)` of the latest pass.
         else:
             self._arrays = None
             self._dataset = _check_dataset(data, what)
             self._iterator = None
             self._position = 0
             self._count = None  # Batches in the dataset, once known.
+            self._pass = None  # `(pass, order of the PyDataset's batches)`.
             first = self._raw(0)  # Fails now if the dataset is empty.
             self._cached = (0, first)
+
+    def rows(self, index):
+        """The row indices of probe `index` (arrays only)."""
+        per_pass = self._rows // self._size
+        number, start = divmod(index, per_pass)
+        permutation = self._permutation(number, self._rows)
+        return permutation[start * self._size : (start + 1) * self._size]
+
+    def _permutation(self, number, count):
+        if self._pass is None or self._pass[0] != number:
+            rng = np.random.default_rng([self._seed, _SALT, number])
+            self._pass = (number, rng.permutation(count))
+        return self._pass[1]
 
     def batch(self, index):
         """`(x, y, sample_weight)` of probe `index`, preprocessed, on host."""
         if self._arrays is not None:
-            rows = (index * self._size + np.arange(self._size)) % self._rows
+            rows = self.rows(index)
             batch = tuple(
                 None if part is None else _take(part, rows)
                 for part in self._arrays
@@ -85,9 +121,12 @@ class ProbeBatches:
     def _raw(self, index):
         data = self._dataset
         if isinstance(data, keras.utils.PyDataset):
-            if len(data) == 0:
+            count = len(data)
+            if count == 0:
                 self._empty()
-            return _unpack(data[index % len(data)])
+            number, position = divmod(index, count)
+            order = self._permutation(number, count)
+            return _unpack(data[int(order[position])])
         if self._count is not None:
             index %= self._count
         if self._iterator is None or index < self._position:
@@ -111,6 +150,25 @@ class ProbeBatches:
             "batch. Pass `probe_data=` with samples in it. "
             f"Received: {self._name} with no batch"
         )
+
+
+def _inputs_only(model, data):
+    """`(x, None, None)` for a task whose preprocessor makes the targets."""
+    if getattr(model, "preprocessor", None) is not None:
+        return (data, None, None)
+    kind = (
+        f"a dict with keys {sorted(data)}"
+        if isinstance(data, dict)
+        else type(data).__name__
+    )
+    raise ValueError(
+        "`probe_data` takes what `fit` takes as data: a tuple `(x, y)` or "
+        "`(x, y, sample_weight)` of arrays (x may be a dict of arrays), or "
+        "a dataset of such batches. It received inputs alone, and the "
+        "probe loss needs targets (only a keras-hub task with a "
+        "preprocessor makes its targets from the inputs). Pass "
+        f"`probe_data=(x, y)`. Received: probe_data={kind}"
+    )
 
 
 def _check_dataset(data, what):

@@ -82,3 +82,13 @@ def token_loss_sums(loss_fn, y, y_pred, sample_weight):
             f"Received: sample_weight of shape {np.shape(sample_weight)}"
         ) from None
     return float((values * weights).sum()), float(weights.sum())
+
+
+def padding_mask(x):
+    """The inputs' `padding_mask` (keras-hub inputs), or None.
+
+    The weights of `probe_tokens="all"`: every token that is not padding.
+    """
+    if isinstance(x, dict) and "padding_mask" in x:
+        return np.asarray(x["padding_mask"], dtype="float64")
+    return None

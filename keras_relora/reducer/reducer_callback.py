@@ -1,11 +1,14 @@
 """`ReducerCallback`: the paper's Reducer (§3.2), as a Keras callback."""
 
+import time
 import warnings
 
 import keras
 import numpy as np
 from keras import ops
 
+from keras_relora import _keras_internals
+from keras_relora._checks import choice_arg
 from keras_relora._checks import float_arg
 from keras_relora._checks import int_arg
 from keras_relora.adapt.state import require_state
@@ -14,6 +17,8 @@ from keras_relora.reducer import importance_plot
 from keras_relora.reducer import probe_loss
 from keras_relora.reducer import replicas
 from keras_relora.reducer.masked_update import MaskedUpdate
+from keras_relora.reducer.masked_update import core_optimizer
+from keras_relora.reducer.probe_data import DEFAULT_PROBE_BATCH
 from keras_relora.reducer.probe_data import ProbeBatches
 from keras_relora.reducer.reducer_state import reducer_state
 
@@ -28,6 +33,13 @@ def _check_count(name, value):
         )
 
 
+PROBE_TOKENS = ("weighted", "all")
+# Keras's warning when every variable without a gradient is a B kernel.
+_NO_B_GRADIENTS = (
+    r"Gradients do not exist for variables \[('[^']*/b_kernel'(, )?)+\] "
+)
+
+
 class ReducerCallback(keras.callbacks.Callback):
     """Learns block importance and updates only `K` blocks' B each step.
 
@@ -39,11 +51,17 @@ class ReducerCallback(keras.callbacks.Callback):
 
     Every step, `K = update_layers` blocks are sampled without replacement
     with probability proportional to `sigmoid(-scores)`; only their B
-    experts change. The other blocks' B kernels and their optimizer slots
-    (Adam/AdamW moments, momentum) are bitwise unchanged; A and routers keep
-    training. The mask is computed inside the compiled train step from the
-    optimizer's step counter, a seed and the scores, so the train function
-    is traced once for the whole `fit`.
+    experts change. The other blocks' B kernels, their optimizer slots
+    (Adam/AdamW moments, momentum) and their weight decay are bitwise
+    unchanged; A and routers keep training. With Adam and AdamW, each
+    block's B has its own step count for the bias correction: the number
+    of times it was updated, as torch's AdamW counts for a parameter with
+    `requires_grad=False` (Keras's counts the optimizer's steps). SGD is
+    computed the same way (no step count); other optimizers keep B and
+    its slots by a copy made during the step, and correct with the
+    global step. The mask is computed inside the compiled train step from
+    the optimizer's step counter, a seed and the scores, so the train
+    function is traced once for the whole `fit`.
 
     Every `interval` steps, the probe runs `trials` rounds: it samples
     `suppress_layers` blocks with probability proportional to
@@ -53,27 +71,43 @@ class ReducerCallback(keras.callbacks.Callback):
     trials, adds `score_lr * r̂_k * p_l * (1 - p_l)` to the score of every
     block `l` suppressed in round `k`.
 
-    The probe loss follows IST's code: the mean loss per target token,
-    `sum(loss * sample_weight) / sum(sample_weight)` over the loss values
-    of the model's compiled loss (the plain mean without a
-    `sample_weight`), on the model's outputs in inference mode. Each probe
-    draws a fresh batch, and all its trials use that batch, so that the
-    rewards compare suppression sets rather than batches. A probe whose
-    loss is not finite (a NaN in the batch, or weights that became NaN) is
-    skipped with a warning; the scores never become NaN.
+    The probe loss follows IST's code: the model's own loss per counted
+    token, `sum(loss * w) / sum(w)` over the loss values of the model's
+    compiled loss, on the model's outputs in inference mode. Each probe
+    draws a fresh random batch of `probe_batch_size` rows (seeded by the
+    Reducer's seed and the probe's number: reproducible, the same on every
+    replica and process, and on resume), and all its trials use that
+    batch, so that the rewards compare suppression sets rather than
+    batches. A probe whose loss is not finite (a NaN in the batch, or
+    weights that became NaN) is skipped with a warning; the scores never
+    become NaN.
+
+    Which tokens count (`probe_tokens`): `"weighted"` (the default) counts
+    the tokens the training loss counts, `w = sample_weight` (every loss
+    value without one), so the probe measures how suppressing a block
+    hurts the objective being trained. IST probes with its model's own
+    training loss too; its default `train_on_inputs=True` trains and
+    probes on every token. `"all"` counts every token whatever the sample
+    weights (padding excluded where the inputs carry a `padding_mask`, as
+    keras-hub's do): IST's probe for a model trained on answers only.
 
     The scores and the seed live in variables on the model (a small layer
     at the attribute `relora_reducer` of the adapted model), so
     `save_weights`, `.keras` files and adapter checkpoints carry them;
-    with the optimizer's variables (its step counter and moments), a run
-    resumed from a checkpoint takes the same decisions as an uninterrupted
-    one. `keras.models.load_model` restores both by itself, also for a
-    keras-hub task (whose custom `compile` Keras skips on load; the
-    adapted model compiles from the saved config). To resume from
-    `save_weights` into a new compiled model, call
+    `save_weights` and `.keras` files also carry the per-block step
+    counts. With the optimizer's variables (its step counter and moments),
+    a run resumed from a checkpoint takes the same decisions and updates
+    as an uninterrupted one. `keras.models.load_model` restores both by
+    itself, also for a keras-hub task (whose custom `compile` Keras skips
+    on load; the adapted model compiles from the saved config). To resume
+    from `save_weights` into a new compiled model, call
     `callback.set_model(model)` before `model.load_weights(path)`: it
     creates the Reducer's variables and builds the optimizer, so that both
     have somewhere to load into.
+
+    A callback belongs to one model at a time: given another model (a
+    `fit` of another model), it starts its history, counts and timings
+    afresh for that model.
 
     Args:
         update_layers: int. `K`, the blocks whose B is updated each step.
@@ -85,21 +119,26 @@ class ReducerCallback(keras.callbacks.Callback):
             centred over them). Defaults to `3`.
         suppression_factor: float in `[0, 1)`. Scale of a suppressed
             block's adapter outputs. Defaults to `0.25`.
-        score_lr: float. Step size of the score update. Defaults to `10.0`.
+        score_lr: float. Step size of the score update, finite and
+            positive. Defaults to `10.0`.
         probe_data: Where the probe batches come from, in the form `fit`
             takes (a keras-hub task's preprocessor is applied): a tuple of
-            arrays `(x, y)` or `(x, y, sample_weight)`, from which
-            successive slices of the `fit` call's `batch_size` rows (32 if
-            it has none) are drawn, wrapping around at the end; or a
-            re-iterable dataset (`tf.data.Dataset`, `PyDataset`, torch
-            `DataLoader`) whose successive batches are drawn, from its start
-            again when exhausted. Probe `i` (counted from the start of
-            training, so a resumed run probes what an uninterrupted one
-            would) uses batch `i mod n`. Pass held-out data here to score
-            blocks on data the model does not train on. Defaults to the
-            training data of the latest `fit` call, drawn the same way
-            (when it is arrays or a re-iterable dataset; a generator cannot
-            be shared with training and needs `probe_data`).
+            arrays `(x, y)` or `(x, y, sample_weight)` (`x` may be a dict
+            of arrays; a keras-hub task with a preprocessor also takes
+            `x` alone), from which each probe draws `probe_batch_size`
+            random rows; or a re-iterable dataset (`tf.data.Dataset`,
+            `PyDataset`, torch `DataLoader`) whose batches are drawn (a
+            `PyDataset` in a seeded random order, the others in their own
+            order: shuffle them for random batches). Pass held-out data
+            here to score blocks on data the model does not train on.
+            Defaults to the training data of the latest `fit` call, drawn
+            the same way, without the rows `validation_split` holds out
+            (arrays or a re-iterable dataset; a generator cannot be shared
+            with training and needs `probe_data`).
+        probe_batch_size: int. Rows of each probe batch drawn from arrays
+            (IST's probe batch). Defaults to `16`.
+        probe_tokens: `"weighted"` or `"all"`: the tokens the probe loss
+            counts (see above). Defaults to `"weighted"`.
         seed: int. Seed of the sampling, stored with the model's Reducer
             state when that state is created; a model that already has one
             (an earlier `fit`, a loaded checkpoint) keeps its seed. Defaults
@@ -117,6 +156,10 @@ class ReducerCallback(keras.callbacks.Callback):
             because a probe loss was not finite.
         importance_history: `(steps, importance)`: int array `(T,)` and
             float array `(T, L)`, one row per probe (and the start).
+        update_counts: numpy int array `(L,)`: the B updates of each block
+            during this callback's fits (`steps` each without the Reducer).
+        probe_seconds, train_seconds: float. Wall time spent in probes,
+            and in this callback's fits (probes included).
 
     Example:
 
@@ -126,6 +169,7 @@ class ReducerCallback(keras.callbacks.Callback):
     reducer = keras_relora.ReducerCallback(update_layers=8)
     lm.fit(data, epochs=1, callbacks=[reducer])
     print(reducer.importance)
+    reducer.summary()
     reducer.plot("importance.png")
     ```
     """
@@ -140,6 +184,8 @@ class ReducerCallback(keras.callbacks.Callback):
         suppression_factor=0.25,
         score_lr=10.0,
         probe_data=None,
+        probe_batch_size=DEFAULT_PROBE_BATCH,
+        probe_tokens="weighted",
         seed=None,
         log_importance=True,
         verbose=0,
@@ -167,14 +213,31 @@ class ReducerCallback(keras.callbacks.Callback):
             lambda v: 0.0 <= v < 1.0,
         )
         score_lr = float_arg(
-            "score_lr", score_lr, "a positive float", lambda v: v > 0
+            "score_lr",
+            score_lr,
+            "a finite positive float (the step size of the score update)",
+            lambda v: v > 0.0,
+        )
+        probe_batch_size = int_arg(
+            "probe_batch_size",
+            probe_batch_size,
+            1,
+            "an int >= 1 (rows of a probe batch)",
+        )
+        choice_arg(
+            "probe_tokens",
+            probe_tokens,
+            PROBE_TOKENS,
+            "They are the tokens the probe loss counts.",
         )
         if seed is not None:
             seed = int_arg(
                 "seed", seed, 0, "None or an int in [0, 2**31)", 2**31 - 1
             )
-        if isinstance(probe_data, (list, tuple)) and not (
-            2 <= len(probe_data) <= 3
+        if (
+            isinstance(probe_data, (list, tuple))
+            and not all(isinstance(item, (str, bytes)) for item in probe_data)
+            and not 2 <= len(probe_data) <= 3
         ):
             raise ValueError(
                 "`probe_data` must be `(x, y)`, `(x, y, sample_weight)` or a "
@@ -187,25 +250,42 @@ class ReducerCallback(keras.callbacks.Callback):
         self.suppression_factor = float(suppression_factor)
         self.score_lr = float(score_lr)
         self.probe_data = probe_data
+        self.probe_batch_size = int(probe_batch_size)
+        self.probe_tokens = probe_tokens
         self.seed = seed
         self.log_importance = log_importance
         self.verbose = verbose
         self._scores = None
-        self._steps = []
-        self._history = []
         self._masked = None
         self._probes = None
         self._probe = None  # The latest probe batch.
         self._loss_fn = None
-        self.skipped_probes = []
+        self._owner = None  # id of the model the results belong to.
+        self._filter = None
+        self._reset_results()
         self._step = 0
         self._batch_begin = 0
+
+    def _reset_results(self):
+        self._steps = []
+        self._history = []
+        self.skipped_probes = []
+        self.probes_run = 0
+        self.probe_seconds = 0.0
+        self.train_seconds = 0.0
+        self.train_steps = 0
+        self.update_counts = None
 
     # -- setup ---------------------------------------------------------------
 
     def set_model(self, model):
         super().set_model(model)
         state = require_state(model, "`ReducerCallback`")
+        if self._owner is not None and self._owner != id(model):
+            # Another model: its results must not mix with the last one's.
+            self._reset_results()
+            self._scores = None
+        self._owner = id(model)
         if getattr(model, "optimizer", None) is None:
             raise ValueError(
                 "`ReducerCallback` needs a compiled model: call "
@@ -261,6 +341,35 @@ class ReducerCallback(keras.callbacks.Callback):
             # A train function made before the optimizer was wrapped (e.g.
             # by an earlier `fit` without this callback) would not mask.
             model.train_function = None
+        self._adopt_counts(fresh=installed)
+        self._state.counts_source = self._counts_source(model, masked)
+
+    def _adopt_counts(self, fresh):
+        """Takes the per-block update counts from the Reducer state.
+
+        They are valid for this optimizer if it is at the step they were
+        saved at (its state was loaded from the same checkpoint). A fresh
+        mirror, or loaded counts that do not match, keep the optimizer's
+        own step for every block (what a run without the Reducer had).
+        """
+        state, masked = self._state, self._masked
+        if not (fresh or state.counts_loaded):
+            return
+        iterations = masked.iterations()
+        if int(ops.convert_to_numpy(state.counts_at)) == iterations:
+            masked.set_counts(ops.convert_to_numpy(state.update_counts))
+        elif state.counts_loaded:
+            masked.set_counts(np.full(self.num_blocks, iterations, "int32"))
+        state.counts_loaded = False
+
+    @staticmethod
+    def _counts_source(model, masked):
+        def source():
+            if core_optimizer(model.optimizer) is not masked.optimizer:
+                return None  # Compiled again since: not this optimizer's.
+            return ops.convert_to_numpy(masked.counts), masked.iterations()
+
+        return source
 
     def _resolve(self, name, value, default, num_blocks):
         if value is None:
@@ -289,19 +398,46 @@ class ReducerCallback(keras.callbacks.Callback):
         # Everything that can refuse runs before any state changes.
         self._scores = self._read_scores()
         self._loss_fn = probe_loss.loss_function(model)
-        self._probes = ProbeBatches(model, self.probe_data)
         self._seed = int(ops.convert_to_numpy(self._state.seed))
+        self._probes = ProbeBatches(
+            model, self.probe_data, self.probe_batch_size, self._seed
+        )
+        self._adopt_counts(fresh=False)
         self._masked.set_state(
             self._scores, self._active, self._seed, self._k, enabled=True
         )
         self._step = int(ops.convert_to_numpy(model.optimizer.iterations))
+        self._start_step = self._step
+        self._start_counts = ops.convert_to_numpy(self._masked.counts).copy()
         if not self._steps:
             self._record()
+        self._start_time = time.perf_counter()
+        # torch: the unselected blocks' B get no gradient, and Keras warns
+        # of every variable without one; not of those B.
+        warnings.filterwarnings(
+            "ignore", message=_NO_B_GRADIENTS, category=UserWarning
+        )
+        self._filter = warnings.filters[0]
 
     def on_train_end(self, logs=None):
+        if self._filter in warnings.filters:
+            warnings.filters.remove(self._filter)
+        self.train_seconds += time.perf_counter() - self._start_time
         _ = self.model  # On JAX, syncs the state before assigning.
         # Without the callback, later fits of the model train every block.
         self._masked.set_enabled(False)
+        counts = ops.convert_to_numpy(self._masked.counts).astype("int64")
+        done = counts - self._start_counts
+        if self.update_counts is None:
+            self.update_counts = np.zeros(self.num_blocks, "int64")
+        self.update_counts = self.update_counts + done
+        self.train_steps += self._masked.iterations() - self._start_step
+        # The model-side copy of the counts, as of now (`save_weights`
+        # and `.keras` saves refresh it by themselves).
+        self._state.update_counts.assign(counts.astype("int32"))
+        self._state.counts_at.assign(np.int32(self._masked.iterations()))
+        if self.verbose:
+            self.summary()
 
     # -- per step ------------------------------------------------------------
 
@@ -313,7 +449,13 @@ class ReducerCallback(keras.callbacks.Callback):
         previous = self._step
         self._step += batch - self._batch_begin + 1
         if self._step // self.interval > previous // self.interval:
-            self._run_probe()
+            start = time.perf_counter()
+            try:
+                self._run_probe()
+            finally:
+                # JAX: the probe's predict left `fit`'s state partial.
+                _keras_internals.rebuild_jax_train_state(self.model)
+            self.probe_seconds += time.perf_counter() - start
 
     def on_epoch_end(self, epoch, logs=None):
         if self.log_importance and logs is not None:
@@ -331,6 +473,7 @@ class ReducerCallback(keras.callbacks.Callback):
         # A fresh batch for each probe, the same for all of its trials (so
         # that the rewards compare suppression sets, not batches).
         self._probe = self._probes.batch(self._step // self.interval - 1)
+        self.probes_run += 1
         losses = []
         # Blocks whose adapters hold the suppression factor now: each trial
         # assigns only the adapters whose factor changes.
@@ -375,10 +518,11 @@ class ReducerCallback(keras.callbacks.Callback):
             )
 
     def _probe_loss(self, x, y, sample_weight):
-        """The mean loss per target token of the model on one probe batch.
+        """The mean loss per counted token of the model on one probe batch.
 
-        `sum(loss * sample_weight) / sum(sample_weight)` over the values of
-        the compiled loss (their plain mean without `sample_weight`), on
+        `sum(loss * w) / sum(w)` over the values of the compiled loss, with
+        `w` the batch's `sample_weight` (`probe_tokens="weighted"`) or its
+        inputs' `padding_mask` (`"all"`), or the plain mean without, on
         the model's outputs in inference mode. The compiled predict step
         computes the outputs: one trace per batch shape on JAX and
         TensorFlow. Returns a Python float (NaN if the weights sum to 0).
@@ -386,6 +530,8 @@ class ReducerCallback(keras.callbacks.Callback):
         # Keras's own predict step (`replicas.predict_batch`): a keras-hub
         # task's would run its preprocessor again on the preprocessed batch.
         y_pred = replicas.predict_batch(self.model, x)
+        if self.probe_tokens == "all":
+            sample_weight = probe_loss.padding_mask(x)
         sums = probe_loss.token_loss_sums(
             self._loss_fn, y, y_pred, sample_weight
         )
@@ -418,6 +564,74 @@ class ReducerCallback(keras.callbacks.Callback):
             ),
         )
 
+    def summary(self, drop_ratio=0.5, print_fn=None):
+        """Prints what the Reducer did and found in this callback's fits.
+
+        The B updates applied (block-steps) against a run without the
+        Reducer (every block at every step), the probes run and skipped,
+        the probe's measured share of the fits' wall time, the blocks
+        ranked by importance, and the blocks `keras_relora.prune(model,
+        drop_ratio)` would remove now.
+
+        Args:
+            drop_ratio: float in `[0, 1]`. The `prune` ratio to preview.
+                Defaults to `0.5`.
+            print_fn: callable taking a string, or None for `print`.
+
+        Returns:
+            The text, a string.
+        """
+        float_arg(
+            "drop_ratio",
+            drop_ratio,
+            "a float in [0, 1], the fraction of blocks `prune` removes",
+            lambda v: 0.0 <= v <= 1.0,
+        )
+        if self._scores is None:
+            raise ValueError(
+                "Nothing to summarise yet: `summary` works after `fit` with "
+                "this callback."
+            )
+        active = int(self._active.sum())
+        lines = ["ReducerCallback summary"]
+        if self.update_counts is not None and self.train_steps:
+            applied = int(self.update_counts.sum())
+            plain = self.train_steps * active
+            lines.append(
+                f"  B updates: {applied} block-steps of {plain} without the "
+                f"Reducer ({applied / plain:.1%}; {self.train_steps} steps, "
+                f"K={min(self._k, active)} of {active} blocks)"
+            )
+        skipped = len(self.skipped_probes)
+        lines.append(
+            f"  probes: {self.probes_run} run, {skipped} skipped "
+            f"(non-finite loss), {self.trials} trials each"
+        )
+        if self.train_seconds > 0:
+            lines.append(
+                f"  probe time: {self.probe_seconds:.2f} s of "
+                f"{self.train_seconds:.2f} s of training "
+                f"({self.probe_seconds / self.train_seconds:.1%})"
+            )
+        importance = self.importance
+        order = [
+            int(b)
+            for b in np.argsort(-importance, kind="stable")
+            if self._active[b]
+        ]
+        lines.append(
+            "  blocks by importance (most first): "
+            + ", ".join(f"{b} ({importance[b]:.4g})" for b in order)
+        )
+        removed = _least_important(importance, self._active, drop_ratio)
+        lines.append(
+            f"  prune(model, {drop_ratio:g}) would remove the B experts of "
+            f"blocks {removed}"
+        )
+        text = "\n".join(lines)
+        (print_fn or print)(text)
+        return text
+
     def plot(self, path):
         """Writes a heat map of the importance (block x step) to `path`.
 
@@ -436,3 +650,13 @@ class ReducerCallback(keras.callbacks.Callback):
                 "this callback."
             )
         return importance_plot.heat_map(steps, importance, path)
+
+
+def _least_important(importance, active, drop_ratio):
+    """The blocks `prune(model, drop_ratio)` removes (its own rule)."""
+    num_blocks = len(active)
+    target = int(np.floor(drop_ratio * num_blocks + 0.5))
+    count = max(0, target - int(num_blocks - active.sum()))
+    candidates = np.flatnonzero(active)
+    order = candidates[np.argsort(importance[candidates], kind="stable")]
+    return sorted(int(block) for block in order[:count])

@@ -5,6 +5,7 @@ Its variables (`adapt.state.ReducerVariables`) are part of the model's
 removes them.
 """
 
+from keras_relora.adapt.state import get_state
 from keras_relora.adapt.state import require_state
 
 
@@ -15,3 +16,10 @@ def reducer_state(model, create_seed=None):
     if state.reducer is None and create_seed is not None:
         state.add_reducer(model, create_seed)
     return state.reducer
+
+
+def existing_reducer_state(model):
+    """The Reducer's variables of `model`, or None (no adapters or no
+    Reducer attached; no `require_state` check)."""
+    state = get_state(model)
+    return None if state is None else state.reducer

@@ -33,10 +33,12 @@ def test_unload_undoes_every_patch_of_enable_fit_and_reducer():
     tm.randomize_adapters(model)
     # Each kind of change is in the record: the layers' calls, the model's
     # `fit`, class and state, the Reducer's variables, the optimizer's
-    # `apply` and saving methods.
+    # update step and weight decay (the per-block update of B) and saving
+    # methods.
     names = {p.name for p in state.patches}
     assert {"call", "quantized_call", "fit", "__class__"} <= names
-    assert {"_relora_state", "relora_reducer", "apply"} <= names
+    assert {"_relora_state", "relora_reducer"} <= names
+    assert {"_backend_update_step", "_apply_weight_decay"} <= names
     assert {"save_own_variables", "load_own_variables"} <= names
     assert state.reducer is model.relora_reducer
     assert type(model) is not base_class
@@ -49,7 +51,12 @@ def test_unload_undoes_every_patch_of_enable_fit_and_reducer():
     assert type(model) is base_class
     assert not hasattr(model, "relora_reducer")
     # The optimizer has its own methods back.
-    patched_keys = {"apply", "save_own_variables", "load_own_variables"}
+    patched_keys = {
+        "_backend_update_step",
+        "_apply_weight_decay",
+        "save_own_variables",
+        "load_own_variables",
+    }
     assert patched_keys <= optimizer_keys
     assert not patched_keys & set(vars(optimizer))
     assert not any(k.startswith("_relora") for k in vars(optimizer))
