@@ -28,8 +28,8 @@ where the mask is off (exact as well, but it keeps a copy of B and its
 slots during the step, and a bias correction, if any, uses the global
 step).
 
-On torch (one process), the unselected blocks' B get no gradient at all:
-the mask of the next step is known when a step ends, and their
+On torch (without `torch.distributed`), the unselected blocks' B get no
+gradient at all: the mask of the next step is known when a step ends, and their
 `requires_grad` is switched off before the forward pass, as IST does.
 
 Everything the step reads lives in optimizer variables (`relora_scores`,
@@ -256,8 +256,9 @@ class MaskedUpdate:
         IST's `requires_grad=False`); `apply` then receives no gradient
         for them and leaves them, their slots and their weight decay
         alone, which is what the masked update does with them anyway.
-        Not with several torch processes: `DistributedDataParallel`
-        expects the same parameters to get gradients at every step.
+        Not once `torch.distributed` is initialised:
+        `DistributedDataParallel` expects every parameter to get its
+        gradient at every step.
         """
         if not _toggles_gradients():
             return
@@ -303,7 +304,7 @@ class MaskedUpdate:
             else:
                 self._masked_update(mine, learning_rate, mask)
             counts = ops.convert_to_tensor(self.counts)
-            self.counts.assign(counts + ops.cast(mask, "int32"))
+            _assign_all([(self.counts, counts + ops.cast(mask, "int32"))])
             self._set_gradient_flags(self.optimizer.iterations + 1)
 
     def _masked_update(self, grads, learning_rate, mask):
@@ -328,6 +329,7 @@ class MaskedUpdate:
                 * ops.sqrt(1 - ops.power(beta_2, step))
                 / (1 - ops.power(beta_1, step))
             )  # (L,)
+        assignments = []
         for ((block, variables), roles), grad in zip(
             present, summed, strict=True
         ):
@@ -366,12 +368,18 @@ class MaskedUpdate:
                     updated = updated + new["momentum"]
             else:  # Plain SGD.
                 updated = updated - grad * lr
-            kernel.assign(ops.where(keep, updated, value))
+            assignments.append((kernel, ops.where(keep, updated, value)))
             for role, slot_value in new.items():
                 slot = roles[role]
-                slot.assign(
-                    ops.where(keep, slot_value, ops.convert_to_tensor(slot))
+                assignments.append(
+                    (
+                        slot,
+                        ops.where(
+                            keep, slot_value, ops.convert_to_tensor(slot)
+                        ),
+                    )
                 )
+        _assign_all(assignments)
 
     def _fallback_update(self, original, grads, learning_rate, mask):
         """Any optimizer: its own update, then put back where mask is off."""
@@ -384,18 +392,26 @@ class MaskedUpdate:
         kernels = [variables[0] for _, variables in present]
         optimizer = self.optimizer
         lr = ops.cast(learning_rate, "float32")
+        decayed = []
         for kernel in kernels:
             if _keras_internals.uses_weight_decay(optimizer, kernel):
                 decay = ops.cast(optimizer.weight_decay, kernel.dtype)
                 value = ops.convert_to_tensor(kernel)
-                kernel.assign(value - value * decay * lr)
+                decayed.append((kernel, value - value * decay * lr))
+        _assign_all(decayed)
         original([grads[id(k)] for k in kernels], kernels, learning_rate)
-        for (block, variables), values in zip(present, old, strict=True):
-            keep = mask[block]
-            for variable, value in zip(variables, values, strict=True):
-                variable.assign(
-                    ops.where(keep, ops.convert_to_tensor(variable), value)
+        _assign_all(
+            [
+                (
+                    variable,
+                    ops.where(
+                        mask[block], ops.convert_to_tensor(variable), value
+                    ),
                 )
+                for (block, variables), values in zip(present, old, strict=True)
+                for variable, value in zip(variables, values, strict=True)
+            ]
+        )
 
 
 def _roles(rule, optimizer, variables):
@@ -455,16 +471,66 @@ def _no_grad():
 
 
 def _toggles_gradients():
-    """Whether B's gradients are switched per step (torch, one process)."""
+    """Whether B's gradients are switched per step (torch, no DDP)."""
     if keras.config.backend() != "torch":
         return False
     import torch.distributed as dist
 
-    return not (
-        dist.is_available()
-        and dist.is_initialized()
-        and dist.get_world_size() > 1
+    # Under `torch.distributed` (a `DistributedDataParallel` even of one
+    # process) every parameter must get its gradient at every step.
+    return not (dist.is_available() and dist.is_initialized())
+
+
+def _assign_all(assignments):
+    """`variable.assign(value)` for each `(variable, value)` pair.
+
+    Inside a TensorFlow replica context with several replicas (a
+    `tf.distribute` strategy), the values (the same on every replica) are
+    assigned in one cross-replica merge call, each replica's copy from its
+    own value, as Keras's TensorFlow optimizer updates variables; assigning
+    a mirrored variable from the replica context would instead reduce each
+    value over the replicas one collective at a time.
+    """
+    if not assignments:
+        return
+    context = _tf_replica_context()
+    if context is None:
+        for variable, value in assignments:
+            variable.assign(value)
+        return
+    import tensorflow as tf
+
+    def assign(var, new):
+        return var.assign(tf.cast(new, var.dtype))
+
+    def assign_on_each_replica(strategy, values):
+        for (variable, _), value in zip(assignments, values, strict=True):
+            target = variable.value
+            if isinstance(target, tf.distribute.DistributedValues):
+                strategy.extended.update(
+                    target, assign, args=(value,), group=False
+                )
+            else:  # One copy (made outside the strategy's scope).
+                assign(target, strategy.experimental_local_results(value)[0])
+
+    context.merge_call(
+        assign_on_each_replica,
+        args=([ops.convert_to_tensor(value) for _, value in assignments],),
     )
+
+
+def _tf_replica_context():
+    """The TensorFlow replica context of several replicas, else None."""
+    if keras.config.backend() != "tensorflow":
+        return None
+    import tensorflow as tf
+
+    if tf.distribute.in_cross_replica_context():
+        return None
+    context = tf.distribute.get_replica_context()
+    if context is None or context.num_replicas_in_sync == 1:
+        return None
+    return context
 
 
 def _sum_over_replicas(grads):
@@ -474,11 +540,9 @@ def _sum_over_replicas(grads):
     a `tf.distribute` strategy itself; the B gradients that bypass it are
     summed here in the same way. JAX and torch hand over summed gradients.
     """
-    if keras.config.backend() != "tensorflow" or not grads:
+    context = _tf_replica_context()
+    if context is None or not grads:
         return grads
     import tensorflow as tf
 
-    context = tf.distribute.get_replica_context()
-    if context is None or context.num_replicas_in_sync == 1:
-        return grads
     return context.all_reduce(tf.distribute.ReduceOp.SUM, grads)

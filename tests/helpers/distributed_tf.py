@@ -39,8 +39,25 @@ def replica_values(variable):
     return [np.array(v.numpy()) for v in values]
 
 
+_STRATEGIES = []
+
+
+def mirrored_strategy():
+    """One `MirroredStrategy` for the whole process.
+
+    TensorFlow's collective runtime keys its all-reduces by group and
+    instance; a second strategy on the same devices starts its instance
+    keys again and meets the first one's cached shapes ("Shape mismatch
+    in the collective instance") as soon as its steps all-reduce a
+    different set of tensors.
+    """
+    if not _STRATEGIES:
+        _STRATEGIES.append(tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]))
+    return _STRATEGIES[0]
+
+
 def mirrored_train(start, reducer):
-    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    strategy = mirrored_strategy()
     with strategy.scope():
         lm, base, adapters = dc.build(start)
     log = dc.DecisionLog(lm)
