@@ -1,0 +1,322 @@
+"""Hostile inputs, second round: nothing silently wrong.
+
+PEFT folders that would load with another forward pass or crash the
+header parser, saves interrupted half-way, settings that ask for huge
+allocations, quantization and Keras's own LoRA mixed with the adapters.
+Each refusal is checked by type and message, with the model bitwise
+unchanged. Tiny models; runs on the three backends.
+"""
+
+import json
+import os
+import struct
+
+import keras
+import numpy as np
+import pytest
+import tiny_models as tm
+from keras import ops
+
+import keras_relora
+from keras_relora import _atomic_writes
+
+pytest.importorskip("safetensors")
+
+
+def to_numpy(x):
+    return np.asarray(ops.convert_to_numpy(x))
+
+
+def snapshot(model):
+    return {v.path: to_numpy(v).copy() for v in model.weights}
+
+
+def assert_unchanged(model, before):
+    after = snapshot(model)
+    assert list(after) == list(before)
+    for path, value in before.items():
+        np.testing.assert_array_equal(after[path], value, err_msg=path)
+
+
+def _lm():
+    keras.utils.set_random_seed(0)
+    return tm.llama3_causal_lm()
+
+
+@pytest.fixture(scope="module")
+def peft_folder(tmp_path_factory):
+    """A good PEFT folder (q, v adapters of a tiny Llama 3)."""
+    folder = tmp_path_factory.mktemp("peft") / "adapter"
+    lm = _lm()
+    lm.enable_relora(rank=2, experts=1, share_a="layer", targets=["q", "v"])
+    tm.randomize_adapters(lm)
+    keras_relora.save_peft(lm, folder)
+    return folder
+
+
+def _copy(folder, tmp_path, config=None, weights=None):
+    """A copy of `folder` with its config changed by `config(dict)` or its
+    weights file replaced by the bytes `weights`."""
+    target = tmp_path / "changed"
+    target.mkdir()
+    with open(folder / "adapter_config.json") as f:
+        content = json.load(f)
+    if config is not None:
+        content = config(content)
+    with open(target / "adapter_config.json", "w") as f:
+        f.write(content if isinstance(content, str) else json.dumps(content))
+    data = (folder / "adapter_model.safetensors").read_bytes()
+    (target / "adapter_model.safetensors").write_bytes(
+        data if weights is None else weights(data)
+    )
+    return target
+
+
+def _refused(folder, match):
+    lm = _lm()
+    before = snapshot(lm)
+    with pytest.raises(ValueError, match=match):
+        keras_relora.load_peft(lm, folder)
+    assert keras_relora.get_state(lm) is None
+    assert_unchanged(lm, before)
+
+
+def _set(**fields):
+    def change(config):
+        config.update(fields)
+        return config
+
+    return change
+
+
+# Item 1: folders whose forward pass differs from plain LoRA.
+
+
+def test_good_peft_folder_loads(peft_folder):
+    lm = _lm()
+    keras_relora.load_peft(lm, peft_folder)
+    assert len(keras_relora.get_state(lm).adapters) == 4
+
+
+@pytest.mark.parametrize(
+    "init", ["pissa", "pissa_niter_4", "olora", "corda", "eva", "loftq"]
+)
+def test_load_peft_refuses_inits_that_change_the_base(
+    peft_folder, tmp_path, init
+):
+    folder = _copy(peft_folder, tmp_path, _set(init_lora_weights=init))
+    _refused(
+        folder,
+        rf"adapter_config\.json.*init_lora_weights='{init}'.*residual"
+        r"(.|\n)*plain LoRA",
+    )
+
+
+@pytest.mark.parametrize("init", [True, False, "gaussian"])
+def test_load_peft_accepts_plain_inits(peft_folder, tmp_path, init):
+    folder = _copy(peft_folder, tmp_path, _set(init_lora_weights=init))
+    keras_relora.load_peft(_lm(), folder)
+
+
+def test_load_peft_refuses_alora(peft_folder, tmp_path):
+    folder = _copy(
+        peft_folder, tmp_path, _set(alora_invocation_tokens=[5, 6, 7])
+    )
+    _refused(
+        folder,
+        r"adapter_config\.json.*`alora_invocation_tokens`.*plain LoRA",
+    )
+
+
+def test_load_peft_refuses_tensors_outside_target_modules(
+    peft_folder, tmp_path
+):
+    folder = _copy(peft_folder, tmp_path, _set(target_modules=["q_proj"]))
+    _refused(
+        folder,
+        r"adapter_model\.safetensors.*`target_modules` \['q_proj'\].*"
+        r"adapter_config\.json.*does not match.*v_proj",
+    )
+
+
+def test_load_peft_refuses_targets_without_tensors(peft_folder, tmp_path):
+    folder = _copy(
+        peft_folder,
+        tmp_path,
+        _set(target_modules=["q_proj", "v_proj", "down_proj"]),
+    )
+    _refused(
+        folder,
+        r"`target_modules` entries of .*adapter_config\.json.* no tensor in "
+        r".*adapter_model\.safetensors.*\['down_proj'\]",
+    )
+
+
+def test_load_peft_refuses_a_regex_target_that_misses(peft_folder, tmp_path):
+    folder = _copy(peft_folder, tmp_path, _set(target_modules=r".*\.q_proj"))
+    _refused(folder, r"does not match.*model\.layers\.0\.self_attn\.v_proj")
+
+
+# Item 3: the safetensors header and the config, forged.
+
+
+def _header(data):
+    size = struct.unpack("<Q", data[:8])[0]
+    return json.loads(data[8 : 8 + size]), data[8 + size :]
+
+
+def _with_header(header, rest):
+    raw = json.dumps(header).encode()
+    return struct.pack("<Q", len(raw)) + raw + rest
+
+
+def _non_dict_entry(data):
+    header, rest = _header(data)
+    key = next(k for k in header if k != "__metadata__")
+    header[key] = [1, 2]
+    return _with_header(header, rest)
+
+
+@pytest.mark.parametrize(
+    "forge",
+    [
+        lambda d: struct.pack("<Q", 2**62) + d[8:],  # MemoryError before
+        lambda d: struct.pack("<Q", len(d) + 100) + d[8:],  # Unicode...
+        lambda d: b"",  # JSONDecodeError before
+        lambda d: d[:-7],  # truncated tensor data
+        _non_dict_entry,  # AttributeError before
+    ],
+    ids=["huge_length", "length_past_end", "empty", "truncated", "entry"],
+)
+def test_load_peft_refuses_forged_safetensors(peft_folder, tmp_path, forge):
+    folder = _copy(peft_folder, tmp_path, weights=forge)
+    _refused(
+        folder,
+        r"adapter_model\.safetensors' is not a valid PEFT adapter file: "
+        r"safetensors could not read it.*save_pretrained",
+    )
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        (lambda c: "", r"it is not JSON"),
+        (lambda c: "{not json", r"it is not JSON"),
+        (lambda c: [c], r"JSON list, not an object"),
+        (lambda c: {k: v for k, v in c.items() if k != "r"}, r"`r`.*r=None"),
+        (_set(r=0), r"`r` must be a positive int.*r=0"),
+        (_set(r=2.5), r"`r` must be a positive int.*r=2\.5"),
+        (_set(r=True), r"`r` must be a positive int.*r=True"),
+        (_set(lora_alpha=None), r"`lora_alpha`.*lora_alpha=None"),
+        (_set(lora_alpha="16"), r"`lora_alpha`.*lora_alpha='16'"),
+        (_set(lora_dropout=2), r"`lora_dropout`.*lora_dropout=2"),
+        (_set(use_rslora="yes"), r"`use_rslora`.*use_rslora='yes'"),
+        (_set(target_modules=5), r"`target_modules`.*target_modules=5"),
+    ],
+    ids=[
+        "empty",
+        "not_json",
+        "list",
+        "no_r",
+        "r0",
+        "r_float",
+        "r_bool",
+        "alpha_null",
+        "alpha_str",
+        "dropout",
+        "rslora",
+        "targets",
+    ],
+)
+def test_load_peft_refuses_invalid_configs(
+    peft_folder, tmp_path, change, field
+):
+    folder = _copy(peft_folder, tmp_path, config=change)
+    _refused(
+        folder,
+        r"adapter_config\.json' is not a valid PEFT adapter file: .*"
+        + field
+        + r"(.|\n)*save_peft",
+    )
+
+
+# Items 2 and 11, in process: a write that fails half-way leaves the
+# previous good file or folder as it was (killed processes: integration).
+
+
+def _fail_after_partial_write(monkeypatch, module, name):
+    original = getattr(module, name)
+
+    def partial_then_fail(*args, **kwargs):
+        original(*args, **kwargs)
+        raise OSError("disk full")
+
+    monkeypatch.setattr(module, name, partial_then_fail)
+
+
+def test_save_peft_failing_half_way_keeps_the_previous_folder(
+    tmp_path, monkeypatch
+):
+    lm = _lm()
+    lm.enable_relora(rank=2, experts=1, share_a="layer", targets=["q", "v"])
+    tm.randomize_adapters(lm, seed=1)
+    folder = tmp_path / "adapter"
+    keras_relora.save_peft(lm, folder)
+    (folder / "README.md").write_text("mine")
+    good = {p.name: p.read_bytes() for p in folder.iterdir()}
+    tm.randomize_adapters(lm, seed=2)
+    _fail_after_partial_write(monkeypatch, json, "dump")  # weights written
+    with pytest.raises(OSError, match="disk full"):
+        keras_relora.save_peft(lm, folder)
+    monkeypatch.undo()
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == good
+    assert sorted(os.listdir(tmp_path)) == ["adapter"]  # No leftover.
+    keras_relora.save_peft(lm, folder)  # A complete save replaces it.
+    assert (folder / "README.md").read_text() == "mine"
+    new = _lm()
+    keras_relora.load_peft(new, folder)
+    np.testing.assert_allclose(
+        to_numpy(new(tm.token_batch())),
+        to_numpy(lm(tm.token_batch())),
+        atol=1e-5,
+    )
+
+
+@pytest.mark.parametrize("kind", ["keras", "weights", "adapters"])
+def test_saves_failing_half_way_keep_the_previous_file(
+    tmp_path, monkeypatch, kind
+):
+    x, _ = tm.dense_data()
+    model = tm.functional_model()
+    model(x)
+    model.enable_relora(rank=2, experts=2)
+    tm.randomize_adapters(model, seed=1)
+    path = (
+        tmp_path
+        / {
+            "keras": "m.keras",
+            "weights": "m.weights.h5",
+            "adapters": "m.safetensors",
+        }[kind]
+    )
+    save = {
+        "keras": model.save,
+        "weights": model.save_weights,
+        "adapters": model.save_relora_weights,
+    }[kind]
+    save(path)
+    good = path.read_bytes()
+    tm.randomize_adapters(model, seed=2)
+    if kind == "adapters":
+        _fail_after_partial_write(monkeypatch, _atomic_writes, "_fsync")
+    else:  # The manifest or the zip is written, then the failure.
+        from keras_relora.adapt import model_class
+
+        _fail_after_partial_write(monkeypatch, model_class, "write_manifest")
+        if kind == "keras":
+            _fail_after_partial_write(monkeypatch, _atomic_writes, "_fsync")
+    with pytest.raises(OSError, match="disk full"):
+        save(path)
+    monkeypatch.undo()
+    assert path.read_bytes() == good
+    assert sorted(os.listdir(tmp_path)) == [path.name]
