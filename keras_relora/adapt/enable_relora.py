@@ -16,6 +16,7 @@ from keras_relora._checks import bool_arg
 from keras_relora._checks import choice_arg
 from keras_relora._checks import int_arg
 from keras_relora._checks import model_arg
+from keras_relora._checks import targets_arg
 from keras_relora.adapt import layouts
 from keras_relora.adapt import model_class
 from keras_relora.adapt import named_adapters
@@ -65,22 +66,8 @@ def _check_args(
         "gives each layer its own A (LoRA, HydraLoRA).",
     )
     bool_arg("train_a", train_a)
-    _check_targets(targets)
+    targets_arg(targets)
     return rank, adapter
-
-
-def _check_targets(targets):
-    if targets is None or isinstance(targets, str):
-        return
-    if isinstance(targets, (list, tuple)) and all(
-        isinstance(t, str) for t in targets
-    ):
-        return
-    raise TypeError(
-        "`targets` must be None (the family default), a list of role "
-        "aliases, layer names or paths (str), or a regex string, e.g. "
-        f"`targets=['q', 'v']`. Received: targets={targets!r}"
-    )
 
 
 def enable_relora(

@@ -19,6 +19,7 @@ from keras import ops
 
 import keras_relora
 from keras_relora import _atomic_writes
+from keras_relora.saving import adapter_file
 
 pytest.importorskip("safetensors")
 
@@ -320,3 +321,137 @@ def test_saves_failing_half_way_keep_the_previous_file(
     monkeypatch.undo()
     assert path.read_bytes() == good
     assert sorted(os.listdir(tmp_path)) == [path.name]
+
+
+# Item 10: an empty `targets` pattern would adapt every layer.
+
+
+@pytest.mark.parametrize("targets", ["", "  ", ["q", ""]])
+def test_enable_relora_refuses_empty_targets(targets):
+    x, _ = tm.dense_data()
+    model = tm.functional_model()
+    model(x)
+    before = snapshot(model)
+    with pytest.raises(
+        ValueError,
+        match=r"`targets` must not be empty.*"
+        r"every layer.*targets='\.\*'",
+    ):
+        model.enable_relora(rank=2, experts=2, targets=targets)
+    assert keras_relora.get_state(model) is None
+    assert_unchanged(model, before)
+    assert all(v.trainable for v in model.weights)
+
+
+# Item 12: a forged adapter file is refused before anything is allocated.
+
+
+def _adapter_file(tmp_path, change):
+    """An adapter file of a tiny Llama 3 whose `relora` description (and
+    digest) is rewritten by `change(relora)`; a forged file carries a
+    valid digest, which is no signature."""
+    lm = _lm()
+    lm.enable_relora(rank=2, experts=2, targets=["q", "v"])
+    path = tmp_path / "a.safetensors"
+    lm.save_relora_weights(path)
+    relora, base, tensors = adapter_file.read(path)
+    relora = change(relora)
+    adapter_file.write(path, tensors, relora=relora, base=base)
+    return path
+
+
+def _settings(**fields):
+    def change(relora):
+        relora["settings"].update(fields)
+        return relora
+
+    return change
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        (_settings(rank=10000), r"rank=10000, but shared_a/.* shape"),
+        (
+            _settings(experts=1000000),
+            r"experts=1000000, rank=2, but adapters/.*b_kernel has shape "
+            r"\(2, 2, \d+\)",
+        ),
+        (
+            lambda r: {k: v for k, v in r.items() if k != "settings"},
+            r"no `settings` object",
+        ),
+        (lambda r: {**r, "settings": [1]}, r"no `settings` object"),
+        (_settings(rank="2"), r"out of range.*`rank`.*rank='2'"),
+        (_settings(experts=0), r"out of range.*`experts`.*experts=0"),
+        (_settings(alpha=-1.0), r"out of range.*`alpha`.*alpha=-1\.0"),
+        (_settings(targets="q"), r"`targets`.*lists of layer paths"),
+        (
+            lambda r: {
+                **r,
+                "settings": {
+                    k: v for k, v in r["settings"].items() if k != "rank"
+                },
+            },
+            r"settings have no `rank`",
+        ),
+    ],
+    ids=[
+        "rank",
+        "experts",
+        "no_settings",
+        "settings_list",
+        "rank_str",
+        "experts0",
+        "alpha",
+        "targets",
+        "no_rank",
+    ],
+)
+@pytest.mark.parametrize("adapted", [False, True])
+def test_load_relora_weights_refuses_forged_settings_before_allocating(
+    tmp_path, monkeypatch, change, match, adapted
+):
+    path = _adapter_file(tmp_path, change)
+    lm = _lm()
+    if adapted:
+        lm.enable_relora(rank=2, experts=2, targets=["q", "v"])
+    before = snapshot(lm)
+    from keras_relora.saving import checkpoint
+
+    def no_allocation(*args, **kwargs):
+        raise AssertionError("adapters were allocated")
+
+    monkeypatch.setattr(checkpoint, "enable_from_config", no_allocation)
+    with pytest.raises(
+        ValueError,
+        match=r"a\.safetensors' is not a valid keras_relora adapter file: .*"
+        + match
+        + r"(.|\n)*save_relora_weights",
+    ):
+        lm.load_relora_weights(path)
+    assert (keras_relora.get_state(lm) is None) is not adapted
+    assert_unchanged(lm, before)
+
+
+def test_load_relora_weights_refuses_settings_larger_than_the_model(
+    tmp_path,
+):
+    # Every adapter pruned: no B tensor tells the experts; the size
+    # check against the model refuses before enabling.
+    def change(relora):
+        relora["pruned"] = list(relora["settings"]["targets"])
+        relora["settings"]["experts"] = 1000000
+        return relora
+
+    path = _adapter_file(tmp_path, change)
+    lm = _lm()
+    before = snapshot(lm)
+    with pytest.raises(
+        ValueError,
+        match=r"experts=1000000 ask for \d+ adapter parameters, more than "
+        r"the model can hold",
+    ):
+        lm.load_relora_weights(path)
+    assert keras_relora.get_state(lm) is None
+    assert_unchanged(lm, before)
