@@ -455,3 +455,117 @@ def test_load_relora_weights_refuses_settings_larger_than_the_model(
         lm.load_relora_weights(path)
     assert keras_relora.get_state(lm) is None
     assert_unchanged(lm, before)
+
+
+# Item 4: `quantize` after `enable_relora` would leave the adapted layers'
+# base in float; quantizing first, then adapting, works.
+
+
+@pytest.mark.parametrize("where", ["task", "backbone"])
+def test_quantize_after_enable_relora_refuses(where):
+    lm = _lm()
+    lm.enable_relora(rank=2, experts=2)
+    model = lm if where == "task" else lm.backbone
+    before = snapshot(lm)
+    with pytest.raises(
+        ValueError,
+        match=r"Cannot quantize .* after `enable_relora`.*float.*Quantize "
+        r"first.*unload.*quantize\(mode\).*enable_relora.*mode='int8'",
+    ):
+        model.quantize("int8")
+    adapter = next(iter(keras_relora.get_state(lm).adapters.values()))
+    with pytest.raises(ValueError, match=r"Cannot quantize.*Quantize first"):
+        adapter._base_layer.quantize("int8")
+    assert_unchanged(lm, before)
+    assert all(
+        a._base_layer.dtype_policy.quantization_mode is None
+        for a in keras_relora.get_state(lm).adapters.values()
+    )
+    # `unload` undoes the refusal: the order that works.
+    keras_relora.unload(lm)
+    lm.quantize("int8")
+    lm.enable_relora(rank=2, experts=2)
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_quantized_base_trains_adapters_only(mode):
+    lm = _lm()
+    lm.quantize(mode)
+    lm.enable_relora(rank=2, experts=2, targets=["q", "v", "up", "down"])
+    state = keras_relora.get_state(lm)
+    assert all(
+        a._base_layer.dtype_policy.quantization_mode == mode
+        for a in state.adapters.values()
+    )
+    adapter_paths = set(state.variables())
+    before = snapshot(lm)
+    x, y, _ = tm.lm_data()
+    lm.compile(
+        optimizer=keras.optimizers.Adam(1e-2),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        run_eagerly=keras.config.backend() == "tensorflow",
+    )
+    lm.fit(x, y, batch_size=4, epochs=2, verbose=0)
+    after = snapshot(lm)
+    changed = {p for p in before if not np.array_equal(before[p], after[p])}
+    assert changed and changed <= adapter_paths
+    for path in before:
+        if path not in adapter_paths:
+            np.testing.assert_array_equal(after[path], before[path], path)
+
+
+# Item 5: Keras's own LoRA and `enable_relora` on one model.
+
+
+@pytest.mark.parametrize("how", ["backbone", "layer"])
+def test_enable_relora_refuses_a_model_with_keras_lora(how):
+    lm = _lm()
+    if how == "backbone":
+        lm.backbone.enable_lora(2)
+    else:
+        lm.backbone.get_layer(
+            "transformer_layer_0"
+        )._self_attention_layer._query_dense.enable_lora(2)
+    before = snapshot(lm)
+    trainable = [v.trainable for v in lm.weights]
+    with pytest.raises(
+        ValueError,
+        match=r"Keras's own LoRA enabled on layers \[.*query.*\].*"
+        r"`enable_lora`.*`enable_relora` cannot be combined.*VARIANTS",
+    ):
+        lm.enable_relora(rank=2, experts=1)
+    assert keras_relora.get_state(lm) is None
+    assert_unchanged(lm, before)
+    assert [v.trainable for v in lm.weights] == trainable
+
+
+@pytest.mark.parametrize("how", ["backbone", "target", "other"])
+def test_keras_enable_lora_after_enable_relora_refuses(how):
+    lm = _lm()
+    lm.enable_relora(rank=2, experts=1, targets=["q", "v"])
+    attention = lm.backbone.get_layer(
+        "transformer_layer_0"
+    )._self_attention_layer
+    call = {
+        "backbone": lambda: lm.backbone.enable_lora(2),
+        "target": lambda: attention._query_dense.enable_lora(2),
+        "other": lambda: attention._key_dense.enable_lora(2),
+    }[how]
+    before = snapshot(lm)
+    trainable = [v.trainable for v in lm.weights]
+    with pytest.raises(
+        ValueError,
+        match=r"Cannot call Keras's `enable_lora`.*`enable_relora`.*cannot "
+        r"be combined.*unload",
+    ):
+        call()
+    assert_unchanged(lm, before)
+    assert [v.trainable for v in lm.weights] == trainable
+    assert not any(
+        getattr(layer, "lora_enabled", False)
+        for layer in lm.backbone._flatten_layers()
+    )
+    # `unload` gives Keras's `enable_lora` back.
+    keras_relora.unload(lm)
+    lm.backbone.enable_lora(2)
+    assert attention._query_dense.lora_enabled
