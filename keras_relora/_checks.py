@@ -71,6 +71,31 @@ def bool_arg(name, value):
     return value
 
 
+def targets_arg(targets):
+    """`targets` if it is None, a non-empty str or a list/tuple of
+    non-empty strs; raises a `TypeError` or `ValueError` otherwise (an
+    empty regex would match, and adapt, every layer)."""
+    items = [targets] if isinstance(targets, str) else targets
+    if targets is not None and not (
+        isinstance(items, (list, tuple))
+        and all(isinstance(t, str) for t in items)
+    ):
+        raise TypeError(
+            "`targets` must be None (the family default), a list of role "
+            "aliases, layer names or paths (str), or a regex string, e.g. "
+            f"`targets=['q', 'v']`. Received: targets={targets!r}"
+        )
+    if targets is not None and any(not t.strip() for t in items):
+        raise ValueError(
+            "`targets` must not be empty or hold an empty name: an empty "
+            "regex matches every layer. Pass None for the family default, "
+            "role aliases (`targets=['q', 'v']`), or `targets='.*'` to adapt "
+            f"every Dense and EinsumDense on purpose. Received: "
+            f"targets={targets!r}"
+        )
+    return targets
+
+
 def adapter_args(experts, alpha, dropout, router_input, top_k, balance_loss):
     """The checked adapter arguments of `ReloraDense` and `enable_relora`.
 

@@ -16,6 +16,7 @@ from keras_relora._checks import bool_arg
 from keras_relora._checks import choice_arg
 from keras_relora._checks import int_arg
 from keras_relora._checks import model_arg
+from keras_relora._checks import targets_arg
 from keras_relora.adapt import layouts
 from keras_relora.adapt import model_class
 from keras_relora.adapt import named_adapters
@@ -27,6 +28,7 @@ from keras_relora.adapt.state import AdapterGroup
 from keras_relora.adapt.state import ReloraState
 from keras_relora.adapt.state import adapted_model
 from keras_relora.adapt.state import get_state
+from keras_relora.adapt.state import holders
 from keras_relora.adapt.state import require_state
 from keras_relora.adapt.state import set_state
 from keras_relora.adapt.train_layers import check_train_layers
@@ -65,22 +67,8 @@ def _check_args(
         "gives each layer its own A (LoRA, HydraLoRA).",
     )
     bool_arg("train_a", train_a)
-    _check_targets(targets)
+    targets_arg(targets)
     return rank, adapter
-
-
-def _check_targets(targets):
-    if targets is None or isinstance(targets, str):
-        return
-    if isinstance(targets, (list, tuple)) and all(
-        isinstance(t, str) for t in targets
-    ):
-        return
-    raise TypeError(
-        "`targets` must be None (the family default), a list of role "
-        "aliases, layer names or paths (str), or a regex string, e.g. "
-        f"`targets=['q', 'v']`. Received: targets={targets!r}"
-    )
 
 
 def enable_relora(
@@ -209,6 +197,7 @@ def enable_relora(
         )
     train_layers = check_train_layers(train_layers)
     root = adapted_model(model)
+    _refuse_keras_lora(model, root)
     chosen = targets_lib.select(root, targets)
     if existing is None:
         trained = trained_variables(
@@ -279,6 +268,7 @@ def enable_relora(
         named_adapters.added(model, state, adapter_name)
         return report(model, base_params=base_params)
     set_state(model, state)
+    _guard_base_changes(model, state)
     # `fit` keeps a handle on its data (the Reducer's probe reads it).
     guard_fit(model, state)
     model_class.attach(model, state)  # `.keras` files keep the adapters.
@@ -384,6 +374,71 @@ def _inject(
         _patch_call(state, layer)
     registry[adapter_name] = adapter
     return adapter
+
+
+def _refuse_keras_lora(model, root):
+    """Refuses a model with Keras's own LoRA (`enable_lora`) enabled."""
+    lora = sorted(
+        path
+        for path, (layer, _) in targets_lib.candidates(root).items()
+        if getattr(layer, "lora_enabled", False)
+    )
+    if lora:
+        raise ValueError(
+            f"Model {model.name!r} has Keras's own LoRA enabled on layers "
+            f"{lora} (`enable_lora`). `enable_relora` cannot be combined "
+            "with it: saving (`save_peft`, adapter files) and "
+            "`merge_relora` would drop or misplace Keras's LoRA delta. Use "
+            "one of the two: start from a model without `enable_lora` and "
+            "call `enable_relora` (the `lora` variant is "
+            "`enable_relora(rank, **keras_relora.VARIANTS['lora'])`)."
+        )
+
+
+def _guard_base_changes(model, state):
+    """Makes `quantize` and Keras's `enable_lora` refuse on the adapted
+    model, its layers and its backbone (patches of `state`)."""
+    for holder in holders(model):
+        if hasattr(holder, "quantize"):
+            state.patch(holder, "quantize", _refuse_quantize(holder))
+        if hasattr(holder, "enable_lora"):
+            state.patch(holder, "enable_lora", _refuse_enable_lora(holder))
+    for layer, _ in targets_lib.candidates(adapted_model(model)).values():
+        if hasattr(layer, "enable_lora"):
+            state.patch(layer, "enable_lora", _refuse_enable_lora(layer))
+    for adapter in state.adapters.values():
+        layer = adapter._base_layer
+        state.patch(layer, "quantize", _refuse_quantize(layer))
+
+
+def _refuse_quantize(obj):
+    def quantize(mode=None, *args, **kwargs):
+        raise ValueError(
+            f"Cannot quantize {obj.name!r} after `enable_relora`: Keras "
+            "quantizes leaf layers only, and the adapted layers hold their "
+            "adapters, so their base would stay in float (silently). "
+            "Quantize first, then enable the adapters: "
+            "`keras_relora.unload(model)`, `model.quantize(mode)`, then "
+            "`model.enable_relora(...)` (and `load_relora_weights` to "
+            f"restore trained adapters). Received: mode={mode!r}"
+        )
+
+    return quantize
+
+
+def _refuse_enable_lora(obj):
+    def enable_lora(*args, **kwargs):
+        raise ValueError(
+            f"Cannot call Keras's `enable_lora` on {obj.name!r}: the model "
+            "has ReLoRA adapters (`enable_relora`), and the two cannot be "
+            "combined (saving and `merge_relora` would drop or misplace "
+            "Keras's LoRA delta). Use the adapters `enable_relora` added "
+            "(the `lora` variant: `enable_relora(rank, "
+            "**keras_relora.VARIANTS['lora'])`), or call "
+            "`keras_relora.unload(model)` first to use `enable_lora` alone."
+        )
+
+    return enable_lora
 
 
 def _register(layout_map, laid_out):

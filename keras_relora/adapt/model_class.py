@@ -42,10 +42,12 @@ without their adapters); a subclassed one is cloned with its adapters.
 """
 
 import contextlib
+import os
 
 import keras
 import numpy as np
 
+from keras_relora import _atomic_writes
 from keras_relora import _keras_internals
 from keras_relora.adapt.state import adapted_model
 from keras_relora.adapt.state import get_state
@@ -158,9 +160,16 @@ class _SavesRelora:
             self.optimizer.build(self.trainable_variables)
 
     def save_weights(self, filepath, *args, **kwargs):
-        result = super().save_weights(filepath, *args, **kwargs)
-        if is_single_h5(filepath):
+        if not is_single_h5(filepath):
+            return super().save_weights(filepath, *args, **kwargs)
+        if not _atomic(filepath, args, kwargs):
+            result = super().save_weights(filepath, *args, **kwargs)
             write_manifest(filepath, relora_state_config(get_state(self), self))
+            return result
+        # Weights and manifest are complete before the file takes its name.
+        with _atomic_writes.atomic_file(filepath) as partial:
+            result = super().save_weights(partial, *args, **kwargs)
+            write_manifest(partial, relora_state_config(get_state(self), self))
         return result
 
     def load_weights(self, filepath, *args, **kwargs):
@@ -185,7 +194,24 @@ class _SavesRelora:
                 "`keras_relora.merge_relora(model).save(...)`. "
                 f"Received: filepath={filepath!r}"
             )
-        return super().save(filepath, *args, **kwargs)
+        if not (
+            str(filepath).endswith(".keras")
+            and (args[1:2] or [kwargs.get("zipped")])[0] is not False
+            and _atomic(filepath, args, kwargs)
+        ):
+            return super().save(filepath, *args, **kwargs)
+        with _atomic_writes.atomic_file(filepath) as partial:
+            return super().save(partial, *args, **kwargs)
+
+
+def _atomic(filepath, args, kwargs):
+    """Whether a Keras save to `filepath` can go through a temporary file:
+    a local path, and no overwrite question to ask (`overwrite=False` on
+    an existing file goes to Keras, which asks)."""
+    if not isinstance(filepath, (str, os.PathLike)) or "://" in str(filepath):
+        return False
+    overwrite = args[0] if args else kwargs.get("overwrite", True)
+    return bool(overwrite) or not os.path.exists(filepath)
 
 
 def _save_to_preset(self, preset_dir, *args, **kwargs):

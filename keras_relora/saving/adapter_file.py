@@ -15,6 +15,8 @@ import hashlib
 import json
 import os
 
+from keras_relora import _atomic_writes
+
 FORMAT = "keras_relora.adapters"
 VERSION = "2"
 READABLE_VERSIONS = ("1", "2")
@@ -54,14 +56,7 @@ def write(filepath, tensors, *, relora, base):
     }
     metadata["sha256"] = _digest(tensors, metadata)
     data = safetensors_numpy().save(tensors, metadata=metadata)
-    partial = f"{filepath}.partial-{os.getpid()}"
-    try:
-        with open(partial, "wb") as f:
-            f.write(data)
-        os.replace(partial, filepath)
-    finally:
-        if os.path.exists(partial):
-            os.remove(partial)
+    _atomic_writes.write_bytes(filepath, data)
 
 
 def _digest(tensors, metadata):

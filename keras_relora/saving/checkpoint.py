@@ -34,14 +34,18 @@ import warnings
 import numpy as np
 from keras import ops
 
+from keras_relora._checks import adapter_args
+from keras_relora._checks import int_arg
 from keras_relora._checks import model_arg
 from keras_relora.adapt.enable_relora import unload
 from keras_relora.adapt.model_class import base_class
 from keras_relora.adapt.model_class import relora_state_config
+from keras_relora.adapt.report import count_params
 from keras_relora.adapt.state import adapted_model
 from keras_relora.adapt.state import get_state
 from keras_relora.adapt.state import require_state
 from keras_relora.adapt.targets import relative_path
+from keras_relora.layers.relora_dense import ReloraDense
 from keras_relora.saving import adapter_file
 from keras_relora.saving.model_saving import adaptable_layers
 from keras_relora.saving.model_saving import enable_from_config
@@ -129,7 +133,8 @@ def load_relora_weights(model, filepath, *, check_base=True):
     """
     model_arg(model)
     content = adapter_file.read(filepath)
-    relora, base, _ = content
+    relora, base, tensors = content
+    _check_file(model, filepath, relora, base, tensors)
     state = get_state(model)
     if state is None:
         _refuse(model, filepath, _check_fresh(model, relora, base, check_base))
@@ -247,6 +252,99 @@ def _sample(variable):
     index = np.linspace(0, size - 1, _FINGERPRINT_SIZE).astype("int32")
     values = ops.take(ops.reshape(variable, (-1,)), index)
     return ops.convert_to_numpy(ops.cast(values, "float32")).tolist()
+
+
+def _check_file(model, filepath, relora, base, tensors):
+    """Refuses, before anything is allocated, a file whose description is
+    malformed or whose settings do not fit its own tensors or the model
+    (a forged `rank` or `experts` would allocate huge adapters)."""
+
+    def invalid(reason):
+        return ValueError(
+            f"{os.fspath(filepath)!r} is not a valid keras_relora adapter "
+            f"file: {reason}. Save the adapters again with "
+            "`model.save_relora_weights(path)`; nothing was loaded."
+        )
+
+    if not isinstance(relora, dict) or not isinstance(
+        relora.get("settings"), dict
+    ):
+        raise invalid("its `relora` description has no `settings` object")
+    if not isinstance(base, dict) or not {"class", "kernel_shapes"} <= set(
+        base
+    ):
+        raise invalid("its `base` description lacks `class`/`kernel_shapes`")
+    settings = relora["settings"]
+    for key in ("rank", "experts", "targets"):
+        if key not in settings:
+            raise invalid(f"its settings have no `{key}`")
+    try:
+        rank = int_arg("rank", settings["rank"], 1, "a positive int")
+        adapter = adapter_args(
+            settings["experts"],
+            settings.get("alpha"),
+            settings.get("dropout", 0.0),
+            settings.get("router_input", "projected"),
+            settings.get("top_k"),
+            settings.get("balance_loss", 0.0),
+        )
+    except (TypeError, ValueError) as error:
+        raise invalid(f"its settings are out of range ({error})") from None
+    experts = adapter["experts"]
+    targets = settings["targets"]
+    pruned = relora.get("pruned", [])
+    if not (
+        isinstance(targets, list)
+        and targets
+        and all(isinstance(t, str) for t in targets)
+        and isinstance(pruned, list)
+        and all(isinstance(p, str) for p in pruned)
+    ):
+        raise invalid(
+            "its settings' `targets` (and `pruned`) must be non-empty lists "
+            "of layer paths"
+        )
+    problems = []
+    a_kernels = {
+        k: v.shape for k, v in tensors.items() if k.startswith("shared_a/")
+    }
+    if not a_kernels:
+        problems.append("the file holds no A (`shared_a/...`) tensor")
+    for key, shape in a_kernels.items():
+        if len(shape) != 2 or shape[-1] != rank:
+            problems.append(
+                f"setting rank={rank}, but {key} has shape {tuple(shape)}"
+            )
+    for path in targets:
+        if path in pruned:
+            continue
+        key = f"adapters/{path}/b_kernel"
+        shape = tuple(tensors[key].shape) if key in tensors else None
+        if shape is None or shape[:2] != (experts, rank):
+            problems.append(
+                f"settings experts={experts}, rank={rank}, but {key} has "
+                f"shape {shape} (it must be (experts, rank, d_out))"
+            )
+    found = adaptable_layers(model)
+    asked = 0
+    for path in targets:
+        if path in found:
+            axes = ReloraDense.axes_of(found[path][1])
+            asked += rank * (axes.d_in + experts * axes.d_out) + (
+                experts * max(axes.d_in, rank) if experts > 1 else 0
+            )
+    limit = max(4 * count_params(adapted_model(model).weights), 2**20)
+    if asked > limit:
+        problems.append(
+            f"settings rank={rank}, experts={experts} ask for {asked} "
+            f"adapter parameters, more than the model can hold ({limit}, "
+            "4 times its own parameters)"
+        )
+    if problems:
+        raise invalid(
+            "its settings do not fit its tensors or the model: "
+            + "; ".join(problems[:5])
+        )
 
 
 def _refuse(model, filepath, problems):

@@ -33,6 +33,7 @@ import re
 import numpy as np
 from keras import ops
 
+from keras_relora import _atomic_writes
 from keras_relora.adapt import targets as targets_lib
 from keras_relora.adapt.model_class import base_class
 from keras_relora.adapt.state import adapted_model
@@ -101,8 +102,10 @@ def save_peft(model, folder, *, base_model_name_or_path=None):
     Args:
         model: A keras-hub Llama 3, Mistral, Qwen, Gemma or Gemma 3
             backbone or CausalLM with ReLoRA adapters (`experts=1`).
-        folder: str or `os.PathLike`. Created if missing; the two files
-            are overwritten.
+        folder: str or `os.PathLike`. Created if missing. The folder is
+            written whole next to its destination and swapped into place,
+            so an interrupted save leaves the previous folder as it was
+            (other files in it are kept).
         base_model_name_or_path: str or None. Written to the config for
             tools that load the base by name. Defaults to `None`.
 
@@ -162,15 +165,14 @@ def save_peft(model, folder, *, base_model_name_or_path=None):
         set(names.values()),
         base_model_name_or_path,
     )
-    folder = os.fspath(folder)
-    os.makedirs(folder, exist_ok=True)
-    safetensors_numpy().save_file(
-        tensors,
-        os.path.join(folder, WEIGHTS_NAME),
-        metadata={"format": "pt"},
-    )
-    with open(os.path.join(folder, CONFIG_NAME), "w") as f:
-        json.dump(config, f, indent=2, sort_keys=True)
+    with _atomic_writes.atomic_folder(os.fspath(folder)) as partial:
+        safetensors_numpy().save_file(
+            tensors,
+            os.path.join(partial, WEIGHTS_NAME),
+            metadata={"format": "pt"},
+        )
+        with open(os.path.join(partial, CONFIG_NAME), "w") as f:
+            json.dump(config, f, indent=2, sort_keys=True)
 
 
 def _refuse_trained_layers(state):

@@ -6,7 +6,9 @@ The folder format, the module names and the `A`/`B` layouts are
 
 import json
 import math
+import numbers
 import os
+import re
 
 import numpy as np
 
@@ -63,6 +65,12 @@ def load_peft(model, folder):
     rank, alpha, dropout = _lora_settings(config, folder)
     modules = peft_format.hf_modules(model)
     weights, problems = _pairs(tensors, modules)
+    names = {
+        k[len(PREFIX) : -len(A_SUFFIX)]
+        for k in tensors
+        if k.startswith(PREFIX) and k.endswith((A_SUFFIX, B_SUFFIX))
+    }
+    problems += _target_problems(config, folder, names)
     for name, (a, b) in weights.items():
         axes = ReloraDense.axes_of(modules[name])
         if a.shape != (rank, axes.d_in) or b.shape != (axes.d_out, rank):
@@ -115,28 +123,72 @@ def _read(folder):
             f"`folder` must be a PEFT adapter folder with {CONFIG_NAME} and "
             f"{WEIGHTS_NAME}; missing: {missing}. Received: folder={folder!r}"
         )
-    with open(paths[0]) as f:
-        config = json.load(f)
-    with open(paths[1], "rb") as f:
-        header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
-    if any(
-        v.get("dtype") == "BF16"
-        for k, v in header.items()
-        if k != "__metadata__"
-    ):
+    return _read_config(paths[0]), _read_weights(paths[1])
+
+
+def _invalid(path, reason):
+    return ValueError(
+        f"{path!r} is not a valid PEFT adapter file: {reason}. Write the "
+        "folder again with `peft`'s `save_pretrained` or "
+        "`keras_relora.save_peft`; nothing was loaded."
+    )
+
+
+def _read_config(path):
+    try:
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f)
+    except (ValueError, UnicodeDecodeError) as error:
+        raise _invalid(path, f"it is not JSON ({error})") from None
+    if not isinstance(config, dict):
+        raise _invalid(
+            path, f"it holds a JSON {type(config).__name__}, not an object"
+        )
+    return config
+
+
+def _read_weights(path):
+    """`{key: float32 array}`, read through `safetensors.safe_open`, which
+    checks the header (its length, JSON, dtypes, offsets) against the file.
+    """
+    peft_format.safetensors_numpy()  # A clear ImportError if missing.
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, framework="numpy") as f:
+            dtypes = {key: f.get_slice(key).get_dtype() for key in f.keys()}
+            if "BF16" not in dtypes.values():
+                tensors = {key: f.get_tensor(key) for key in f.keys()}
+    except Exception as error:  # SafetensorError is not importable alone.
+        raise _invalid(
+            path, f"safetensors could not read it ({error})"
+        ) from None
+    if "BF16" in dtypes.values():
         import safetensors.torch  # numpy has no bfloat16.
 
         tensors = {
             k: v.float().numpy()
-            for k, v in safetensors.torch.load_file(paths[1]).items()
+            for k, v in safetensors.torch.load_file(path).items()
         }
-    else:
-        tensors = peft_format.safetensors_numpy().load_file(paths[1])
-    return config, {k: np.asarray(v, "float32") for k, v in tensors.items()}
+    unusable = sorted(
+        f"{k} ({dtypes[k]})"
+        for k in dtypes
+        if dtypes[k] not in ("F16", "BF16", "F32", "F64")
+    )
+    if unusable:
+        raise _invalid(path, f"tensors {unusable} are not floating point")
+    return {k: np.asarray(v, "float32") for k, v in tensors.items()}
+
+
+# `init_lora_weights` values that only initialise A and B. The others
+# (PiSSA, OLoRA, CorDA, EVA, LoftQ, ...) make PEFT rebuild a residual base
+# when it loads the folder, so the adapter belongs to another base.
+_PLAIN_INITS = (True, False, "gaussian")
 
 
 def _lora_settings(config, folder):
     """`(rank, alpha, dropout)` with `alpha / rank` PEFT's scale."""
+    path = os.path.join(folder, CONFIG_NAME)
     unsupported = [
         f"{key}={config.get(key)!r}"
         for key in (
@@ -148,6 +200,7 @@ def _lora_settings(config, folder):
             "alpha_pattern",
             "target_parameters",
             "layer_replication",
+            "trainable_token_indices",
         )
         if config.get(key)
     ]
@@ -162,10 +215,124 @@ def _lora_settings(config, folder):
             "such an adapter with `peft` (`merge_and_unload()`) and load "
             f"the merged weights instead. Received: folder={folder!r}"
         )
-    rank, alpha = int(config["r"]), float(config["lora_alpha"])
+    init = config.get("init_lora_weights", True)
+    if init is not None and init not in _PLAIN_INITS:
+        raise ValueError(
+            f"{path!r}: `init_lora_weights={init!r}` makes PEFT replace the "
+            "base weights by a residual (PiSSA, OLoRA, CorDA, EVA, LoftQ) "
+            "when it loads the folder, so the adapter does not apply to the "
+            "plain base model. Convert it to a plain LoRA adapter with "
+            "`peft` first (`save_pretrained(..., "
+            "path_initial_model_for_weight_conversion=...)`), or merge it "
+            "(`merge_and_unload()`) and load the merged weights."
+        )
+    if config.get("alora_invocation_tokens"):
+        raise ValueError(
+            f"{path!r}: `alora_invocation_tokens` is set (an activated "
+            "LoRA, which applies only to the tokens after an invocation "
+            "sequence); keras_relora adapters apply to every token. Train "
+            "or convert a plain LoRA adapter (no `alora_invocation_tokens`)."
+        )
+    rank = config.get("r")
+    if (
+        not isinstance(rank, numbers.Integral)
+        or isinstance(rank, bool)
+        or rank < 1
+    ):
+        raise _invalid(path, f"`r` must be a positive int, found r={rank!r}")
+    alpha = config.get("lora_alpha")
+    if (
+        not isinstance(alpha, numbers.Real)
+        or isinstance(alpha, bool)
+        or not math.isfinite(alpha)
+        or alpha <= 0
+    ):
+        raise _invalid(
+            path,
+            f"`lora_alpha` must be a positive number, found "
+            f"lora_alpha={alpha!r}",
+        )
+    dropout = config.get("lora_dropout") or 0.0
+    if (
+        not isinstance(dropout, numbers.Real)
+        or isinstance(dropout, bool)
+        or not 0.0 <= dropout < 1.0
+    ):
+        raise _invalid(
+            path,
+            f"`lora_dropout` must be a number in [0, 1), found "
+            f"lora_dropout={config.get('lora_dropout')!r}",
+        )
+    if not isinstance(config.get("use_rslora", False), (bool, type(None))):
+        raise _invalid(
+            path,
+            "`use_rslora` must be true or false, found "
+            f"use_rslora={config.get('use_rslora')!r}",
+        )
+    _target_modules(config, path)
+    rank, alpha = int(rank), float(alpha)
     if config.get("use_rslora"):
         alpha = alpha * math.sqrt(rank)  # alpha / sqrt(r) == this / r.
-    return rank, alpha, float(config.get("lora_dropout") or 0.0)
+    return rank, alpha, float(dropout)
+
+
+def _target_modules(config, path):
+    """The config's `target_modules`: None, a regex or a list of names."""
+    targets = config.get("target_modules")
+    if targets is None or isinstance(targets, str):
+        if isinstance(targets, str) and targets != "all-linear":
+            try:
+                re.compile(targets)
+            except re.error as error:
+                raise _invalid(
+                    path, f"`target_modules` is not a regex ({error})"
+                ) from None
+        return targets
+    if isinstance(targets, list) and all(isinstance(t, str) for t in targets):
+        return targets
+    raise _invalid(
+        path,
+        "`target_modules` must be a list of module names or a regex, "
+        f"found target_modules={targets!r}",
+    )
+
+
+def _target_problems(config, folder, names):
+    """What the config's `target_modules` and the file's modules disagree
+    on, as PEFT matches them (a regex: the full module name; a list: the
+    name or its last components)."""
+    targets = config.get("target_modules")
+    if targets is None or targets == "all-linear":
+        return []
+    if isinstance(targets, str):
+        pattern = re.compile(targets)
+        outside = sorted(n for n in names if not pattern.fullmatch(n))
+        unused = [] if len(outside) < len(names) else [targets]
+    else:
+
+        def matches(name, target):
+            return name == target or name.endswith("." + target)
+
+        outside = sorted(
+            n for n in names if not any(matches(n, t) for t in targets)
+        )
+        unused = sorted(
+            t for t in targets if not any(matches(n, t) for n in names)
+        )
+    problems = []
+    weights = os.path.join(folder, WEIGHTS_NAME)
+    config_path = os.path.join(folder, CONFIG_NAME)
+    if outside:
+        problems.append(
+            f"modules with tensors in {weights!r} that `target_modules` "
+            f"{targets!r} of {config_path!r} does not match: {outside}"
+        )
+    if unused:
+        problems.append(
+            f"`target_modules` entries of {config_path!r} with no tensor in "
+            f"{weights!r}: {unused}"
+        )
+    return problems
 
 
 def _pairs(tensors, modules):
