@@ -82,11 +82,13 @@ def _install_model_methods():
     enable.__doc__ = enable_relora.__doc__
     keras.Model.enable_relora = enable
 
-    def save_weights(self, filepath):
-        return save_relora_weights(self, filepath)
+    def save_weights(self, filepath, adapter_name=None):
+        return save_relora_weights(self, filepath, adapter_name=adapter_name)
 
-    def load_weights(self, filepath, *, check_base=True):
-        return load_relora_weights(self, filepath, check_base=check_base)
+    def load_weights(self, filepath, adapter_name=None, *, check_base=True):
+        return load_relora_weights(
+            self, filepath, check_base=check_base, adapter_name=adapter_name
+        )
 
     for function in (
         active_adapter,

@@ -281,22 +281,37 @@ def relora_config(model):
             f"Model {model.name!r} has the ReLoRA saving class but no ReLoRA "
             "state. Call `keras_relora.unload(model)` to restore its class."
         )
-    if len(state.named) > 1:
-        raise ValueError(
-            f"Model {model.name!r} has several named adapters "
-            f"({list(state.named)}); its config (and so a `.keras` file) "
-            "can describe one only. Save each adapter with "
-            "`keras_relora.set_adapter(model, name)` then "
-            "`model.save_relora_weights(path)`, or delete the others "
-            "(`keras_relora.delete_adapter`) before `model.save`."
-        )
     base = serialize_as_base(model)
     # The outer config carries the compile config; the base is compiled
     # once, after its adapters exist (its trainable set is then the same).
     base.pop("compile_config", None)
     base.pop("shared_object_id", None)
     add_tied_embeddings(base, omitted_tied_embeddings(model))
-    return {"base": base, "relora": relora_state_config(state, model)}
+    return {"base": base, "relora": _named_config(state, model)}
+
+
+def _named_config(state, model):
+    """`relora_state_config`, and with several named adapters each one's
+    under `"named"` (in the order added) and the active one's name."""
+    config = relora_state_config(state, model)
+    if len(state.named) < 2:
+        return config
+    active = state.active
+    named = []
+    try:
+        for name in state.named:
+            state.activate(name)
+            entry = relora_state_config(state, model)
+            named.append(
+                {
+                    "name": name,
+                    "settings": entry["settings"],
+                    "pruned": entry["pruned"],
+                }
+            )
+    finally:
+        state.activate(active)
+    return {**config, "named": named, "active": active}
 
 
 def _jsonable(value):

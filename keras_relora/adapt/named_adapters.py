@@ -237,6 +237,64 @@ def _require_name(state, name, what):
     return name
 
 
+def resolve_name(state, name, what):
+    """`name` checked against `state.named`; None is the active adapter."""
+    if name is None:
+        return state.active
+    return _require_name(state, name, what)
+
+
+@contextlib.contextmanager
+def activated(state, name):
+    """`state` records adapter `name` as the active one inside the block
+    (Python state only: `settings`, `adapters`, ..., which saving reads;
+    the outputs do not change). None: the active adapter."""
+    previous = state.active
+    if name is None or name == previous:
+        yield state
+        return
+    state.activate(name)
+    try:
+        yield state
+    finally:
+        state.activate(previous)
+
+
+@contextlib.contextmanager
+def selected(model, name):
+    """`model` computes with adapter `name` alone inside the block (its
+    selector too); the previous selection is restored on exit."""
+    state = require_state(model, "`selected`")
+    previous = state.active
+    saved = None
+    if state.selector is not None:
+        saved = ops.convert_to_numpy(state.selector.mix).copy()
+    set_adapter(model, name)
+    try:
+        yield state
+    finally:
+        state.activate(previous)
+        if saved is not None:
+            state.selector.mix.assign(saved)
+
+
+def remove_added(model, state, name):
+    """Removes adapter `name`, just added by a load that failed: the whole
+    ReLoRA state if it is the model's only adapter."""
+    from keras_relora.adapt.enable_relora import unload
+
+    if name not in state.named:
+        return
+    if len(state.named) == 1:
+        unload(model)
+        return
+    if state.active == name:
+        state.activate(next(n for n in state.named if n != name))
+        if state.selector is not None:
+            state.selector.mix.assign(_one_hot(state, state.active))
+    delete_adapter(model, name)
+
+
 def adapter_names(model):
     """The names of `model`'s adapters, in the order they were added.
 

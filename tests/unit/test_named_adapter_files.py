@@ -1,0 +1,253 @@
+"""Named adapters in files: one adapter per `.safetensors` file, `.keras`
+files of several adapters, merging one adapter, combining adapters."""
+
+import keras
+import numpy as np
+import pytest
+import tiny_models as tm
+from keras import ops
+from test_named_adapters import DEFAULT
+from test_named_adapters import SMALL
+from test_named_adapters import alone
+from test_named_adapters import group_variables
+from test_named_adapters import reference
+from test_named_adapters import two_adapter_model
+from test_named_adapters import values
+
+import keras_relora
+
+
+def numpy(x):
+    return ops.convert_to_numpy(x)
+
+
+def weights_of(model):
+    return {v.path: numpy(v).copy() for v in model.weights}
+
+
+def assert_same_weights(model, expected):
+    now = weights_of(model)
+    assert sorted(now) == sorted(expected)
+    for path, value in expected.items():
+        np.testing.assert_array_equal(now[path], value, err_msg=path)
+
+
+def read_file(path):
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="numpy") as f:
+        return f.metadata(), {k: f.get_tensor(k) for k in sorted(f.keys())}
+
+
+def fresh_base(base):
+    model = tm.functional_model()
+    for variable, value in zip(model.weights, base, strict=True):
+        variable.assign(value)
+    return model
+
+
+# -- 1. adapter files per named adapter ----------------------------------
+
+
+def test_each_adapter_saves_as_the_file_of_that_adapter_alone(tmp_path):
+    model, base = two_adapter_model()
+    default_ref = reference(
+        base, "default", values(group_variables(model, "default")), **DEFAULT
+    )
+    small_ref = reference(
+        base, "small", values(group_variables(model, "small")), **SMALL
+    )
+    model.save_relora_weights(tmp_path / "default.safetensors")
+    keras_relora.save_relora_weights(
+        model, tmp_path / "small.safetensors", adapter_name="small"
+    )
+    assert keras_relora.active_adapter(model) == "default"
+    default_ref.save_relora_weights(tmp_path / "default_ref.safetensors")
+    small_ref.save_relora_weights(tmp_path / "small_ref.safetensors")
+    # The same header and tensors (the header's key order is not fixed).
+    for name in ("default", "small"):
+        written = read_file(tmp_path / f"{name}.safetensors")
+        alone_file = read_file(tmp_path / f"{name}_ref.safetensors")
+        assert written[0] == alone_file[0]
+        assert list(written[1]) == list(alone_file[1])
+        for key, value in written[1].items():
+            assert value.dtype == alone_file[1][key].dtype
+            np.testing.assert_array_equal(value, alone_file[1][key])
+    with pytest.raises(ValueError, match="no adapter named 'nope'"):
+        model.save_relora_weights(
+            tmp_path / "x.safetensors", adapter_name="nope"
+        )
+    assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_files_load_as_named_adapters(tmp_path):
+    model, base = two_adapter_model()
+    x, _ = tm.dense_data()
+    model.save_relora_weights(tmp_path / "default.safetensors")
+    model.save_relora_weights(tmp_path / "small.safetensors", "small")
+    expected = {n: alone(model, n, x) for n in ("default", "small")}
+    # Into a model without adapters: "default", then a new name.
+    loaded = fresh_base(base)
+    loaded.load_relora_weights(tmp_path / "default.safetensors")
+    loaded.load_relora_weights(
+        tmp_path / "small.safetensors", adapter_name="small"
+    )
+    assert keras_relora.adapter_names(loaded) == ["default", "small"]
+    assert keras_relora.active_adapter(loaded) == "default"
+    for name in ("default", "small"):
+        np.testing.assert_array_equal(alone(loaded, name, x), expected[name])
+    # A file of "small" as the first adapter of a model, named otherwise.
+    other = fresh_base(base)
+    keras_relora.load_relora_weights(
+        other, tmp_path / "small.safetensors", adapter_name="task"
+    )
+    assert keras_relora.adapter_names(other) == ["task"]
+    assert other.get_layer("head").relora_task.rank == 2
+    np.testing.assert_array_equal(numpy(other(x)), expected["small"])
+    # Into an existing adapter of that name, not the active one.
+    tm.randomize_adapters(loaded, seed=7)  # changes "default" only
+    keras_relora.set_adapter(loaded, "small")
+    tm.randomize_adapters(loaded, seed=8)
+    keras_relora.set_adapter(loaded, "default")
+    kept = values(group_variables(loaded, "default"))
+    loaded.load_relora_weights(tmp_path / "small.safetensors", "small")
+    assert keras_relora.active_adapter(loaded) == "default"
+    np.testing.assert_array_equal(alone(loaded, "small", x), expected["small"])
+    for value, want in zip(
+        values(group_variables(loaded, "default")), kept, strict=True
+    ):
+        np.testing.assert_array_equal(value, want)
+
+
+def test_a_file_of_other_settings_refuses_and_changes_nothing(tmp_path):
+    model, base = two_adapter_model()
+    model.save_relora_weights(tmp_path / "default.safetensors")
+    before = weights_of(model)
+    with pytest.raises(ValueError, match=r"rank: file 4, model 2"):
+        model.load_relora_weights(
+            tmp_path / "default.safetensors", adapter_name="small"
+        )
+    assert_same_weights(model, before)
+    assert keras_relora.active_adapter(model) == "default"
+    # A new name with a file of another base: refused before enabling.
+    keras.utils.set_random_seed(5)
+    stranger = tm.functional_model()
+    stranger.enable_relora(rank=2, experts=1, adapter_name="mine")
+    before = weights_of(stranger)
+    with pytest.raises(ValueError, match="another base model"):
+        stranger.load_relora_weights(
+            tmp_path / "default.safetensors", adapter_name="new"
+        )
+    assert_same_weights(stranger, before)
+    assert keras_relora.adapter_names(stranger) == ["mine"]
+    with pytest.raises(ValueError, match="Python identifier"):
+        stranger.load_relora_weights(
+            tmp_path / "default.safetensors", adapter_name="a b"
+        )
+
+
+# -- 3. `.keras` files of several adapters --------------------------------
+
+
+def test_keras_file_of_several_adapters_round_trips(tmp_path):
+    model, _ = two_adapter_model()
+    x, y = tm.dense_data()
+    keras_relora.set_adapter(model, "small")
+    model.compile(optimizer="adam", loss="mse")
+    model.fit(x, y, epochs=1, verbose=0)
+    expected = {n: alone(model, n, x) for n in ("default", "small")}
+    keras_relora.set_adapter(model, "small")
+    path = tmp_path / "model.keras"
+    model.save(path)
+    loaded = keras.saving.load_model(path)
+    assert keras_relora.adapter_names(loaded) == ["default", "small"]
+    assert keras_relora.active_adapter(loaded) == "small"
+    assert_same_weights(loaded, weights_of(model))
+    np.testing.assert_array_equal(numpy(loaded(x)), expected["small"])
+    for name in ("default", "small"):
+        np.testing.assert_array_equal(alone(loaded, name, x), expected[name])
+    # The optimizer's state, less the adapter mask that `fit` adds.
+    saved = [
+        v for v in model.optimizer.variables if not v.name.startswith("relora")
+    ]
+    assert len(loaded.optimizer.variables) == len(saved) > 10
+    for a, b in zip(loaded.optimizer.variables, saved, strict=True):
+        assert a.path == b.path
+        np.testing.assert_array_equal(numpy(a), numpy(b))
+    # It trains the active adapter alone.
+    keras_relora.set_adapter(loaded, "default")
+    small = values(group_variables(loaded, "small"))
+    loaded.fit(x, y, epochs=1, verbose=0)
+    for value, want in zip(
+        values(group_variables(loaded, "small")), small, strict=True
+    ):
+        np.testing.assert_array_equal(value, want)
+
+
+def test_keras_file_of_a_keras_hub_task_with_pruned_adapters(tmp_path):
+    keras.utils.set_random_seed(0)
+    lm = tm.llama3_causal_lm()
+    data = tm.lm_data()[0]
+    lm.enable_relora(rank=4, experts=2, adapter_name="routed")
+    tm.randomize_adapters(lm, seed=1)
+    lm.enable_relora(rank=2, experts=1, targets=["q", "v"], adapter_name="qv")
+    lm.set_adapter("qv")
+    tm.randomize_adapters(lm, seed=2)
+    assert keras_relora.prune(lm, 0.5, importance=[1.0, 0.0]) == [1]
+    lm.set_adapter("routed")
+    expected = {n: alone_lm(lm, n, data) for n in ("routed", "qv")}
+    assert np.abs(expected["routed"] - expected["qv"]).max() > 1e-3
+    lm.save(tmp_path / "lm.keras")
+    loaded = keras.saving.load_model(tmp_path / "lm.keras")
+    assert loaded.adapter_names() == ["routed", "qv"]
+    assert loaded.active_adapter() == "routed"
+    state = keras_relora.get_state(loaded)
+    assert [a.pruned for a in state.named["qv"].adapters.values()] == [
+        a.block == 1 for a in state.named["qv"].adapters.values()
+    ]
+    assert not any(a.pruned for a in state.named["routed"].adapters.values())
+    assert_same_weights(loaded, weights_of(lm))
+    for name in ("routed", "qv"):
+        np.testing.assert_array_equal(
+            alone_lm(loaded, name, data), expected[name]
+        )
+
+
+def alone_lm(model, name, data):
+    previous = keras_relora.active_adapter(model)
+    keras_relora.set_adapter(model, name)
+    try:
+        return numpy(model(data))
+    finally:
+        keras_relora.set_adapter(model, previous)
+
+
+# -- 4. merging one named adapter -----------------------------------------
+
+
+def test_merge_one_named_adapter():
+    model, base = two_adapter_model()
+    x, _ = tm.dense_data()
+    before = weights_of(model)
+    merged = keras_relora.merge_relora(model, adapter_name="small")
+    assert keras_relora.get_state(merged) is None
+    assert len(merged.weights) == len(base)
+    np.testing.assert_allclose(
+        numpy(merged(x)), alone(model, "small", x), 0, 1e-5
+    )
+    assert keras_relora.active_adapter(model) == "default"
+    assert_same_weights(model, before)
+    # The kernels are the base's plus that adapter's, not another's.
+    np.testing.assert_array_equal(numpy(merged.weights[0]), base[0])
+    # "default" has routed experts: refused without calibration data.
+    with pytest.raises(ValueError, match="needs `calibration_data`"):
+        keras_relora.merge_relora(model)
+    merged, error = keras_relora.merge_relora(
+        model, x, verbose=False, return_error=True
+    )
+    assert error["samples"] == len(x)
+    live = alone(model, "default", x)
+    np.testing.assert_allclose(numpy(merged(x)), live, 0, error["max_abs"])
+    with pytest.raises(ValueError, match="no adapter named 'nope'"):
+        keras_relora.merge_relora(model, adapter_name="nope")
+    assert_same_weights(model, before)
