@@ -12,6 +12,7 @@ from keras_relora.adapt import ReloraReport
 from keras_relora.adapt import active_adapter
 from keras_relora.adapt import adapter_names
 from keras_relora.adapt import budget
+from keras_relora.adapt import combine_adapters
 from keras_relora.adapt import delete_adapter
 from keras_relora.adapt import disable_adapters
 from keras_relora.adapt import enable_relora
@@ -48,6 +49,7 @@ __all__ = [
     "active_adapter",
     "adapter_names",
     "budget",
+    "combine_adapters",
     "delete_adapter",
     "disable_adapters",
     "enable_relora",
@@ -93,6 +95,7 @@ def _install_model_methods():
     for function in (
         active_adapter,
         adapter_names,
+        combine_adapters,
         delete_adapter,
         disable_adapters,
         route_examples,

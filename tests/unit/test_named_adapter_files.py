@@ -195,7 +195,7 @@ def test_keras_file_of_a_keras_hub_task_with_pruned_adapters(tmp_path):
     tm.randomize_adapters(lm, seed=2)
     assert keras_relora.prune(lm, 0.5, importance=[1.0, 0.0]) == [1]
     lm.set_adapter("routed")
-    expected = {n: alone_lm(lm, n, data) for n in ("routed", "qv")}
+    expected = {n: with_adapter(lm, n, data) for n in ("routed", "qv")}
     assert np.abs(expected["routed"] - expected["qv"]).max() > 1e-3
     lm.save(tmp_path / "lm.keras")
     loaded = keras.saving.load_model(tmp_path / "lm.keras")
@@ -209,11 +209,11 @@ def test_keras_file_of_a_keras_hub_task_with_pruned_adapters(tmp_path):
     assert_same_weights(loaded, weights_of(lm))
     for name in ("routed", "qv"):
         np.testing.assert_array_equal(
-            alone_lm(loaded, name, data), expected[name]
+            with_adapter(loaded, name, data), expected[name]
         )
 
 
-def alone_lm(model, name, data):
+def with_adapter(model, name, data):
     previous = keras_relora.active_adapter(model)
     keras_relora.set_adapter(model, name)
     try:
@@ -251,3 +251,130 @@ def test_merge_one_named_adapter():
     with pytest.raises(ValueError, match="no adapter named 'nope'"):
         keras_relora.merge_relora(model, adapter_name="nope")
     assert_same_weights(model, before)
+
+
+# -- 5. combining adapters -------------------------------------------------
+
+
+def mixed(model, mix, x):
+    """`model(x)` with the selector weighting adapter `n` by `mix[n]`
+    (unlisted: 0): `base + sum_n mix[n] * delta_n` at every layer."""
+    state = keras_relora.get_state(model)
+    saved = numpy(state.selector.mix).copy()
+    names = list(state.named)
+    vector = np.zeros(len(names), "float32")
+    for name, weight in mix.items():
+        vector[names.index(name)] = weight
+    state.selector.mix.assign(vector)
+    try:
+        return numpy(model(x))
+    finally:
+        state.selector.mix.assign(saved)
+
+
+def one_dense_model():
+    keras.utils.set_random_seed(3)
+    inputs = keras.Input((6,))
+    model = keras.Model(inputs, keras.layers.Dense(5, name="only")(inputs))
+    return model
+
+
+def test_combination_of_one_layer_is_the_weighted_sum_of_outputs():
+    model = one_dense_model()
+    x, _ = tm.dense_data()
+    base = numpy(model(x))
+    model.enable_relora(rank=2, experts=1, share_a="layer", adapter_name="a")
+    tm.randomize_adapters(model, seed=1)
+    model.enable_relora(rank=3, experts=2, alpha=5.0, adapter_name="b")
+    model.set_adapter("b")
+    tm.randomize_adapters(model, seed=2)
+    keras_relora.get_state(model).adapters[
+        next(iter(keras_relora.get_state(model).adapters))
+    ].suppression.assign(0.5)
+    outputs = {n: with_adapter(model, n, x) for n in ("a", "b")}
+    model.set_adapter("a")
+    keras_relora.combine_adapters(model, {"a": 0.7, "b": -1.3}, "ab")
+    assert model.active_adapter() == "a"
+    state = keras_relora.get_state(model)
+    assert state.named["ab"].settings["rank"] == 5  # concatenated
+    assert state.named["ab"].settings["experts"] == 2
+    expected = base + 0.7 * (outputs["a"] - base) - 1.3 * (outputs["b"] - base)
+    np.testing.assert_allclose(with_adapter(model, "ab", x), expected, 0, 1e-5)
+    np.testing.assert_array_equal(with_adapter(model, "a", x), outputs["a"])
+
+
+def test_combination_matches_the_weighted_adapters_at_every_layer():
+    model, _ = two_adapter_model()  # "default" routed, "small" plain
+    x, _ = tm.dense_data()
+    before = {n: with_adapter(model, n, x) for n in ("default", "small")}
+    model.combine_adapters({"default": 0.5, "small": 2.0}, "both")
+    assert model.adapter_names() == ["default", "small", "both"]
+    settings = keras_relora.get_state(model).named["both"].settings
+    assert (settings["rank"], settings["experts"]) == (6, 2)
+    assert settings["share_a"] == "role"
+    reference_out = mixed(model, {"default": 0.5, "small": 2.0}, x)
+    np.testing.assert_allclose(
+        with_adapter(model, "both", x), reference_out, 0, 1e-5
+    )
+    for name in ("default", "small"):
+        np.testing.assert_array_equal(
+            with_adapter(model, name, x), before[name]
+        )
+
+
+def test_adapters_with_the_same_a_and_router_combine_linearly():
+    keras.utils.set_random_seed(0)
+    model = tm.functional_model()
+    x, _ = tm.dense_data()
+    model.enable_relora(rank=2, experts=2, share_a="layer")
+    tm.randomize_adapters(model, seed=1)
+    model.enable_relora(rank=2, experts=2, share_a="layer", adapter_name="b")
+    model.set_adapter("b")
+    tm.randomize_adapters(model, seed=2)
+    state = keras_relora.get_state(model)
+    for path, adapter in state.named["b"].adapters.items():
+        first = state.named["default"].adapters[path]
+        adapter.shared_a.kernel.assign(first.shared_a.kernel)
+        adapter.router_kernel.assign(first.router_kernel)
+    model.combine_adapters({"default": 0.25, "b": 0.75}, "ab")
+    settings = state.named["ab"].settings
+    assert (settings["rank"], settings["experts"]) == (2, 2)  # linear
+    np.testing.assert_allclose(
+        with_adapter(model, "ab", x),
+        mixed(model, {"default": 0.25, "b": 0.75}, x),
+        0,
+        1e-5,
+    )
+
+
+def test_different_routers_refuse_and_change_nothing():
+    keras.utils.set_random_seed(0)
+    model = tm.functional_model()
+    model.enable_relora(rank=2, experts=2)
+    model.enable_relora(rank=2, experts=2, adapter_name="other")
+    tm.randomize_adapters(model, seed=1)
+    before = weights_of(model)
+    with pytest.raises(
+        ValueError, match=r"adapters 'default' and 'other' exactly.*router"
+    ):
+        model.combine_adapters({"default": 1.0, "other": 1.0}, "both")
+    assert_same_weights(model, before)
+    assert model.adapter_names() == ["default", "other"]
+    with pytest.raises(ValueError, match="already an adapter"):
+        model.combine_adapters({"default": 1.0}, "other")
+    with pytest.raises(ValueError, match="does not have"):
+        model.combine_adapters({"nope": 1.0}, "both")
+    with pytest.raises(ValueError, match="finite real number"):
+        model.combine_adapters({"default": float("nan")}, "both")
+    with pytest.raises(TypeError, match="non-empty dict"):
+        model.combine_adapters({}, "both")
+    assert_same_weights(model, before)
+    # One adapter alone, scaled: its router is kept.
+    x, _ = tm.dense_data()
+    model.combine_adapters({"other": -2.0}, "minus")
+    with keras_relora.disable_adapters(model):
+        base = numpy(model(x))
+    expected = base - 2.0 * (with_adapter(model, "other", x) - base)
+    np.testing.assert_allclose(
+        with_adapter(model, "minus", x), expected, 0, 1e-5
+    )
