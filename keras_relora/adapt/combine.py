@@ -2,11 +2,14 @@
 other adapters' deltas, built only where that sum is exact."""
 
 import math
+import re
 
 import numpy as np
 from keras import ops
 
 from keras_relora.adapt import named_adapters
+from keras_relora.adapt.enable_relora import enable_relora
+from keras_relora.adapt.enable_relora import remove_added
 from keras_relora.adapt.state import require_state
 
 
@@ -294,16 +297,13 @@ def _layer_values(terms, weights, settings, linear):
 
 
 def _enable(model, state, plan, new_name):
-    from keras_relora.adapt.enable_relora import enable_relora
-    from keras_relora.saving.model_saving import exact_targets
-
     settings = plan["settings"]
     enable_relora(
         model,
         settings["rank"],
         settings["experts"],
         alpha=float(settings["rank"]),
-        targets=exact_targets(plan["order"]),
+        targets="^(?:" + "|".join(re.escape(p) for p in plan["order"]) + ")$",
         share_a=settings["share_a"],
         train_a=settings["train_a"],
         dropout=settings["dropout"],
@@ -326,5 +326,5 @@ def _enable(model, state, plan, new_name):
                     router.astype(adapter.router_kernel.dtype)
                 )
     except BaseException:
-        named_adapters.remove_added(model, state, new_name)
+        remove_added(model, state, new_name)
         raise

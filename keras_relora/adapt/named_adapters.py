@@ -278,23 +278,6 @@ def selected(model, name):
             state.selector.mix.assign(saved)
 
 
-def remove_added(model, state, name):
-    """Removes adapter `name`, just added by a load that failed: the whole
-    ReLoRA state if it is the model's only adapter."""
-    from keras_relora.adapt.enable_relora import unload
-
-    if name not in state.named:
-        return
-    if len(state.named) == 1:
-        unload(model)
-        return
-    if state.active == name:
-        state.activate(next(n for n in state.named if n != name))
-        if state.selector is not None:
-            state.selector.mix.assign(_one_hot(state, state.active))
-    delete_adapter(model, name)
-
-
 def adapter_names(model):
     """The names of `model`'s adapters, in the order they were added.
 

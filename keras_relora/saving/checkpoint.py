@@ -36,6 +36,7 @@ from keras import ops
 
 from keras_relora._checks import model_arg
 from keras_relora.adapt import named_adapters
+from keras_relora.adapt.enable_relora import remove_added
 from keras_relora.adapt.model_class import base_class
 from keras_relora.adapt.model_class import relora_state_config
 from keras_relora.adapt.state import adapted_model
@@ -169,7 +170,7 @@ def load_relora_weights(model, filepath, *, check_base=True, adapter_name=None):
                 _assign(model, state, content)
         except BaseException:
             if get_state(model) is not None:
-                named_adapters.remove_added(model, get_state(model), name)
+                remove_added(model, get_state(model), name)
             raise
         return model
     with named_adapters.activated(state, adapter_name):

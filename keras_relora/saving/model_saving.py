@@ -16,6 +16,7 @@ import keras
 from keras_relora.adapt import targets as targets_lib
 from keras_relora.adapt.enable_relora import enable_relora
 from keras_relora.adapt.model_class import FORMAT_VERSION
+from keras_relora.adapt.named_adapters import set_adapter
 from keras_relora.adapt.state import adapted_model
 from keras_relora.adapt.state import get_state
 
@@ -90,8 +91,6 @@ def enable_from_config(model, relora, adapter_name="default"):
 
 
 def _enable_named(model, relora, named):
-    from keras_relora.adapt.named_adapters import set_adapter
-
     for entry in named:
         state = _enable_one(model, entry, entry["name"], reducer=False)
     set_adapter(model, relora["active"])
