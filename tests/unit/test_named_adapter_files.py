@@ -378,3 +378,90 @@ def test_different_routers_refuse_and_change_nothing():
     np.testing.assert_allclose(
         with_adapter(model, "minus", x), expected, 0, 1e-5
     )
+
+
+# -- 2. PEFT folders of named adapters -------------------------------------
+
+
+def two_lora_lm():
+    """A tiny Llama 3 CausalLM with "default" (`lora`, q and v) and "qv"
+    (`sharelora`, rank 2, q, k, v), both non-zero; and its base."""
+    keras.utils.set_random_seed(0)
+    lm = tm.llama3_causal_lm()
+    base = [numpy(v).copy() for v in lm.weights]
+    lm.enable_relora(rank=4, experts=1, share_a="layer", targets=["q", "v"])
+    tm.randomize_adapters(lm, seed=1)
+    lm.enable_relora(
+        rank=2, experts=1, alpha=3.0, targets=["q", "k", "v"], adapter_name="qv"
+    )
+    lm.set_adapter("qv")
+    tm.randomize_adapters(lm, seed=2)
+    lm.set_adapter("default")
+    return lm, base
+
+
+def fresh_lm(base):
+    lm = tm.llama3_causal_lm()
+    for variable, value in zip(lm.weights, base, strict=True):
+        variable.assign(value)
+    return lm
+
+
+def test_peft_folders_of_named_adapters(tmp_path):
+    lm, base = two_lora_lm()
+    data = tm.lm_data()[0]
+    expected = {n: with_adapter(lm, n, data) for n in ("default", "qv")}
+    folder = tmp_path / "peft"
+    keras_relora.save_peft(lm, folder)  # PEFT's layout: every adapter
+    assert (folder / "adapter_config.json").is_file()
+    assert (folder / "qv" / "adapter_model.safetensors").is_file()
+    loaded = fresh_lm(base)
+    keras_relora.load_peft(loaded, folder)  # the root: "default"
+    keras_relora.load_peft(loaded, folder, adapter_name="qv")  # folder/qv
+    assert loaded.adapter_names() == ["default", "qv"]
+    assert loaded.active_adapter() == "default"
+    for name in ("default", "qv"):
+        np.testing.assert_allclose(
+            with_adapter(loaded, name, data), expected[name], 0, 1e-5
+        )
+    # One adapter alone, where PEFT puts it; loaded into an existing one.
+    keras_relora.save_peft(lm, tmp_path / "one", adapter_name="qv")
+    assert not (tmp_path / "one" / "adapter_config.json").exists()
+    loaded.set_adapter("qv")
+    tm.randomize_adapters(loaded, seed=9)
+    loaded.set_adapter("default")
+    kept = weights_of(loaded)
+    keras_relora.load_peft(loaded, tmp_path / "one", adapter_name="qv")
+    assert loaded.active_adapter() == "default"
+    np.testing.assert_allclose(
+        with_adapter(loaded, "qv", data), expected["qv"], 0, 1e-5
+    )
+    changed = [v.path for v in group_variables(loaded, "qv")]
+    assert changed
+    for path, value in weights_of(loaded).items():
+        if path not in changed:
+            np.testing.assert_array_equal(value, kept[path], err_msg=path)
+
+
+def test_peft_refusals_of_named_adapters(tmp_path):
+    lm, _ = two_lora_lm()
+    lm.enable_relora(rank=2, experts=2, targets=["q"], adapter_name="routed")
+    folder = tmp_path / "peft"
+    with pytest.raises(
+        ValueError, match=r"Adapter 'routed' cannot be written.*experts=2"
+    ):
+        keras_relora.save_peft(lm, folder)
+    assert not folder.exists()
+    with pytest.raises(ValueError, match="no adapter named 'nope'"):
+        keras_relora.save_peft(lm, folder, adapter_name=["qv", "nope"])
+    assert not folder.exists()
+    keras_relora.save_peft(lm, folder, adapter_name=["default", "qv"])
+    before = weights_of(lm)
+    # "qv" (rank 2, sharelora) into "default" (rank 4): refused.
+    with pytest.raises(ValueError, match=r"rank: folder 2, model 4"):
+        keras_relora.load_peft(lm, folder / "qv", adapter_name="default")
+    with pytest.raises(ValueError, match=r"experts: folder 1.*model 2"):
+        keras_relora.load_peft(lm, folder, adapter_name="routed")
+    assert_same_weights(lm, before)
+    assert lm.adapter_names() == ["default", "qv", "routed"]
+    assert lm.active_adapter() == "default"
