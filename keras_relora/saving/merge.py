@@ -325,7 +325,10 @@ def _copy_weights(model, merged, state, gates):
             kernels[id(adapter._base_layer.kernel)] = (path, adapter)
     for src, dst in zip(source, target, strict=False):
         if id(src) not in kernels:
-            dst.assign(src)
+            # A copy: on JAX, `assign` keeps the array itself, and a
+            # compiled step that donates its state would delete it in
+            # both models.
+            dst.assign(ops.copy(src))
             continue
         path, adapter = kernels[id(src)]
         value = ops.cast(src, "float32") + _delta(adapter, gates.get(path))

@@ -239,6 +239,11 @@ def test_merge_one_named_adapter():
     assert_same_weights(model, before)
     # The kernels are the base's plus that adapter's, not another's.
     np.testing.assert_array_equal(numpy(merged.weights[0]), base[0])
+    # Each model owns its arrays: JAX's compiled predict donates its state.
+    merged.predict(x, verbose=0)
+    np.testing.assert_array_equal(
+        model.predict(x, verbose=0), alone(model, "default", x)
+    )
     # "default" has routed experts: refused without calibration data.
     with pytest.raises(ValueError, match="needs `calibration_data`"):
         keras_relora.merge_relora(model)
