@@ -160,19 +160,19 @@ class _SavesRelora:
     def save_weights(self, filepath, *args, **kwargs):
         result = super().save_weights(filepath, *args, **kwargs)
         if is_single_h5(filepath):
-            write_manifest(filepath, relora_state_config(get_state(self), self))
+            write_manifest(filepath, named_config(get_state(self), self))
         return result
 
     def load_weights(self, filepath, *args, **kwargs):
         if is_single_h5(filepath):
             saved = read_manifest(filepath)
             state = get_state(self)
-            check_load(
-                self.name, filepath, relora_state_config(state, self), saved
-            )
+            check_load(self.name, filepath, named_config(state, self), saved)
             if saved.get("reducer") and state.reducer is None:
                 state.add_reducer(self, seed=0)  # Its scores load as weights.
-        return super().load_weights(filepath, *args, **kwargs)
+        result = super().load_weights(filepath, *args, **kwargs)
+        _sync_active(get_state(self))
+        return result
 
     def save(self, filepath, *args, **kwargs):
         if str(filepath).endswith((".h5", ".hdf5")):
@@ -186,6 +186,16 @@ class _SavesRelora:
                 f"Received: filepath={filepath!r}"
             )
         return super().save(filepath, *args, **kwargs)
+
+
+def _sync_active(state):
+    """Makes the adapter that a loaded selector selects the active one."""
+    if state is None or state.selector is None:
+        return
+    mix = keras.ops.convert_to_numpy(state.selector.mix)
+    (hot,) = np.nonzero(mix)
+    if len(hot) == 1 and mix[hot[0]] == 1:
+        state.activate(list(state.named)[int(hot[0])])
 
 
 def _save_to_preset(self, preset_dir, *args, **kwargs):
@@ -287,10 +297,10 @@ def relora_config(model):
     base.pop("compile_config", None)
     base.pop("shared_object_id", None)
     add_tied_embeddings(base, omitted_tied_embeddings(model))
-    return {"base": base, "relora": _named_config(state, model)}
+    return {"base": base, "relora": named_config(state, model)}
 
 
-def _named_config(state, model):
+def named_config(state, model):
     """`relora_state_config`, and with several named adapters each one's
     under `"named"` (in the order added) and the active one's name."""
     config = relora_state_config(state, model)

@@ -470,3 +470,27 @@ def test_peft_refusals_of_named_adapters(tmp_path):
     assert_same_weights(lm, before)
     assert lm.adapter_names() == ["default", "qv", "routed"]
     assert lm.active_adapter() == "default"
+
+
+def test_weights_file_of_several_adapters(tmp_path):
+    model, base = two_adapter_model()
+    x, _ = tm.dense_data()
+    keras_relora.set_adapter(model, "small")
+    model.save_weights(tmp_path / "model.weights.h5")
+    saved = values(model.weights)
+    other = fresh_base(base)
+    other.enable_relora(**DEFAULT)
+    other.enable_relora(**SMALL, adapter_name="small")
+    other.load_weights(tmp_path / "model.weights.h5")
+    for value, want in zip(values(other.weights), saved, strict=True):
+        np.testing.assert_array_equal(value, want)
+    assert other.active_adapter() == "small"
+    np.testing.assert_array_equal(numpy(other(x)), numpy(model(x)))
+    # Other adapters than the file's: refused before loading.
+    third = fresh_base(base)
+    third.enable_relora(**DEFAULT)
+    third.enable_relora(**SMALL, adapter_name="tiny")
+    before = weights_of(third)
+    with pytest.raises(ValueError, match=r"named adapters: file \['default'"):
+        third.load_weights(tmp_path / "model.weights.h5")
+    assert_same_weights(third, before)
