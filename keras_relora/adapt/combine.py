@@ -249,7 +249,7 @@ def _plan(state, weights):
 
 
 def _model_order(state):
-    """Every adapted layer path, in the order of the model's adapters."""
+    """Every layer path that some adapter of the model adapts, sorted."""
     seen = {}
     for group in state.named.values():
         for path in group.adapters:

@@ -494,3 +494,25 @@ def test_weights_file_of_several_adapters(tmp_path):
     with pytest.raises(ValueError, match=r"named adapters: file \['default'"):
         third.load_weights(tmp_path / "model.weights.h5")
     assert_same_weights(third, before)
+
+
+def test_combination_on_a_keras_hub_task():
+    keras.utils.set_random_seed(0)
+    lm = tm.llama3_causal_lm()
+    data = tm.lm_data()[0]
+    lm.enable_relora(rank=4, experts=2, router_input="input")
+    tm.randomize_adapters(lm, seed=1)
+    lm.enable_relora(rank=2, experts=1, targets=["q", "v"], adapter_name="qv")
+    lm.set_adapter("qv")
+    tm.randomize_adapters(lm, seed=2)
+    lm.set_adapter("default")
+    lm.combine_adapters({"default": 1.5, "qv": -0.5}, "both")
+    settings = keras_relora.get_state(lm).named["both"].settings
+    assert (settings["rank"], settings["experts"]) == (6, 2)
+    assert settings["router_input"] == "input"
+    np.testing.assert_allclose(
+        with_adapter(lm, "both", data),
+        mixed(lm, {"default": 1.5, "qv": -0.5}, data),
+        0,
+        1e-5,
+    )
