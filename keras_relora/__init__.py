@@ -12,6 +12,7 @@ from keras_relora.adapt import ReloraReport
 from keras_relora.adapt import active_adapter
 from keras_relora.adapt import adapter_names
 from keras_relora.adapt import budget
+from keras_relora.adapt import combine_adapters
 from keras_relora.adapt import delete_adapter
 from keras_relora.adapt import disable_adapters
 from keras_relora.adapt import enable_relora
@@ -48,6 +49,7 @@ __all__ = [
     "active_adapter",
     "adapter_names",
     "budget",
+    "combine_adapters",
     "delete_adapter",
     "disable_adapters",
     "enable_relora",
@@ -82,15 +84,18 @@ def _install_model_methods():
     enable.__doc__ = enable_relora.__doc__
     keras.Model.enable_relora = enable
 
-    def save_weights(self, filepath):
-        return save_relora_weights(self, filepath)
+    def save_weights(self, filepath, adapter_name=None):
+        return save_relora_weights(self, filepath, adapter_name=adapter_name)
 
-    def load_weights(self, filepath, *, check_base=True):
-        return load_relora_weights(self, filepath, check_base=check_base)
+    def load_weights(self, filepath, adapter_name=None, *, check_base=True):
+        return load_relora_weights(
+            self, filepath, check_base=check_base, adapter_name=adapter_name
+        )
 
     for function in (
         active_adapter,
         adapter_names,
+        combine_adapters,
         delete_adapter,
         disable_adapters,
         route_examples,

@@ -3,6 +3,7 @@ layouts, reports, the class an adapted model saves with, and the record of
 what enabling changed (`adapt.state`), which the other sub-packages read."""
 
 from keras_relora.adapt.budget import budget
+from keras_relora.adapt.combine import combine_adapters
 from keras_relora.adapt.enable_relora import enable_relora
 from keras_relora.adapt.enable_relora import unload
 from keras_relora.adapt.named_adapters import active_adapter
@@ -23,6 +24,7 @@ __all__ = [
     "active_adapter",
     "adapter_names",
     "budget",
+    "combine_adapters",
     "delete_adapter",
     "disable_adapters",
     "enable_relora",

@@ -312,6 +312,20 @@ def unload(model):
     return model
 
 
+def remove_added(model, state, name):
+    """Removes adapter `name`, just added by a load that failed: the whole
+    ReLoRA state if it is the model's only adapter."""
+    if name not in state.named:
+        return
+    if len(state.named) == 1:
+        unload(model)
+        return
+    if state.active == name:
+        other = next(n for n in state.named if n != name)
+        named_adapters.set_adapter(model, other)
+    named_adapters.delete_adapter(model, name)
+
+
 def _inject(
     state,
     group,

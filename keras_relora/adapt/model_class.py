@@ -164,24 +164,24 @@ class _SavesRelora:
             return super().save_weights(filepath, *args, **kwargs)
         if not _atomic(filepath, args, kwargs):
             result = super().save_weights(filepath, *args, **kwargs)
-            write_manifest(filepath, relora_state_config(get_state(self), self))
+            write_manifest(filepath, named_config(get_state(self), self))
             return result
         # Weights and manifest are complete before the file takes its name.
         with _atomic_writes.atomic_file(filepath) as partial:
             result = super().save_weights(partial, *args, **kwargs)
-            write_manifest(partial, relora_state_config(get_state(self), self))
+            write_manifest(partial, named_config(get_state(self), self))
         return result
 
     def load_weights(self, filepath, *args, **kwargs):
         if is_single_h5(filepath):
             saved = read_manifest(filepath)
             state = get_state(self)
-            check_load(
-                self.name, filepath, relora_state_config(state, self), saved
-            )
+            check_load(self.name, filepath, named_config(state, self), saved)
             if saved.get("reducer") and state.reducer is None:
                 state.add_reducer(self, seed=0)  # Its scores load as weights.
-        return super().load_weights(filepath, *args, **kwargs)
+        result = super().load_weights(filepath, *args, **kwargs)
+        _sync_active(get_state(self))
+        return result
 
     def save(self, filepath, *args, **kwargs):
         if str(filepath).endswith((".h5", ".hdf5")):
@@ -212,6 +212,16 @@ def _atomic(filepath, args, kwargs):
         return False
     overwrite = args[0] if args else kwargs.get("overwrite", True)
     return bool(overwrite) or not os.path.exists(filepath)
+
+
+def _sync_active(state):
+    """Makes the adapter that a loaded selector selects the active one."""
+    if state is None or state.selector is None:
+        return
+    mix = keras.ops.convert_to_numpy(state.selector.mix)
+    (hot,) = np.nonzero(mix)
+    if len(hot) == 1 and mix[hot[0]] == 1:
+        state.activate(list(state.named)[int(hot[0])])
 
 
 def _save_to_preset(self, preset_dir, *args, **kwargs):
@@ -307,22 +317,37 @@ def relora_config(model):
             f"Model {model.name!r} has the ReLoRA saving class but no ReLoRA "
             "state. Call `keras_relora.unload(model)` to restore its class."
         )
-    if len(state.named) > 1:
-        raise ValueError(
-            f"Model {model.name!r} has several named adapters "
-            f"({list(state.named)}); its config (and so a `.keras` file) "
-            "can describe one only. Save each adapter with "
-            "`keras_relora.set_adapter(model, name)` then "
-            "`model.save_relora_weights(path)`, or delete the others "
-            "(`keras_relora.delete_adapter`) before `model.save`."
-        )
     base = serialize_as_base(model)
     # The outer config carries the compile config; the base is compiled
     # once, after its adapters exist (its trainable set is then the same).
     base.pop("compile_config", None)
     base.pop("shared_object_id", None)
     add_tied_embeddings(base, omitted_tied_embeddings(model))
-    return {"base": base, "relora": relora_state_config(state, model)}
+    return {"base": base, "relora": named_config(state, model)}
+
+
+def named_config(state, model):
+    """`relora_state_config`, and with several named adapters each one's
+    under `"named"` (in the order added) and the active one's name."""
+    config = relora_state_config(state, model)
+    if len(state.named) < 2:
+        return config
+    active = state.active
+    named = []
+    try:
+        for name in state.named:
+            state.activate(name)
+            entry = relora_state_config(state, model)
+            named.append(
+                {
+                    "name": name,
+                    "settings": entry["settings"],
+                    "pruned": entry["pruned"],
+                }
+            )
+    finally:
+        state.activate(active)
+    return {**config, "named": named, "active": active}
 
 
 def _jsonable(value):

@@ -237,6 +237,47 @@ def _require_name(state, name, what):
     return name
 
 
+def resolve_name(state, name, what):
+    """`name` checked against `state.named`; None is the active adapter."""
+    if name is None:
+        return state.active
+    return _require_name(state, name, what)
+
+
+@contextlib.contextmanager
+def activated(state, name):
+    """`state` records adapter `name` as the active one inside the block
+    (Python state only: `settings`, `adapters`, ..., which saving reads;
+    the outputs do not change). None: the active adapter."""
+    previous = state.active
+    if name is None or name == previous:
+        yield state
+        return
+    state.activate(name)
+    try:
+        yield state
+    finally:
+        state.activate(previous)
+
+
+@contextlib.contextmanager
+def selected(model, name):
+    """`model` computes with adapter `name` alone inside the block (its
+    selector too); the previous selection is restored on exit."""
+    state = require_state(model, "`selected`")
+    previous = state.active
+    saved = None
+    if state.selector is not None:
+        saved = ops.convert_to_numpy(state.selector.mix).copy()
+    set_adapter(model, name)
+    try:
+        yield state
+    finally:
+        state.activate(previous)
+        if saved is not None:
+            state.selector.mix.assign(saved)
+
+
 def adapter_names(model):
     """The names of `model`'s adapters, in the order they were added.
 

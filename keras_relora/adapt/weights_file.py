@@ -100,7 +100,10 @@ def check_load(model_name, filepath, current, saved):
 
 
 def differences(current, saved):
-    """How two `relora_state_config` descriptions differ, as sentences."""
+    """How two `relora_state_config` descriptions differ, as sentences
+    (of several named adapters: the names, then each adapter's)."""
+    if "named" in current or "named" in saved:
+        return _named_differences(current, saved)
     have, want = current["settings"], saved["settings"]
     problems = []
     for key in STRICT:
@@ -118,6 +121,19 @@ def differences(current, saved):
             f"pruned adapters: file {sorted(saved.get('pruned', []))}, "
             f"model {sorted(current.get('pruned', []))}"
         )
+    return problems
+
+
+def _named_differences(current, saved):
+    have = {e["name"]: e for e in current.get("named", [])}
+    want = {e["name"]: e for e in saved.get("named", [])}
+    if list(have) != list(want):
+        return [f"named adapters: file {list(want)}, model {list(have)}"]
+    problems = []
+    for name, entry in want.items():
+        problems += [
+            f"adapter {name!r}: {p}" for p in differences(have[name], entry)
+        ]
     return problems
 
 

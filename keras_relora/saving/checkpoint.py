@@ -37,7 +37,8 @@ from keras import ops
 from keras_relora._checks import adapter_args
 from keras_relora._checks import int_arg
 from keras_relora._checks import model_arg
-from keras_relora.adapt.enable_relora import unload
+from keras_relora.adapt import named_adapters
+from keras_relora.adapt.enable_relora import remove_added
 from keras_relora.adapt.model_class import base_class
 from keras_relora.adapt.model_class import relora_state_config
 from keras_relora.adapt.report import count_params
@@ -57,7 +58,7 @@ _TRAINING = ("train_a", "dropout", "balance_loss")
 _FINGERPRINT_SIZE = 8
 
 
-def save_relora_weights(model, filepath):
+def save_relora_weights(model, filepath, adapter_name=None):
     """Saves the ReLoRA settings and adapter variables of `model`.
 
     Writes one safetensors file (see the module docstring for why) with the
@@ -66,9 +67,18 @@ def save_relora_weights(model, filepath):
     destination and moved into place, so an interrupted save never leaves a
     half-written checkpoint. Does not change `model`.
 
+    On a model with several named adapters, the file holds one adapter
+    (the active one, or `adapter_name`) and the model's `train_layers`
+    (shared by its adapters); it is the file a model with that adapter
+    alone writes. A file does not record the adapter's name: the loader
+    chooses it.
+
     Args:
         model: A `keras.Model` with ReLoRA adapters.
         filepath: str or `os.PathLike`. Path ending in `.safetensors`.
+        adapter_name: str or None. The adapter to save, one of
+            `keras_relora.adapter_names(model)`. Defaults to `None` (the
+            active adapter).
 
     Example:
 
@@ -80,19 +90,18 @@ def save_relora_weights(model, filepath):
     """
     state = require_state(model, "`save_relora_weights`")
     filepath = adapter_file.check_path(filepath)
-    tensors = {
-        key: _to_numpy(variable)
-        for key, variable in _variables(model, state).items()
-    }
-    adapter_file.write(
-        filepath,
-        tensors,
-        relora=_relora_description(model, state),
-        base=_base_description(model, state),
-    )
+    named_adapters.resolve_name(state, adapter_name, "`save_relora_weights`")
+    with named_adapters.activated(state, adapter_name):
+        tensors = {
+            key: _to_numpy(variable)
+            for key, variable in _variables(model, state).items()
+        }
+        relora = _relora_description(model, state)
+        base = _base_description(model, state)
+    adapter_file.write(filepath, tensors, relora=relora, base=base)
 
 
-def load_relora_weights(model, filepath, *, check_base=True):
+def load_relora_weights(model, filepath, *, check_base=True, adapter_name=None):
     """Loads adapters saved by `save_relora_weights` into `model`.
 
     If `model` has no adapters, they are first enabled with the settings
@@ -108,6 +117,16 @@ def load_relora_weights(model, filepath, *, check_base=True):
     `model` in place otherwise; compile it again afterwards if it was
     compiled without adapters.
 
+    Named adapters (as PEFT's `load_adapter(path, adapter_name)`): with
+    `adapter_name`, the file loads into the model's adapter of that name,
+    whose settings must match, or, if the model has no adapter of that
+    name, into a new adapter of that name enabled with the file's settings
+    (the active adapter stays active; `keras_relora.set_adapter` switches).
+    Without, it loads into the active adapter, or enables "default" on a
+    model without adapters. Files written before named adapters existed
+    are files of one adapter and load the same way. A file's
+    `train_layers` values go to the model's, which its adapters share.
+
     Args:
         model: A built `keras.Model` (or keras-hub Task), with or without
             ReLoRA adapters.
@@ -120,6 +139,9 @@ def load_relora_weights(model, filepath, *, check_base=True):
             Quantized layers compare their quantized values and scales; a
             float base and its quantized copy are not compared. Defaults
             to `True`.
+        adapter_name: str or None. The named adapter to load into (an
+            existing one) or to add (a new name). Defaults to `None` (the
+            active adapter; "default" on a model without adapters).
 
     Returns:
         `model`.
@@ -129,27 +151,37 @@ def load_relora_weights(model, filepath, *, check_base=True):
     ```python
     backbone = keras_hub.models.Llama3Backbone.from_preset("llama3_8b_en")
     backbone.load_relora_weights("adapters.safetensors")  # enables, loads
+    backbone.load_relora_weights("sst2.safetensors", adapter_name="sst2")
     ```
     """
     model_arg(model)
+    if adapter_name is not None:
+        named_adapters.check_adapter_name(adapter_name)
     content = adapter_file.read(filepath)
     relora, base, tensors = content
     _check_file(model, filepath, relora, base, tensors)
     state = get_state(model)
-    if state is None:
+    if state is None or (
+        adapter_name is not None and adapter_name not in state.named
+    ):
+        name = adapter_name or "default"
         _refuse(model, filepath, _check_fresh(model, relora, base, check_base))
         try:
-            state = enable_from_config(model, relora)
-            _refuse(model, filepath, _check(model, state, content, check_base))
-            _assign(model, state, content)
+            state = enable_from_config(model, relora, adapter_name=name)
+            with named_adapters.activated(state, name):
+                _refuse(
+                    model, filepath, _check(model, state, content, check_base)
+                )
+                _assign(model, state, content)
         except BaseException:
             if get_state(model) is not None:
-                unload(model)
+                remove_added(model, get_state(model), name)
             raise
         return model
-    _refuse(model, filepath, _check(model, state, content, check_base))
-    _warn_training_settings(state, relora)
-    _assign(model, state, content)
+    with named_adapters.activated(state, adapter_name):
+        _refuse(model, filepath, _check(model, state, content, check_base))
+        _warn_training_settings(state, relora)
+        _assign(model, state, content)
     return model
 
 

@@ -7,6 +7,7 @@ import numpy as np
 from keras import ops
 
 from keras_relora._checks import int_arg
+from keras_relora.adapt import named_adapters
 from keras_relora.adapt import tied_embeddings
 from keras_relora.adapt.model_class import base_class
 from keras_relora.adapt.model_class import serialize_as_base
@@ -22,6 +23,7 @@ def merge_relora(
     batch_size=32,
     verbose=True,
     return_error=False,
+    adapter_name=None,
 ):
     """Returns a plain copy of `model` with the adapters folded into `W`.
 
@@ -49,6 +51,13 @@ def merge_relora(
     or variable, that saves as `.keras` and, for keras-hub models, with
     `save_to_preset`. It is not compiled.
 
+    Named adapters: one adapter is merged, the active one or
+    `adapter_name`, and the result holds no other (as PEFT's
+    `merge_and_unload`, which merges the active adapter and drops the
+    others); `model` keeps all of them, with the same one active. To
+    serve several, merge each into its own copy, or keep them live
+    (`keras_relora.set_adapter`, `keras_relora.route_examples`).
+
     Args:
         model: A `keras.Model` with ReLoRA adapters.
         calibration_data: Inputs for the mean gates of routed experts: what
@@ -62,6 +71,9 @@ def merge_relora(
         verbose: bool. Print the measured error. Defaults to `True`.
         return_error: bool. Also return the error dict. Defaults to
             `False`.
+        adapter_name: str or None. The named adapter to merge, one of
+            `keras_relora.adapter_names(model)`. Defaults to `None` (the
+            active adapter).
 
     Returns:
         The merged `keras.Model`, or `(merged, error)` with
@@ -81,6 +93,14 @@ def merge_relora(
     """
     state = require_state(model, "`merge_relora`")
     batch_size = int_arg("batch_size", batch_size, 1, "a positive int")
+    name = named_adapters.resolve_name(state, adapter_name, "`merge_relora`")
+    with named_adapters.selected(model, name):
+        return _merge(
+            model, state, calibration_data, batch_size, verbose, return_error
+        )
+
+
+def _merge(model, state, calibration_data, batch_size, verbose, return_error):
     _check_float_base(state)
     routed = {
         path: adapter
@@ -283,6 +303,10 @@ def _delta(adapter, gates):
 
 def _copy_weights(model, merged, state, gates):
     relora_ids = {id(v) for v in state.variables().values()}
+    for group in state.named.values():  # Every named adapter's.
+        relora_ids.update(id(v) for v in group.variables().values())
+    if state.selector is not None:
+        relora_ids.update(id(v) for v in state.selector.weights)
     source = [v for v in model.weights if id(v) not in relora_ids]
     target = merged.weights
     if len(source) != len(target) or any(
@@ -301,7 +325,10 @@ def _copy_weights(model, merged, state, gates):
             kernels[id(adapter._base_layer.kernel)] = (path, adapter)
     for src, dst in zip(source, target, strict=False):
         if id(src) not in kernels:
-            dst.assign(src)
+            # A copy: on JAX, `assign` keeps the array itself, and a
+            # compiled step that donates its state would delete it in
+            # both models.
+            dst.assign(ops.copy(src))
             continue
         path, adapter = kernels[id(src)]
         value = ops.cast(src, "float32") + _delta(adapter, gates.get(path))

@@ -16,6 +16,7 @@ import keras
 from keras_relora.adapt import targets as targets_lib
 from keras_relora.adapt.enable_relora import enable_relora
 from keras_relora.adapt.model_class import FORMAT_VERSION
+from keras_relora.adapt.named_adapters import set_adapter
 from keras_relora.adapt.state import adapted_model
 from keras_relora.adapt.state import get_state
 
@@ -67,11 +68,14 @@ class ReloraModel:
         return model
 
 
-def enable_from_config(model, relora):
+def enable_from_config(model, relora, adapter_name="default"):
     """Enables adapters on `model` exactly as `relora_state_config` says.
 
     The targets are matched as the exact saved (relative) layer paths, so
-    the adapted layers (and the blocks they index) are the saved ones.
+    the adapted layers (and the blocks they index) are the saved ones. The
+    adapter is named `adapter_name` (added next to the model's adapters if
+    it has some). A config of several named adapters (`relora_config`)
+    enables each under its own name and activates the saved active one.
     """
     version = relora.get("version")
     if version != FORMAT_VERSION:
@@ -80,6 +84,22 @@ def enable_from_config(model, relora):
             f"keras_relora reads version {FORMAT_VERSION}. Update "
             "keras_relora to load this file."
         )
+    named = relora.get("named")
+    if named is not None:
+        return _enable_named(model, relora, named)
+    return _enable_one(model, relora, adapter_name)
+
+
+def _enable_named(model, relora, named):
+    for entry in named:
+        state = _enable_one(model, entry, entry["name"], reducer=False)
+    set_adapter(model, relora["active"])
+    if relora.get("reducer"):
+        state.add_reducer(model, seed=0)
+    return state
+
+
+def _enable_one(model, relora, adapter_name, reducer=True):
     settings = dict(relora["settings"])
     # Saved before `train_layers` existed: every layer was frozen.
     settings.setdefault("train_layers", [])
@@ -96,11 +116,13 @@ def enable_from_config(model, relora):
     settings["targets"] = exact_targets(found[path][0] for path in targets)
     accepted = inspect.signature(enable_relora).parameters
     kwargs = {k: v for k, v in settings.items() if k in accepted}
-    enable_relora(model, **kwargs)
+    kwargs.pop("adapter_name", None)
+    enable_relora(model, **kwargs, adapter_name=adapter_name)
     state = get_state(model)
+    group = state.named[adapter_name]
     for path in relora.get("pruned", []):
-        state.adapters[found[path][0]].prune()
-    if relora.get("reducer"):
+        group.adapters[found[path][0]].prune()
+    if reducer and relora.get("reducer") and state.reducer is None:
         state.add_reducer(model, seed=0)  # Its scores load like any weight.
     return state
 

@@ -34,6 +34,7 @@ import numpy as np
 from keras import ops
 
 from keras_relora import _atomic_writes
+from keras_relora.adapt import named_adapters
 from keras_relora.adapt import targets as targets_lib
 from keras_relora.adapt.model_class import base_class
 from keras_relora.adapt.state import adapted_model
@@ -86,7 +87,9 @@ def hf_modules(model):
     return found
 
 
-def save_peft(model, folder, *, base_model_name_or_path=None):
+def save_peft(
+    model, folder, *, base_model_name_or_path=None, adapter_name=None
+):
     """Writes the adapters of `model` as a Hugging Face PEFT LoRA folder.
 
     The folder (`adapter_config.json`, `adapter_model.safetensors`) loads
@@ -99,6 +102,15 @@ def save_peft(model, folder, *, base_model_name_or_path=None):
     left out (their modules get no LoRA; `target_modules` then lists full
     module names). Does not change `model`.
 
+    Named adapters are written in PEFT's layout (`save_pretrained` with
+    `selected_adapters`): the adapter "default" in `folder` itself, any
+    other in `folder/<name>/`. PEFT loads them with
+    `PeftModel.from_pretrained(hf_model, folder)` and
+    `load_adapter(folder + "/<name>", adapter_name="<name>")`;
+    `keras_relora.load_peft(model, folder, adapter_name="<name>")` finds
+    the sub-folder. Every adapter written must have a PEFT form: if one
+    has not, nothing is written.
+
     Args:
         model: A keras-hub Llama 3, Mistral, Qwen, Gemma or Gemma 3
             backbone or CausalLM with ReLoRA adapters (`experts=1`).
@@ -108,6 +120,8 @@ def save_peft(model, folder, *, base_model_name_or_path=None):
             (other files in it are kept).
         base_model_name_or_path: str or None. Written to the config for
             tools that load the base by name. Defaults to `None`.
+        adapter_name: None, a str or a list of str. The named adapters
+            to write. Defaults to `None` (every adapter of the model).
 
     Example:
 
@@ -119,6 +133,59 @@ def save_peft(model, folder, *, base_model_name_or_path=None):
     ```
     """
     state = require_state(model, "`save_peft`")
+    names = _selected(state, adapter_name)
+    files = {}
+    for name in names:
+        with named_adapters.activated(state, name):
+            try:
+                files[name] = _adapter_files(
+                    model, state, base_model_name_or_path
+                )
+            except ValueError as error:
+                if len(state.named) < 2:
+                    raise
+                raise ValueError(
+                    f"Adapter {name!r} cannot be written as PEFT LoRA "
+                    f"(nothing was written): {error} To write the others "
+                    "alone, pass `adapter_name=[...]`."
+                ) from None
+    folder = os.fspath(folder)
+    # The root first: its sub-folders are written into the swapped folder.
+    for name in sorted(files, key=lambda n: n != "default"):
+        tensors, config = files[name]
+        path = folder if name == "default" else os.path.join(folder, name)
+        _write(path, tensors, config)
+
+
+def adapter_folder(folder, adapter_name):
+    """Where `save_peft` wrote adapter `adapter_name` in `folder`: its
+    sub-folder if it holds a PEFT config, else `folder` itself."""
+    folder = os.fspath(folder)
+    if adapter_name is None or adapter_name == "default":
+        return folder
+    sub = os.path.join(folder, adapter_name)
+    if os.path.isfile(os.path.join(sub, CONFIG_NAME)):
+        return sub
+    return folder
+
+
+def _selected(state, adapter_name):
+    if adapter_name is None:
+        return list(state.named)
+    names = [adapter_name] if isinstance(adapter_name, str) else adapter_name
+    if not isinstance(names, (list, tuple)) or not names:
+        raise TypeError(
+            "`adapter_name` must be None (every adapter), an adapter name "
+            "or a non-empty list of them. "
+            f"Received: adapter_name={adapter_name!r}"
+        )
+    for name in names:
+        named_adapters.resolve_name(state, name, "`save_peft`")
+    return list(dict.fromkeys(names))
+
+
+def _adapter_files(model, state, base_model_name_or_path):
+    """`(tensors, config)` of the active adapter's PEFT folder."""
     if state.settings["experts"] != 1:
         raise ValueError(
             "`save_peft` writes single-B LoRA adapters; this model has "
@@ -165,7 +232,11 @@ def save_peft(model, folder, *, base_model_name_or_path=None):
         set(names.values()),
         base_model_name_or_path,
     )
-    with _atomic_writes.atomic_folder(os.fspath(folder)) as partial:
+    return tensors, config
+
+
+def _write(folder, tensors, config):
+    with _atomic_writes.atomic_folder(folder) as partial:
         safetensors_numpy().save_file(
             tensors,
             os.path.join(partial, WEIGHTS_NAME),

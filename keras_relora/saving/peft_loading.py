@@ -12,9 +12,10 @@ import re
 
 import numpy as np
 
+from keras_relora.adapt import named_adapters
 from keras_relora.adapt import targets as targets_lib
 from keras_relora.adapt.enable_relora import enable_relora
-from keras_relora.adapt.enable_relora import unload
+from keras_relora.adapt.enable_relora import remove_added
 from keras_relora.adapt.state import adapted_model
 from keras_relora.adapt.state import get_state
 from keras_relora.layers.relora_dense import ReloraDense
@@ -27,7 +28,7 @@ from keras_relora.saving.peft_format import PREFIX
 from keras_relora.saving.peft_format import WEIGHTS_NAME
 
 
-def load_peft(model, folder):
+def load_peft(model, folder, *, adapter_name=None):
     """Loads a Hugging Face PEFT LoRA folder into a keras-hub model.
 
     The other way of `save_peft`: a folder written by `save_peft` or by
@@ -44,11 +45,21 @@ def load_peft(model, folder):
     per-module ranks, `modules_to_save`, embedding adapters), a
     `ValueError` lists it and `model` is left as it was.
 
+    Named adapters (as PEFT's `load_adapter(folder, adapter_name)`): with
+    `adapter_name`, the folder loads into the model's adapter of that
+    name, or, if the model has none, into a new adapter of that name (the
+    active adapter stays active). The folder is `folder/<adapter_name>/`
+    when that holds a PEFT config (PEFT's layout for several adapters,
+    which `save_peft` writes), else `folder`. Without, it loads into the
+    active adapter, or enables "default" on a model without adapters.
+
     Args:
         model: A keras-hub Llama 3, Mistral, Qwen, Gemma or Gemma 3
             backbone or CausalLM, built, with or without ReLoRA adapters.
         folder: str or `os.PathLike`. Holds `adapter_config.json` and
             `adapter_model.safetensors`.
+        adapter_name: str or None. The named adapter to load into (an
+            existing one) or to add (a new name). Defaults to `None`.
 
     Returns:
         `model`.
@@ -58,9 +69,23 @@ def load_peft(model, folder):
     ```python
     lm = keras_hub.models.Llama3CausalLM.from_preset(path)
     keras_relora.load_peft(lm, "adapter")   # enables `lora`, loads
+    keras_relora.load_peft(lm, "adapter", adapter_name="qv")  # adds "qv"
     ```
     """
-    folder = os.fspath(folder)
+    if adapter_name is not None:
+        named_adapters.check_adapter_name(adapter_name)
+    folder = peft_format.adapter_folder(folder, adapter_name)
+    state = get_state(model)
+    if state is not None and adapter_name not in (None, *state.named):
+        return _load(model, folder, adapter_name)
+    if state is None:
+        return _load(model, folder, adapter_name or "default")
+    with named_adapters.activated(state, adapter_name):
+        return _load(model, folder, None)
+
+
+def _load(model, folder, new_name):
+    """Loads into the active adapter, or into a new one `new_name`."""
     config, tensors = _read(folder)
     rank, alpha, dropout = _lora_settings(config, folder)
     modules = peft_format.hf_modules(model)
@@ -78,7 +103,7 @@ def load_peft(model, folder):
                 f"{name}: lora_A {a.shape}, lora_B {b.shape}; the model "
                 f"needs {(rank, axes.d_in)} and {(axes.d_out, rank)}"
             )
-    state = get_state(model)
+    state = None if new_name else get_state(model)
     if state is not None and not problems:
         problems += _differences(state, modules, weights, rank, alpha)
     if problems:
@@ -106,11 +131,14 @@ def load_peft(model, folder):
         share_a="layer",
         dropout=dropout,
         targets=targets,
+        adapter_name=new_name,
     )
+    state = get_state(model)
     try:
-        _assign(get_state(model), modules, weights)
+        with named_adapters.activated(state, new_name):
+            _assign(state, modules, weights)
     except BaseException:
-        unload(model)
+        remove_added(model, state, new_name)
         raise
     return model
 

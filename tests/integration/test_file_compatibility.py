@@ -51,3 +51,22 @@ def test_v1_adapter_file_loads_into_the_base():
     np.testing.assert_allclose(
         keras.ops.convert_to_numpy(model(x)), expected, atol=2e-5
     )
+
+
+def test_v1_adapter_file_loads_as_a_named_adapter():
+    x, expected = _expected()
+    model = keras.models.load_model(os.path.join(FIXTURES, "v1_llama.keras"))
+    with_default = keras.ops.convert_to_numpy(model(x))
+    keras_relora.set_adapter(model, "default")
+    model.load_relora_weights(
+        os.path.join(FIXTURES, "v1_llama_adapters.safetensors"),
+        adapter_name="again",
+    )
+    assert keras_relora.adapter_names(model) == ["default", "again"]
+    np.testing.assert_array_equal(
+        keras.ops.convert_to_numpy(model(x)), with_default
+    )
+    keras_relora.set_adapter(model, "again")
+    np.testing.assert_allclose(
+        keras.ops.convert_to_numpy(model(x)), expected, atol=2e-5
+    )

@@ -175,6 +175,34 @@ def test_save_peft_leaves_pruned_adapters_out(tmp_path):
     np.testing.assert_allclose(_hf_logits(served.eval(), x), adapted, atol=1e-4)
 
 
+def test_named_adapters_load_in_peft_as_named_adapters(tmp_path):
+    lm = _causal_lm()
+    hf = _exported_base(lm, tmp_path / "base")
+    x = tm.token_batch()
+    lm.enable_relora(rank=2, alpha=3.0, targets=ALL_ROLES, experts=1)
+    _randomize_b(lm, seed=1)
+    lm.enable_relora(
+        rank=4,
+        experts=1,
+        share_a="layer",
+        targets=["q", "v"],
+        adapter_name="qv",
+    )
+    keras_relora.set_adapter(lm, "qv")
+    _randomize_b(lm, seed=2)
+    with_qv = _keras_logits(lm, x)
+    keras_relora.set_adapter(lm, "default")
+    with_default = _keras_logits(lm, x)
+    keras_relora.save_peft(lm, tmp_path / "adapters")
+    # PEFT's own layout: "default" at the root, "qv" in its sub-folder.
+    served = peft.PeftModel.from_pretrained(hf, str(tmp_path / "adapters"))
+    served.load_adapter(str(tmp_path / "adapters" / "qv"), adapter_name="qv")
+    served.eval()
+    np.testing.assert_allclose(_hf_logits(served, x), with_default, atol=1e-4)
+    served.set_adapter("qv")
+    np.testing.assert_allclose(_hf_logits(served, x), with_qv, atol=1e-4)
+
+
 def test_save_peft_refuses_routed_experts(tmp_path):
     lm = _causal_lm()
     lm.enable_relora(rank=2, experts=2)

@@ -370,9 +370,3 @@ def test_route_examples_on_a_keras_hub_task():
     with lm.route_examples(ids):
         routed = lm.predict(data, batch_size=4, verbose=0)
     np.testing.assert_allclose(routed, expected, 0, 1e-5)
-
-
-def test_keras_file_of_several_adapters_refuses(tmp_path):
-    model, _ = two_adapter_model()
-    with pytest.raises(ValueError, match=r"several named adapters.*'small'"):
-        model.save(tmp_path / "model.keras")
