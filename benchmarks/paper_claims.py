@@ -1,4 +1,4 @@
-"""The paper's two claims on SmolLM2-135M, with intervals (issue 13).
+"""The paper's two claims on SmolLM2-135M, with intervals.
 
 Claim 1 (the paper's Table 1): ReLoRA with several routed B experts
 (`relora_multi`) is as accurate as HydraLoRA with fewer trainable

@@ -5,9 +5,10 @@ from keras_relora._checks import int_arg
 
 # Each entry is a dict of `enable_relora` keyword arguments. LoRA,
 # LoRA-FA, ShareLoRA, HydraLoRA and ReLoRA are configurations of one layer
-# (DESIGN.md §2). `relora` (a shared A, one B per layer) has the same adapter
-# configuration as `sharelora`; the paper's ReLoRA adds the Reducer
-# (`ReducerCallback`) on top, and `relora_multi` its routed B experts.
+# (the formula in the README). `relora` (a shared A, one B per layer) has
+# the same adapter configuration as `sharelora`; the paper's ReLoRA adds
+# the Reducer (`ReducerCallback`) on top, and `relora_multi` its routed B
+# experts.
 VARIANTS = {
     "lora": {"experts": 1, "share_a": "layer"},
     "lora_fa": {"experts": 1, "share_a": "layer", "train_a": False},

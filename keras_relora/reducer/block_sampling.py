@@ -21,9 +21,9 @@ none, gives the same draws whether the step runs in a fresh process or not
 and is computed exactly alike by JAX, TensorFlow and torch (32-bit integer
 ops with wrap-around multiplication).
 
-`update_scores` is the score rule of IST (Yao et al. 2024), as DESIGN.md §3
-states it. A HIGH score means suppressing the block barely hurt (the block
-matters little); users see `importance = -scores`.
+`update_scores` is the score rule of IST (Yao et al. 2024), as its
+reference code computes it. A HIGH score means suppressing the block barely
+hurt (the block matters little); users see `importance = -scores`.
 """
 
 import numpy as np
@@ -172,7 +172,7 @@ def suppressed_blocks(scores, count, trials, rng, active=None):
 
 
 def update_scores(scores, suppressed, losses, lr):
-    """The probe's score update (IST's rule, DESIGN.md §3).
+    """The probe's score update (IST's rule).
 
     With `p = sigmoid(scores)` taken before the update, rewards
     `r_k = exp(-loss_k)` and centred rewards `r̂_k = r_k - mean(r)`, every

@@ -5,7 +5,7 @@ header (through `safetensors.safe_open`), the format and version, and the
 SHA-256 digest before returning anything. What the tensors and settings
 mean is `checkpoint`'s concern.
 
-Versions: "2" (written since issue 14) digests the format, the version, the
+Versions: "2" (the current one) digests the format, the version, the
 `relora` settings and the `base` description as well as the tensors, so a
 changed setting in the header (`alpha`, `top_k`) is refused like a changed
 tensor. "1" digests the tensors only; such files still load.
