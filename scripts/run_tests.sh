@@ -22,6 +22,19 @@ else
 fi
 mkdir -p "$LOG_DIR"
 
+# If the run is stopped from outside (a CI time limit), show where each
+# backend was before dying: the logs are otherwise printed only at the end.
+on_term() {
+  trap - TERM INT
+  for backend in $BACKENDS; do
+    echo "=== KERAS_BACKEND=$backend, stopped; last lines of $LOG_DIR/$backend.log ==="
+    tail -n 40 "$LOG_DIR/$backend.log" 2>/dev/null
+  done
+  kill $(jobs -p) 2>/dev/null
+  exit 143
+}
+trap on_term TERM INT
+
 run_backend() {  # backend -> writes $LOG_DIR/<backend>.{log,rc,seconds}
   local backend=$1 start rc
   start=$(date +%s)
