@@ -1,4 +1,5 @@
-"""Tiny random configs of every model family the package supports.
+"""Tiny random configs of every model family the package supports, and
+bitwise snapshots of a model's weights.
 
 No downloads: every model here is built from a config small enough to train
 a few steps on CPU in a second or two.
@@ -7,6 +8,7 @@ a few steps on CPU in a second or two.
 import keras
 import keras_hub
 import numpy as np
+from keras import ops
 
 VOCAB = 64
 
@@ -171,7 +173,7 @@ def stable_diffusion3_backbone(image_size=16):
 
 
 def _vae():
-    # VAEBackbone is not exported in keras_hub.models (DESIGN.md §7).
+    # keras_hub.models does not export VAEBackbone: import it from its module.
     from keras_hub.src.models.vae.vae_backbone import VAEBackbone
 
     return VAEBackbone(
@@ -259,3 +261,26 @@ def randomize_adapters(model, seed=0, scale=0.3):
             variable.assign(
                 rng.normal(size=variable.shape).astype("float32") * scale
             )
+
+
+def snapshot(model):
+    """A copy of every weight of `model` (`model.weights`: trainable and
+    non-trainable), as `{path: numpy array}` in that order."""
+    return {v.path: np.array(ops.convert_to_numpy(v)) for v in model.weights}
+
+
+def assert_unchanged(model, before, ignore=()):
+    """Checks that `model` holds the weights of `before` (a `snapshot`), the
+    same paths in the same order, each bitwise equal (dtype, shape, bytes),
+    but for the paths in `ignore` (e.g. the trainable ones), whose values
+    are not compared."""
+    after = snapshot(model)
+    assert list(after) == list(before), "the weight paths changed"
+    for path, value in before.items():
+        if path in ignore:
+            continue
+        now = after[path]
+        assert (now.dtype, now.shape) == (value.dtype, value.shape), path
+        if now.tobytes() != value.tobytes():
+            np.testing.assert_array_equal(now, value, err_msg=path)
+            raise AssertionError(f"{path}: equal values, other bits")

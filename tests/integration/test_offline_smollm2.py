@@ -75,7 +75,8 @@ def test_logits_match_transformers_on_the_gguf(causal_lm):
     x = {"token_ids": ids, "padding_mask": np.ones_like(ids)}
     logits = keras.ops.convert_to_numpy(causal_lm(x))[0].astype("float64")
     relative = np.max(np.abs(logits - reference)) / np.max(np.abs(reference))
-    # Measured 4.3e-6 on JAX (float32); DESIGN asks for <= ~1e-3.
+    # Measured 4.3e-6 on JAX (float32); 1e-4 leaves room for the other
+    # backends' kernels.
     assert relative < 1e-4, relative
     np.testing.assert_array_equal(logits.argmax(-1), reference.argmax(-1))
 

@@ -268,17 +268,6 @@ def test_save_then_load_peft_round_trip_shared_a(tmp_path):
     )
 
 
-def _values(model):
-    return [np.array(keras.ops.convert_to_numpy(v)) for v in model.weights]
-
-
-def _assert_unchanged(model, before):
-    after = _values(model)
-    assert len(after) == len(before)
-    for a, b in zip(after, before, strict=True):
-        np.testing.assert_array_equal(a, b)
-
-
 def test_load_peft_refuses_mismatches_before_changing_anything(tmp_path):
     lm = _causal_lm()
     hf = _exported_base(lm, tmp_path / "base")
@@ -287,10 +276,10 @@ def test_load_peft_refuses_mismatches_before_changing_anything(tmp_path):
     lm.enable_relora(
         rank=2, experts=1, share_a="layer", targets=["q", "v", "o", "down"]
     )
-    before = _values(lm)
+    before = tm.snapshot(lm)
     with pytest.raises(ValueError, match=r"rank: folder 4, model 2"):
         keras_relora.load_peft(lm, tmp_path / "adapter")
-    _assert_unchanged(lm, before)
+    tm.assert_unchanged(lm, before)
     # A shared A cannot hold a different A per layer.
     keras_relora.unload(lm)
     lm.enable_relora(
@@ -300,10 +289,10 @@ def test_load_peft_refuses_mismatches_before_changing_anything(tmp_path):
         share_a="role",
         targets=["q", "v", "o", "down"],
     )
-    before = _values(lm)
+    before = tm.snapshot(lm)
     with pytest.raises(ValueError, match=r"share_a='role'.*different"):
         keras_relora.load_peft(lm, tmp_path / "adapter")
-    _assert_unchanged(lm, before)
+    tm.assert_unchanged(lm, before)
     # Other modules adapted.
     keras_relora.unload(lm)
     lm.enable_relora(

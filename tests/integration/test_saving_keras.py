@@ -1,4 +1,9 @@
-"""Whole-model `.keras` files keep live adapters (DESIGN.md §7's trap)."""
+"""Whole-model `.keras` files keep live adapters.
+
+keras-hub rebuilds a model from its constructor config, so a plain
+`load_model` would raise or silently drop injected adapters; these tests
+check that the loaded model has its adapters, values and outputs.
+"""
 
 import keras
 import keras_hub

@@ -13,10 +13,6 @@ import keras_relora
 R, M = 4, 2  # rank and experts used throughout
 
 
-def weights_by_path(model):
-    return {v.path: ops.convert_to_numpy(v).copy() for v in model.weights}
-
-
 def fit_and_check(
     model, x, y, loss, expected_trainable, sample_weight=None, steps=2
 ):
@@ -27,15 +23,12 @@ def fit_and_check(
         "relora" in v.path or "lora_a" in v.path
         for v in model.trainable_weights
     )
-    before = weights_by_path(model)
+    before = tm.snapshot(model)
     model.compile(optimizer=keras.optimizers.Adam(1e-2), loss=loss)
     model.fit(x, y, sample_weight=sample_weight, epochs=steps, verbose=0)
-    after = weights_by_path(model)
+    after = tm.snapshot(model)
     trainable_paths = {v.path for v in model.trainable_weights}
-    for path, value in before.items():
-        if path in trainable_paths:
-            continue
-        np.testing.assert_array_equal(after[path], value, err_msg=path)
+    tm.assert_unchanged(model, before, ignore=trainable_paths)
     moved = [
         p
         for p in trainable_paths
@@ -204,16 +197,14 @@ def test_bert_encoder_classifier_fit():
     assert trainable - set(head) == {
         p for p in trainable if "relora" in p or "lora_a" in p
     }
-    before = weights_by_path(clf)
+    before = tm.snapshot(clf)
     clf.compile(
         optimizer=keras.optimizers.Adam(1e-2),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
     )
     clf.fit(x, y, epochs=2, verbose=0)
-    after = weights_by_path(clf)
-    for path, value in before.items():
-        if path not in trainable:
-            np.testing.assert_array_equal(after[path], value, err_msg=path)
+    after = tm.snapshot(clf)
+    tm.assert_unchanged(clf, before, ignore=trainable)
     assert all(np.abs(after[p] - before[p]).max() > 0 for p in head)
     # train_layers=[]: the head is frozen with the rest of the base.
     frozen = keras_hub.models.BertTextClassifier(

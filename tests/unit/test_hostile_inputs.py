@@ -1,4 +1,4 @@
-"""Inputs a hostile user would try (issue 14): nothing silently wrong.
+"""Inputs a hostile user would try: nothing silently wrong.
 
 Each test refuses with a clear error and leaves the model untouched, or
 gives the exact result. Tiny models; runs on the three backends.
@@ -25,17 +25,6 @@ def to_numpy(x):
     return np.asarray(ops.convert_to_numpy(x))
 
 
-def snapshot(model):
-    return {v.path: to_numpy(v).copy() for v in model.weights}
-
-
-def assert_unchanged(model, before):
-    after = snapshot(model)
-    assert list(after) == list(before)
-    for path, value in before.items():
-        np.testing.assert_array_equal(after[path], value, err_msg=path)
-
-
 def functional(x, **kwargs):
     model = tm.functional_model()
     model(x)
@@ -48,7 +37,7 @@ def compile_mse(model):
     model.compile(optimizer=keras.optimizers.Adam(1e-2), loss="mse", **FAST)
 
 
-# Item 1: `fit` after the trainable set changed, without recompiling.
+# `fit` after the trainable set changed, without recompiling.
 
 
 @pytest.mark.parametrize("change", ["enable", "load", "prune", "unload"])
@@ -76,10 +65,10 @@ def test_fit_after_trainable_set_changed_refuses_and_model_stays_usable(
         keras_relora.prune(model, 0.5, strategy="random", seed=0)
     else:
         keras_relora.unload(model)
-    before = snapshot(model)
+    before = tm.snapshot(model)
     with pytest.raises(ValueError, match=r"compile\(\)"):
         model.fit(x, y, batch_size=4, epochs=1, verbose=0)
-    assert_unchanged(model, before)
+    tm.assert_unchanged(model, before)
     # Still usable: predict, save, and compile + fit.
     y_pred = model.predict(x, verbose=0)
     assert np.all(np.isfinite(y_pred))
@@ -89,7 +78,7 @@ def test_fit_after_trainable_set_changed_refuses_and_model_stays_usable(
     assert np.all(np.isfinite(to_numpy(model(x))))
 
 
-# Item 2: a keras-hub Task resumes exactly from a `.keras` file.
+# A keras-hub Task resumes exactly from a `.keras` file.
 
 
 def _task_fit(lm, x, y, steps, callback):
@@ -155,7 +144,7 @@ def test_task_resumes_exactly_from_a_keras_file(tmp_path):
     )
 
 
-# Item 3: the digest covers the settings; int8 bases are fingerprinted.
+# The digest covers the settings; int8 bases are fingerprinted.
 
 
 def _rewrite_metadata(path, edit):
@@ -187,10 +176,10 @@ def test_changed_settings_in_the_header_are_refused(tmp_path, key, value):
 
     _rewrite_metadata(path, edit)
     target = functional(x)
-    before = snapshot(target)
+    before = tm.snapshot(target)
     with pytest.raises(ValueError, match="SHA-256"):
         target.load_relora_weights(path)
-    assert_unchanged(target, before)
+    tm.assert_unchanged(target, before)
     assert keras_relora.get_state(target) is None
 
 
@@ -221,10 +210,10 @@ def test_int8_base_refuses_adapters_of_another_int8_base(tmp_path):
     keras.utils.set_random_seed(2)
     other = functional(x)
     other.quantize("int8")
-    before = snapshot(other)
+    before = tm.snapshot(other)
     with pytest.raises(ValueError, match="another base model"):
         other.load_relora_weights(path)
-    assert_unchanged(other, before)
+    tm.assert_unchanged(other, before)
     # The same int8 base takes them.
     keras.utils.set_random_seed(1)
     same = functional(x)
@@ -246,7 +235,7 @@ def test_truncated_file_is_refused_clearly(tmp_path):
             adapter_file.read(path)
 
 
-# Item 4: Keras's own weight files and clone_model.
+# Keras's own weight files and clone_model.
 
 
 def test_weights_h5_into_fewer_targets_refuses(tmp_path):
@@ -256,10 +245,10 @@ def test_weights_h5_into_fewer_targets_refuses(tmp_path):
     path = str(tmp_path / "model.weights.h5")
     source.save_weights(path)
     target = functional(x, rank=2, experts=2, targets=["hidden"])
-    before = snapshot(target)
+    before = tm.snapshot(target)
     with pytest.raises(ValueError, match="targets"):
         target.load_weights(path)
-    assert_unchanged(target, before)
+    tm.assert_unchanged(target, before)
 
 
 def test_weights_h5_into_other_experts_refuses_before_loading(tmp_path):
@@ -270,10 +259,10 @@ def test_weights_h5_into_other_experts_refuses_before_loading(tmp_path):
     source.save_weights(path)
     keras.utils.set_random_seed(5)
     target = functional(x, rank=2, experts=3)
-    before = snapshot(target)
+    before = tm.snapshot(target)
     with pytest.raises(ValueError, match="experts"):
         target.load_weights(path)
-    assert_unchanged(target, before)
+    tm.assert_unchanged(target, before)
 
 
 def test_weights_h5_of_a_plain_model_into_an_adapted_one_refuses(tmp_path):
@@ -281,10 +270,10 @@ def test_weights_h5_of_a_plain_model_into_an_adapted_one_refuses(tmp_path):
     path = str(tmp_path / "plain.weights.h5")
     functional(x).save_weights(path)
     target = functional(x, rank=2, experts=2)
-    before = snapshot(target)
+    before = tm.snapshot(target)
     with pytest.raises(ValueError, match="no ReLoRA adapters"):
         target.load_weights(path)
-    assert_unchanged(target, before)
+    tm.assert_unchanged(target, before)
 
 
 def test_weights_h5_round_trip_is_exact(tmp_path):
@@ -301,10 +290,10 @@ def test_weights_h5_round_trip_is_exact(tmp_path):
 def test_clone_model_of_a_functional_model_refuses():
     x, _ = tm.dense_data()
     model = functional(x, rank=2, experts=2)
-    before = snapshot(model)
+    before = tm.snapshot(model)
     with pytest.raises(ValueError, match="clone_model"):
         keras.models.clone_model(model)
-    assert_unchanged(model, before)
+    tm.assert_unchanged(model, before)
 
 
 def test_clone_model_of_a_subclassed_model_keeps_adapters():
@@ -325,7 +314,7 @@ def test_clone_model_of_a_subclassed_model_keeps_adapters():
     np.testing.assert_array_equal(to_numpy(clone(x)), to_numpy(model(x)))
 
 
-# Item 6: argument checks.
+# Argument checks.
 
 
 @pytest.mark.parametrize(
@@ -350,12 +339,12 @@ def test_clone_model_of_a_subclassed_model_keeps_adapters():
 def test_enable_relora_refuses_bad_arguments(kwargs, name):
     x, _ = tm.dense_data()
     model = functional(x)
-    before = snapshot(model)
+    before = tm.snapshot(model)
     with pytest.raises(
         (ValueError, TypeError), match=rf"`{name}`.*Received: {name}="
     ):
         model.enable_relora(**{"rank": 2, "experts": 2, **kwargs})
-    assert_unchanged(model, before)
+    tm.assert_unchanged(model, before)
     assert keras_relora.get_state(model) is None
     assert all(v.trainable for v in model.weights)
 
@@ -403,7 +392,7 @@ def test_layers_refuse_bools_and_accept_numpy_integers():
     assert adapter.experts == 2 and type(adapter.experts) is int
 
 
-# Item 7: loading a `.keras` file without `import keras_relora`.
+# Loading a `.keras` file without `import keras_relora`.
 
 
 def test_loading_without_the_import_names_keras_relora(tmp_path):

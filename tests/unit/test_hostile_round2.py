@@ -1,4 +1,4 @@
-"""Hostile inputs, second round: nothing silently wrong.
+"""More inputs a hostile user would try: nothing silently wrong.
 
 PEFT folders that would load with another forward pass or crash the
 header parser, saves interrupted half-way, settings that ask for huge
@@ -26,17 +26,6 @@ pytest.importorskip("safetensors")
 
 def to_numpy(x):
     return np.asarray(ops.convert_to_numpy(x))
-
-
-def snapshot(model):
-    return {v.path: to_numpy(v).copy() for v in model.weights}
-
-
-def assert_unchanged(model, before):
-    after = snapshot(model)
-    assert list(after) == list(before)
-    for path, value in before.items():
-        np.testing.assert_array_equal(after[path], value, err_msg=path)
 
 
 def _lm():
@@ -75,11 +64,11 @@ def _copy(folder, tmp_path, config=None, weights=None):
 
 def _refused(folder, match):
     lm = _lm()
-    before = snapshot(lm)
+    before = tm.snapshot(lm)
     with pytest.raises(ValueError, match=match):
         keras_relora.load_peft(lm, folder)
     assert keras_relora.get_state(lm) is None
-    assert_unchanged(lm, before)
+    tm.assert_unchanged(lm, before)
 
 
 def _set(**fields):
@@ -90,7 +79,7 @@ def _set(**fields):
     return change
 
 
-# Item 1: folders whose forward pass differs from plain LoRA.
+# Folders whose forward pass differs from plain LoRA.
 
 
 def test_good_peft_folder_loads(peft_folder):
@@ -158,7 +147,7 @@ def test_load_peft_refuses_a_regex_target_that_misses(peft_folder, tmp_path):
     _refused(folder, r"does not match.*model\.layers\.0\.self_attn\.v_proj")
 
 
-# Item 3: the safetensors header and the config, forged.
+# The safetensors header and the config, forged.
 
 
 def _header(data):
@@ -241,8 +230,9 @@ def test_load_peft_refuses_invalid_configs(
     )
 
 
-# Items 2 and 11, in process: a write that fails half-way leaves the
-# previous good file or folder as it was (killed processes: integration).
+# A write that fails half-way, in this process, leaves the previous good
+# file or folder as it was (for killed processes see
+# tests/integration/test_atomic_saves.py).
 
 
 def _fail_after_partial_write(monkeypatch, module, name):
@@ -323,7 +313,7 @@ def test_saves_failing_half_way_keep_the_previous_file(
     assert sorted(os.listdir(tmp_path)) == [path.name]
 
 
-# Item 10: an empty `targets` pattern would adapt every layer.
+# An empty `targets` pattern would adapt every layer.
 
 
 @pytest.mark.parametrize("targets", ["", "  ", ["q", ""]])
@@ -331,7 +321,7 @@ def test_enable_relora_refuses_empty_targets(targets):
     x, _ = tm.dense_data()
     model = tm.functional_model()
     model(x)
-    before = snapshot(model)
+    before = tm.snapshot(model)
     with pytest.raises(
         ValueError,
         match=r"`targets` must not be empty.*"
@@ -339,11 +329,11 @@ def test_enable_relora_refuses_empty_targets(targets):
     ):
         model.enable_relora(rank=2, experts=2, targets=targets)
     assert keras_relora.get_state(model) is None
-    assert_unchanged(model, before)
+    tm.assert_unchanged(model, before)
     assert all(v.trainable for v in model.weights)
 
 
-# Item 12: a forged adapter file is refused before anything is allocated.
+# A forged adapter file is refused before anything is allocated.
 
 
 def _adapter_file(tmp_path, change):
@@ -416,7 +406,7 @@ def test_load_relora_weights_refuses_forged_settings_before_allocating(
     lm = _lm()
     if adapted:
         lm.enable_relora(rank=2, experts=2, targets=["q", "v"])
-    before = snapshot(lm)
+    before = tm.snapshot(lm)
     from keras_relora.saving import checkpoint
 
     def no_allocation(*args, **kwargs):
@@ -431,7 +421,7 @@ def test_load_relora_weights_refuses_forged_settings_before_allocating(
     ):
         lm.load_relora_weights(path)
     assert (keras_relora.get_state(lm) is None) is not adapted
-    assert_unchanged(lm, before)
+    tm.assert_unchanged(lm, before)
 
 
 def test_load_relora_weights_refuses_settings_larger_than_the_model(
@@ -446,7 +436,7 @@ def test_load_relora_weights_refuses_settings_larger_than_the_model(
 
     path = _adapter_file(tmp_path, change)
     lm = _lm()
-    before = snapshot(lm)
+    before = tm.snapshot(lm)
     with pytest.raises(
         ValueError,
         match=r"experts=1000000 ask for \d+ adapter parameters, more than "
@@ -454,10 +444,10 @@ def test_load_relora_weights_refuses_settings_larger_than_the_model(
     ):
         lm.load_relora_weights(path)
     assert keras_relora.get_state(lm) is None
-    assert_unchanged(lm, before)
+    tm.assert_unchanged(lm, before)
 
 
-# Item 4: `quantize` after `enable_relora` would leave the adapted layers'
+# `quantize` after `enable_relora` would leave the adapted layers'
 # base in float; quantizing first, then adapting, works.
 
 
@@ -466,7 +456,7 @@ def test_quantize_after_enable_relora_refuses(where):
     lm = _lm()
     lm.enable_relora(rank=2, experts=2)
     model = lm if where == "task" else lm.backbone
-    before = snapshot(lm)
+    before = tm.snapshot(lm)
     with pytest.raises(
         ValueError,
         match=r"Cannot quantize .* after `enable_relora`.*float.*Quantize "
@@ -476,7 +466,7 @@ def test_quantize_after_enable_relora_refuses(where):
     adapter = next(iter(keras_relora.get_state(lm).adapters.values()))
     with pytest.raises(ValueError, match=r"Cannot quantize.*Quantize first"):
         adapter._base_layer.quantize("int8")
-    assert_unchanged(lm, before)
+    tm.assert_unchanged(lm, before)
     assert all(
         a._base_layer.dtype_policy.quantization_mode is None
         for a in keras_relora.get_state(lm).adapters.values()
@@ -498,7 +488,7 @@ def test_quantized_base_trains_adapters_only(mode):
         for a in state.adapters.values()
     )
     adapter_paths = set(state.variables())
-    before = snapshot(lm)
+    before = tm.snapshot(lm)
     x, y, _ = tm.lm_data()
     lm.compile(
         optimizer=keras.optimizers.Adam(1e-2),
@@ -506,15 +496,13 @@ def test_quantized_base_trains_adapters_only(mode):
         run_eagerly=keras.config.backend() == "tensorflow",
     )
     lm.fit(x, y, batch_size=4, epochs=2, verbose=0)
-    after = snapshot(lm)
+    after = tm.snapshot(lm)
     changed = {p for p in before if not np.array_equal(before[p], after[p])}
     assert changed and changed <= adapter_paths
-    for path in before:
-        if path not in adapter_paths:
-            np.testing.assert_array_equal(after[path], before[path], path)
+    tm.assert_unchanged(lm, before, ignore=adapter_paths)
 
 
-# Item 5: Keras's own LoRA and `enable_relora` on one model.
+# Keras's own LoRA and `enable_relora` on one model.
 
 
 @pytest.mark.parametrize("how", ["backbone", "layer"])
@@ -526,7 +514,7 @@ def test_enable_relora_refuses_a_model_with_keras_lora(how):
         lm.backbone.get_layer(
             "transformer_layer_0"
         )._self_attention_layer._query_dense.enable_lora(2)
-    before = snapshot(lm)
+    before = tm.snapshot(lm)
     trainable = [v.trainable for v in lm.weights]
     with pytest.raises(
         ValueError,
@@ -535,7 +523,7 @@ def test_enable_relora_refuses_a_model_with_keras_lora(how):
     ):
         lm.enable_relora(rank=2, experts=1)
     assert keras_relora.get_state(lm) is None
-    assert_unchanged(lm, before)
+    tm.assert_unchanged(lm, before)
     assert [v.trainable for v in lm.weights] == trainable
 
 
@@ -551,7 +539,7 @@ def test_keras_enable_lora_after_enable_relora_refuses(how):
         "target": lambda: attention._query_dense.enable_lora(2),
         "other": lambda: attention._key_dense.enable_lora(2),
     }[how]
-    before = snapshot(lm)
+    before = tm.snapshot(lm)
     trainable = [v.trainable for v in lm.weights]
     with pytest.raises(
         ValueError,
@@ -559,7 +547,7 @@ def test_keras_enable_lora_after_enable_relora_refuses(how):
         r"be combined.*unload",
     ):
         call()
-    assert_unchanged(lm, before)
+    tm.assert_unchanged(lm, before)
     assert [v.trainable for v in lm.weights] == trainable
     assert not any(
         getattr(layer, "lora_enabled", False)

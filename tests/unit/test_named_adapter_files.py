@@ -21,17 +21,6 @@ def numpy(x):
     return ops.convert_to_numpy(x)
 
 
-def weights_of(model):
-    return {v.path: numpy(v).copy() for v in model.weights}
-
-
-def assert_same_weights(model, expected):
-    now = weights_of(model)
-    assert sorted(now) == sorted(expected)
-    for path, value in expected.items():
-        np.testing.assert_array_equal(now[path], value, err_msg=path)
-
-
 def read_file(path):
     from safetensors import safe_open
 
@@ -122,23 +111,23 @@ def test_files_load_as_named_adapters(tmp_path):
 def test_a_file_of_other_settings_refuses_and_changes_nothing(tmp_path):
     model, base = two_adapter_model()
     model.save_relora_weights(tmp_path / "default.safetensors")
-    before = weights_of(model)
+    before = tm.snapshot(model)
     with pytest.raises(ValueError, match=r"rank: file 4, model 2"):
         model.load_relora_weights(
             tmp_path / "default.safetensors", adapter_name="small"
         )
-    assert_same_weights(model, before)
+    tm.assert_unchanged(model, before)
     assert keras_relora.active_adapter(model) == "default"
     # A new name with a file of another base: refused before enabling.
     keras.utils.set_random_seed(5)
     stranger = tm.functional_model()
     stranger.enable_relora(rank=2, experts=1, adapter_name="mine")
-    before = weights_of(stranger)
+    before = tm.snapshot(stranger)
     with pytest.raises(ValueError, match="another base model"):
         stranger.load_relora_weights(
             tmp_path / "default.safetensors", adapter_name="new"
         )
-    assert_same_weights(stranger, before)
+    tm.assert_unchanged(stranger, before)
     assert keras_relora.adapter_names(stranger) == ["mine"]
     with pytest.raises(ValueError, match="Python identifier"):
         stranger.load_relora_weights(
@@ -162,7 +151,7 @@ def test_keras_file_of_several_adapters_round_trips(tmp_path):
     loaded = keras.saving.load_model(path)
     assert keras_relora.adapter_names(loaded) == ["default", "small"]
     assert keras_relora.active_adapter(loaded) == "small"
-    assert_same_weights(loaded, weights_of(model))
+    tm.assert_unchanged(loaded, tm.snapshot(model))
     np.testing.assert_array_equal(numpy(loaded(x)), expected["small"])
     for name in ("default", "small"):
         np.testing.assert_array_equal(alone(loaded, name, x), expected[name])
@@ -206,7 +195,7 @@ def test_keras_file_of_a_keras_hub_task_with_pruned_adapters(tmp_path):
         a.block == 1 for a in state.named["qv"].adapters.values()
     ]
     assert not any(a.pruned for a in state.named["routed"].adapters.values())
-    assert_same_weights(loaded, weights_of(lm))
+    tm.assert_unchanged(loaded, tm.snapshot(lm))
     for name in ("routed", "qv"):
         np.testing.assert_array_equal(
             with_adapter(loaded, name, data), expected[name]
@@ -228,7 +217,7 @@ def with_adapter(model, name, data):
 def test_merge_one_named_adapter():
     model, base = two_adapter_model()
     x, _ = tm.dense_data()
-    before = weights_of(model)
+    before = tm.snapshot(model)
     merged = keras_relora.merge_relora(model, adapter_name="small")
     assert keras_relora.get_state(merged) is None
     assert len(merged.weights) == len(base)
@@ -236,7 +225,7 @@ def test_merge_one_named_adapter():
         numpy(merged(x)), alone(model, "small", x), 0, 1e-5
     )
     assert keras_relora.active_adapter(model) == "default"
-    assert_same_weights(model, before)
+    tm.assert_unchanged(model, before)
     # The kernels are the base's plus that adapter's, not another's.
     np.testing.assert_array_equal(numpy(merged.weights[0]), base[0])
     # Each model owns its arrays: JAX's compiled predict donates its state.
@@ -255,7 +244,7 @@ def test_merge_one_named_adapter():
     np.testing.assert_allclose(numpy(merged(x)), live, 0, error["max_abs"])
     with pytest.raises(ValueError, match="no adapter named 'nope'"):
         keras_relora.merge_relora(model, adapter_name="nope")
-    assert_same_weights(model, before)
+    tm.assert_unchanged(model, before)
 
 
 # -- 5. combining adapters -------------------------------------------------
@@ -358,12 +347,12 @@ def test_different_routers_refuse_and_change_nothing():
     model.enable_relora(rank=2, experts=2)
     model.enable_relora(rank=2, experts=2, adapter_name="other")
     tm.randomize_adapters(model, seed=1)
-    before = weights_of(model)
+    before = tm.snapshot(model)
     with pytest.raises(
         ValueError, match=r"adapters 'default' and 'other' exactly.*router"
     ):
         model.combine_adapters({"default": 1.0, "other": 1.0}, "both")
-    assert_same_weights(model, before)
+    tm.assert_unchanged(model, before)
     assert model.adapter_names() == ["default", "other"]
     with pytest.raises(ValueError, match="already an adapter"):
         model.combine_adapters({"default": 1.0}, "other")
@@ -373,7 +362,7 @@ def test_different_routers_refuse_and_change_nothing():
         model.combine_adapters({"default": float("nan")}, "both")
     with pytest.raises(TypeError, match="non-empty dict"):
         model.combine_adapters({}, "both")
-    assert_same_weights(model, before)
+    tm.assert_unchanged(model, before)
     # One adapter alone, scaled: its router is kept.
     x, _ = tm.dense_data()
     model.combine_adapters({"other": -2.0}, "minus")
@@ -435,7 +424,7 @@ def test_peft_folders_of_named_adapters(tmp_path):
     loaded.set_adapter("qv")
     tm.randomize_adapters(loaded, seed=9)
     loaded.set_adapter("default")
-    kept = weights_of(loaded)
+    kept = tm.snapshot(loaded)
     keras_relora.load_peft(loaded, tmp_path / "one", adapter_name="qv")
     assert loaded.active_adapter() == "default"
     np.testing.assert_allclose(
@@ -443,7 +432,7 @@ def test_peft_folders_of_named_adapters(tmp_path):
     )
     changed = [v.path for v in group_variables(loaded, "qv")]
     assert changed
-    for path, value in weights_of(loaded).items():
+    for path, value in tm.snapshot(loaded).items():
         if path not in changed:
             np.testing.assert_array_equal(value, kept[path], err_msg=path)
 
@@ -461,13 +450,13 @@ def test_peft_refusals_of_named_adapters(tmp_path):
         keras_relora.save_peft(lm, folder, adapter_name=["qv", "nope"])
     assert not folder.exists()
     keras_relora.save_peft(lm, folder, adapter_name=["default", "qv"])
-    before = weights_of(lm)
+    before = tm.snapshot(lm)
     # "qv" (rank 2, sharelora) into "default" (rank 4): refused.
     with pytest.raises(ValueError, match=r"rank: folder 2, model 4"):
         keras_relora.load_peft(lm, folder / "qv", adapter_name="default")
     with pytest.raises(ValueError, match=r"experts: folder 1.*model 2"):
         keras_relora.load_peft(lm, folder, adapter_name="routed")
-    assert_same_weights(lm, before)
+    tm.assert_unchanged(lm, before)
     assert lm.adapter_names() == ["default", "qv", "routed"]
     assert lm.active_adapter() == "default"
 
@@ -490,10 +479,10 @@ def test_weights_file_of_several_adapters(tmp_path):
     third = fresh_base(base)
     third.enable_relora(**DEFAULT)
     third.enable_relora(**SMALL, adapter_name="tiny")
-    before = weights_of(third)
+    before = tm.snapshot(third)
     with pytest.raises(ValueError, match=r"named adapters: file \['default'"):
         third.load_weights(tmp_path / "model.weights.h5")
-    assert_same_weights(third, before)
+    tm.assert_unchanged(third, before)
 
 
 def test_combination_on_a_keras_hub_task():

@@ -134,7 +134,7 @@ def test_probe_data_of_inputs_alone_is_refused():
     lm.enable_relora(rank=2, experts=1)
     lm.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
     x, y, w = tm.lm_data()
-    before = [ops.convert_to_numpy(v).copy() for v in lm.weights]
+    before = tm.snapshot(lm)
     reducer = keras_relora.ReducerCallback(probe_data=x, seed=0)
     with pytest.raises(ValueError) as error:
         lm.fit(x, y, sample_weight=w, epochs=1, verbose=0, callbacks=[reducer])
@@ -144,8 +144,7 @@ def test_probe_data_of_inputs_alone_is_refused():
     assert message.endswith(
         "Received: probe_data=a dict with keys ['padding_mask', 'token_ids']"
     )
-    for a, b in zip(before, lm.weights, strict=True):
-        np.testing.assert_array_equal(a, ops.convert_to_numpy(b))
+    tm.assert_unchanged(lm, before)
     model = adapted_mlp()
     x, y = tm.dense_data(16)
     with pytest.raises(ValueError, match="Received: probe_data=ndarray"):

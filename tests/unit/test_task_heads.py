@@ -23,10 +23,6 @@ def _classifier(num_classes=2, backbone=None):
     )
 
 
-def _values(model):
-    return {v.path: np.array(ops.convert_to_numpy(v)) for v in model.weights}
-
-
 def _same_base(source, num_classes=2):
     """A new classifier whose backbone holds `source`'s backbone weights."""
     backbone = tm.bert_backbone()
@@ -57,19 +53,17 @@ def test_head_trains_by_default_and_round_trips_through_the_file(tmp_path):
     assert report.trainable_params == sum(
         int(np.prod(v.shape)) for v in clf.trainable_weights
     )
-    before = _values(clf)
+    before = tm.snapshot(clf)
     x = _fit(clf)
-    after = _values(clf)
+    after = tm.snapshot(clf)
     for path in HEAD:
         assert np.abs(after[path] - before[path]).max() > 0, path
     trainable = {v.path for v in clf.trainable_weights}
-    for path, value in before.items():
-        if path not in trainable:
-            np.testing.assert_array_equal(after[path], value, err_msg=path)
+    tm.assert_unchanged(clf, before, ignore=trainable)
     # The adapter file carries the head; a plain model gets it back.
     clf.save_relora_weights(tmp_path / "adapters.safetensors")
     plain.load_relora_weights(tmp_path / "adapters.safetensors")
-    restored = _values(plain)
+    restored = tm.snapshot(plain)
     for path in HEAD:
         np.testing.assert_array_equal(restored[path], after[path])
     np.testing.assert_array_equal(_predict(plain, x), _predict(clf, x))
@@ -83,7 +77,7 @@ def test_a_file_with_another_head_shape_is_refused(tmp_path):
     frozen = _same_base(clf)
     clf.enable_relora(rank=2, experts=1)
     clf.save_relora_weights(tmp_path / "adapters.safetensors")
-    before = _values(wide)
+    before = tm.snapshot(wide)
     with pytest.raises(
         ValueError,
         match=r"shape of trained/logits/kernel: "
@@ -91,10 +85,7 @@ def test_a_file_with_another_head_shape_is_refused(tmp_path):
     ):
         wide.load_relora_weights(tmp_path / "adapters.safetensors")
     assert keras_relora.get_state(wide) is None
-    after = _values(wide)
-    assert after.keys() == before.keys()
-    for path, value in before.items():
-        np.testing.assert_array_equal(after[path], value, err_msg=path)
+    tm.assert_unchanged(wide, before)
     # A model adapted with a frozen head has no head in its file.
     frozen.enable_relora(rank=2, experts=1, train_layers=[])
     with pytest.raises(
@@ -113,8 +104,8 @@ def test_merge_keeps_the_trained_head_and_unload_restores_flags():
     x = _fit(clf)
     merged = keras_relora.merge_relora(clf)
     np.testing.assert_allclose(_predict(merged, x), _predict(clf, x), atol=1e-6)
-    trained = _values(clf)
-    merged_values = _values(merged)
+    trained = tm.snapshot(clf)
+    merged_values = tm.snapshot(merged)
     for path in HEAD:
         np.testing.assert_array_equal(merged_values[path], trained[path])
     keras_relora.unload(clf)
@@ -175,7 +166,7 @@ def test_keras_file_keeps_the_trainable_head(tmp_path):
 def test_the_head_trains_under_the_reducer():
     clf = _classifier()
     clf.enable_relora(rank=2, experts=2)
-    before = _values(clf)
+    before = tm.snapshot(clf)
     x, y = tm.bert_data(), np.array([0, 1, 0, 1])
     clf.compile(optimizer=keras.optimizers.Adam(1e-2), loss=LOSS)
     clf.fit(
@@ -187,6 +178,6 @@ def test_the_head_trains_under_the_reducer():
             keras_relora.ReducerCallback(update_layers=1, interval=1, trials=2)
         ],
     )
-    after = _values(clf)
+    after = tm.snapshot(clf)
     for path in HEAD:  # No mask holds the head: it moves every step.
         assert np.abs(after[path] - before[path]).max() > 0, path
