@@ -356,3 +356,48 @@ def test_main_job_splits_never_overlap(main_job, seed):
         fake_task(872), train_n, test_n, seed=seed + 5
     )
     assert not np.array_equal(other[0], trains[0])
+
+
+# -- minilm_tasks.py (and drop_ratio.py on MiniLM) ----------------------------
+
+
+def fake_preprocessor(x):
+    """Token ids that are the row's position: no tokenizer needed."""
+    n = len(x[0])
+    return {"token_ids": np.arange(n)[:, None], "padding_mask": np.ones((n, 1))}
+
+
+@needs_assets
+def test_minilm_tasks_training_rows_mix_the_tasks():
+    minilm_tasks = benchmark_module("minilm_tasks")
+    args = minilm_tasks.parse_args([])  # The full run's sizes.
+    assert (args.batch_size, args.steps) == (16, 80)
+    data = minilm_tasks.build_data(args, fake_preprocessor, seed=0)
+    rows = data["train_rows"]
+    assert len(rows) == len(data["train"][1]) == 80 * 16
+    names = list(args.tasks)
+    tasks = np.asarray([names.index(task) for task, _ in rows])
+    assert longest_run(tasks) <= args.batch_size
+    # Every batch holds each task's share of the rows, give or take one
+    # (CB has 45 training rows, the others up to 256).
+    sizes = np.bincount(
+        [names.index(task) for task, _ in set(rows)], minlength=5
+    )
+    assert sizes[names.index("cb")] < 64 and sizes.max() == 256
+    for start in range(0, len(tasks), 16):
+        counts = np.bincount(tasks[start : start + 16], minlength=5)
+        assert np.all(np.abs(counts - 16 * sizes / sizes.sum()) < 1.5)
+    # Passes: the first pass uses every training row once.
+    assert len(set(rows[: sizes.sum()])) == sizes.sum()
+    # Each row's label lies in its own task's slice of the union head.
+    x, y = data["train"]
+    assert np.all(x["label_mask"][np.arange(len(y)), y] == 1.0)
+    # Training rows never are test rows.
+    for name in names:
+        trained = {i for task, i in rows if task == name}
+        assert trained and not trained & set(data["test_rows"][name])
+    # Seeded: the same seed gives the same rows in the same order.
+    again = minilm_tasks.build_data(args, fake_preprocessor, seed=0)
+    assert again["train_rows"] == rows
+    other = minilm_tasks.build_data(args, fake_preprocessor, seed=1)
+    assert other["train_rows"] != rows
