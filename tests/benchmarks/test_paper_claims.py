@@ -131,13 +131,51 @@ def test_row_groups_split_the_rows_by_work(claims):
     for group in groups:
         assert group == [r for r in rows if r in group]
     names = [[r[0] for r in g] for g in groups]
-    # Figure 5's row (3.5) plus one row vs four rows: 4.5 vs 4, the
+    # Figure 5's row (3.5) plus one row vs five rows: 4.5 vs 5, the
     # lighter group first.
-    assert names[1] == ["relora_multi+reducer", "relora+reducer"]
-    assert names[0] == ["lora", "lora_matched", "hydralora", "relora_multi"]
+    assert names[0] == ["relora_multi+reducer", "relora+reducer"]
+    assert names[1] == [
+        "lora",
+        "lora_matched",
+        "hydralora",
+        "relora_multi",
+        "relora_multi_quarter",
+    ]
     assert len(claims.row_groups(rows[:2], 8)) == 2
     with pytest.raises(SystemExit):
         claims.parse_args(["--jobs", "0"])
+
+
+def test_quarter_row_trains_on_the_first_quarter_of_the_stream(claims):
+    assert ("relora_multi_quarter", "relora_multi", False) in claims.ROWS
+    assert claims.row_steps("relora_multi_quarter", 60) == 15
+    assert claims.row_steps("relora_multi_quarter", 3) == 1
+    assert claims.row_steps("relora_multi", 60) == 60
+    args = claims.parse_args(["--only", "relora_multi_quarter"])
+    assert [r[0] for r in args.rows] == ["relora_multi_quarter"]
+    args.steps, args.batch_size = 60, 8
+    n = 60 * 8
+    data = {
+        "train": (
+            {"token_ids": np.arange(n)[:, None]},
+            np.arange(n) + 1000,
+            np.ones((n, 2)),
+        ),
+        "train_tasks": np.arange(n) % 2,
+        "train_docs": np.arange(n) + 5000,
+        "test": {"sst2": [1, 2]},
+    }
+    cut = claims.row_data(data, "relora_multi_quarter", args)
+    x, y, weights = cut["train"]
+    # The first 15 batches of the same stream, every field cut alike.
+    np.testing.assert_array_equal(x["token_ids"][:, 0], np.arange(120))
+    np.testing.assert_array_equal(y, np.arange(120) + 1000)
+    assert weights.shape == (120, 2)
+    np.testing.assert_array_equal(cut["train_tasks"], np.arange(120) % 2)
+    np.testing.assert_array_equal(cut["train_docs"], np.arange(120) + 5000)
+    assert cut["test"] is data["test"]
+    # The other rows get the whole stream, untouched.
+    assert claims.row_data(data, "relora_multi", args) is data
 
 
 @needs_assets

@@ -1,8 +1,11 @@
-"""The benchmarks' training stream: every batch mixes the tasks, the
-document splits never overlap, and the order is reproducible per seed.
+"""The training streams: every batch mixes the tasks, the document splits
+never overlap, and the order is reproducible per seed.
 
 `benchmarks/commonsense.py` builds the rows that `commonsense.py`,
-`drop_ratio.py` and `paper_claims.py` train on. A stream that trained on
+`drop_ratio.py` and `paper_claims.py` train on; `relora_offline/
+main_job_data.py` builds those of the main job
+(`examples/llama3_commonsense.py`). Both are fitted with `shuffle=False`,
+so the order they build is the order the model sees. A stream that trained on
 one task, then the other, once made every row of those benchmarks end on
 the second task; these tests fail on such a stream. The pure functions run
 at the benchmarks' real sizes (SST-2 and ARC-Easy: 872 and 570 documents,
@@ -12,6 +15,7 @@ model is loaded).
 """
 
 import argparse
+import types
 
 import numpy as np
 import pytest
@@ -249,3 +253,151 @@ def test_build_data_on_the_real_tasks(real_tasks, commonsense, steps):
     assert not np.array_equal(other["train_docs"], data["train_docs"])
     for name in names:
         np.testing.assert_array_equal(other["test"][name], data["test"][name])
+
+
+# -- the main job (`examples/llama3_commonsense.py`) ---------------------------
+
+
+@pytest.fixture(scope="module")
+def main_job():
+    from relora_offline import main_job as job
+    from relora_offline import main_job_data
+    from relora_offline import olmo_data
+
+    return types.SimpleNamespace(
+        sizes=job.SIZES["full"],
+        tasks=job.TASKS,
+        mixed_order=main_job_data.mixed_order,
+        split_documents=olmo_data.split_documents,
+    )
+
+
+def fake_task(num_documents):
+    """What `olmo_data.split_documents` reads of a task: its samples'
+    documents (4 answer choices each)."""
+    return types.SimpleNamespace(
+        samples=[{"doc_id": d} for d in range(num_documents) for _ in range(4)]
+    )
+
+
+def test_main_job_defaults_are_the_sizes_checked_here(main_job):
+    assert tuple(main_job.tasks) == tuple(DOCUMENTS)
+    assert {
+        k: main_job.sizes[k]
+        for k in ("train_per_task", "test_per_task", "steps", "batch_size")
+    } == {
+        "train_per_task": 250,
+        "test_per_task": 200,
+        "steps": 60,
+        "batch_size": 8,
+    }
+
+
+@pytest.mark.parametrize("steps", [60, 240])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_main_job_every_batch_mixes_the_tasks(main_job, steps, seed):
+    batch = main_job.sizes["batch_size"]
+    sources = np.repeat([0, 1], main_job.sizes["train_per_task"])
+    order = main_job.mixed_order(sources, steps, batch, seed)
+    assert order.shape == (steps * batch,)
+    tasks = sources[order]
+    assert longest_run(tasks) <= batch
+    for start in range(0, len(order), batch):
+        counts = np.bincount(tasks[start : start + batch], minlength=2)
+        assert counts.min() >= batch // 2 - 1
+    # Each pass over the 500 rows uses every row once.
+    for start in range(0, len(order) - 499, 500):
+        assert sorted(order[start : start + 500].tolist()) == list(range(500))
+    # The same check fails on a task-sequential stream of these rows.
+    assert longest_run(sources[np.arange(steps * batch) % 500]) > batch
+
+
+def test_main_job_order_with_uneven_tasks(main_job):
+    # A task with fewer documents than `--train-per-task` (e.g. 120 and
+    # 250): each batch holds each task's share, give or take one.
+    sources = np.repeat([0, 1], [120, 250])
+    order = main_job.mixed_order(sources, 60, 8, seed=0)
+    tasks = sources[order]
+    assert longest_run(tasks) <= 8
+    for start in range(0, len(order), 8):
+        count = np.bincount(tasks[start : start + 8], minlength=2)[0]
+        assert abs(count - 8 * 120 / 370) <= 1.5
+
+
+def test_main_job_order_is_reproducible_per_seed(main_job):
+    sources = np.repeat([0, 1], 250)
+    a = main_job.mixed_order(sources, 60, 8, seed=1)
+    b = main_job.mixed_order(sources, 60, 8, seed=1)
+    c = main_job.mixed_order(sources, 60, 8, seed=2)
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_main_job_splits_never_overlap(main_job, seed):
+    train_n = main_job.sizes["train_per_task"]
+    test_n = main_job.sizes["test_per_task"]
+    trains = []
+    for i, n in enumerate(DOCUMENTS.values()):
+        # The main job splits task `i` with seed `seed + i`.
+        train, test = main_job.split_documents(
+            fake_task(n), train_n, test_n, seed=seed + i
+        )
+        assert (len(train), len(test)) == (train_n, test_n)
+        assert not set(train.tolist()) & set(test.tolist())
+        assert all(0 <= d < n for d in np.concatenate([train, test]))
+        again = main_job.split_documents(
+            fake_task(n), train_n, test_n, seed=seed + i
+        )
+        np.testing.assert_array_equal(again[0], train)
+        np.testing.assert_array_equal(again[1], test)
+        trains.append(train)
+    other = main_job.split_documents(
+        fake_task(872), train_n, test_n, seed=seed + 5
+    )
+    assert not np.array_equal(other[0], trains[0])
+
+
+# -- minilm_tasks.py (and drop_ratio.py on MiniLM) ----------------------------
+
+
+def fake_preprocessor(x):
+    """Token ids that are the row's position: no tokenizer needed."""
+    n = len(x[0])
+    return {"token_ids": np.arange(n)[:, None], "padding_mask": np.ones((n, 1))}
+
+
+@needs_assets
+def test_minilm_tasks_training_rows_mix_the_tasks():
+    minilm_tasks = benchmark_module("minilm_tasks")
+    args = minilm_tasks.parse_args([])  # The full run's sizes.
+    assert (args.batch_size, args.steps) == (16, 80)
+    data = minilm_tasks.build_data(args, fake_preprocessor, seed=0)
+    rows = data["train_rows"]
+    assert len(rows) == len(data["train"][1]) == 80 * 16
+    names = list(args.tasks)
+    tasks = np.asarray([names.index(task) for task, _ in rows])
+    assert longest_run(tasks) <= args.batch_size
+    # Every batch holds each task's share of the rows, give or take one
+    # (CB has 45 training rows, the others up to 256).
+    sizes = np.bincount(
+        [names.index(task) for task, _ in set(rows)], minlength=5
+    )
+    assert sizes[names.index("cb")] < 64 and sizes.max() == 256
+    for start in range(0, len(tasks), 16):
+        counts = np.bincount(tasks[start : start + 16], minlength=5)
+        assert np.all(np.abs(counts - 16 * sizes / sizes.sum()) < 1.5)
+    # Passes: the first pass uses every training row once.
+    assert len(set(rows[: sizes.sum()])) == sizes.sum()
+    # Each row's label lies in its own task's slice of the union head.
+    x, y = data["train"]
+    assert np.all(x["label_mask"][np.arange(len(y)), y] == 1.0)
+    # Training rows never are test rows.
+    for name in names:
+        trained = {i for task, i in rows if task == name}
+        assert trained and not trained & set(data["test_rows"][name])
+    # Seeded: the same seed gives the same rows in the same order.
+    again = minilm_tasks.build_data(args, fake_preprocessor, seed=0)
+    assert again["train_rows"] == rows
+    other = minilm_tasks.build_data(args, fake_preprocessor, seed=1)
+    assert other["train_rows"] != rows
