@@ -62,12 +62,6 @@ def test_routed_batch_equals_each_adapter_alone(run):
     assert re.search(r"max \|routed - adapter alone\| = \S+", stdout)
 
 
-def test_training_one_adapter_leaves_the_other_bitwise(run):
-    results, stdout, _ = run
-    assert results["untouched"] is True
-    assert "'sst2' bitwise unchanged by training 'arc_easy': True" in stdout
-
-
 def test_table_has_every_task_and_setting(run):
     results, stdout, _ = run
     scores = results["scores"]
@@ -93,14 +87,15 @@ def test_base_column_is_a_model_without_adapters(run):
     args = module.parse_args(["--tiny"])
     plain, tokenizer = module.load_model(args)  # The same seed: same base.
     assert keras_relora.get_state(plain) is None
-    logits_fn = olmo_scorer.keras_logits_fn(plain)
+    # Whole sequences, not the example's shared contexts: another code path.
+    logits_fn = olmo_scorer.keras_logits_fn(plain, share_context=False)
     for i, name in enumerate(module.TASKS):
         task, _, test_ids = module.task_data(name, i, tokenizer, args)
         want = olmo_scorer.score_task(logits_fn, task, test_ids, 8)
         got = results["scores"][name]["base"]
         np.testing.assert_array_equal(got.doc_ids, want.doc_ids)
         np.testing.assert_allclose(
-            got.choice_scores, want.choice_scores, atol=1e-5
+            got.choice_scores, want.choice_scores, atol=1e-4
         )
 
 
