@@ -15,7 +15,7 @@
    (`route_examples`) and check it against each adapter alone;
 6. save one file per adapter, load them into a fresh model, compare.
 
-    python examples/named_adapters.py            # SmolLM2, a few minutes
+    python examples/named_adapters.py            # SmolLM2, the main job's sizes
     python examples/named_adapters.py --tiny     # tiny random Llama, seconds
 """
 
