@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs the test suite once per backend, each in its own process
 # (KERAS_BACKEND is fixed per process). By default the backends run side by
-# side (JOBS=3), each pytest with one thread and its own log in $LOG_DIR;
+# side (JOBS=3), each pytest with one thread and its own log in $LOG_DIR
+# (one line per test, the 30 slowest tests at the end);
 # the logs are printed one after the other at the end. JOBS=1 runs them
 # one at a time with the output live. Extra arguments go to pytest, e.g.
 # `bash scripts/run_tests.sh -m "not slow"`. Exits non-zero if any backend
@@ -38,8 +39,8 @@ trap on_term TERM INT
 run_backend() {  # backend -> writes $LOG_DIR/<backend>.{log,rc,seconds}
   local backend=$1 start rc
   start=$(date +%s)
-  KERAS_BACKEND=$backend "$VENV/bin/python" -m pytest -q -rfE \
-    --durations=10 "${@:2}"
+  KERAS_BACKEND=$backend "$VENV/bin/python" -m pytest -v -rfE \
+    --durations=30 "${@:2}"
   rc=$?
   echo "$rc" >"$LOG_DIR/$backend.rc"
   echo $(($(date +%s) - start)) >"$LOG_DIR/$backend.seconds"

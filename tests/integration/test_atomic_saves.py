@@ -4,7 +4,7 @@ A child process saves an adapted model again and again, alternating two
 sets of adapter values, and is killed at a random moment (after its first
 complete save). The file (or PEFT folder) must then load and give the
 outputs of one of the two complete saves: never a mix, never a broken
-file. Three kills per format, on the backend under test.
+file. One kill per format, at a random moment, on the backend under test.
 """
 
 import os
@@ -136,7 +136,7 @@ def _kill_while_saving(tmp_path, kind, delay):
 @pytest.mark.parametrize("kind", ["keras", "weights", "adapters", "peft"])
 def test_killed_save_leaves_a_complete_file(tmp_path, kind):
     rng = random.Random(kind)
-    for attempt in range(3):
+    for attempt in range(1):
         folder = tmp_path / f"attempt_{attempt}"
         folder.mkdir()
         path, refs = _kill_while_saving(folder, kind, rng.uniform(0, 0.4))
