@@ -1,4 +1,5 @@
-"""`examples/named_adapters.py` in its `--tiny` mode, on this backend.
+"""`examples/named_adapters.py` in its `--tiny` mode, on torch (minutes per
+run; named adapters are tested on every backend in tests/unit).
 
 The example's `main(argv)` runs once in this process; the tests check
 what it computed against references built here without it: the routed
@@ -17,10 +18,13 @@ import sys
 import keras
 import numpy as np
 import pytest
+from backends import only_on
 
 import keras_relora
 from relora_offline import main_job
 from relora_offline import olmo_scorer
+
+pytestmark = only_on("torch", "the named-adapters example")
 
 EXAMPLES = os.path.join(
     os.path.dirname(

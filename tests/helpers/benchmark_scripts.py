@@ -9,6 +9,7 @@ import sys
 
 import keras
 import pytest
+from backends import only_on
 
 ROOT = os.path.dirname(
     os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -31,12 +32,7 @@ needs_smollm2 = pytest.mark.skipif(
 
 
 def smoke_backend(backend):
-    return pytest.mark.skipif(
-        BACKEND != backend,
-        reason=f"this benchmark's smoke run takes minutes; it runs on "
-        f"{backend} only (each script has its own backend; the library is "
-        "tested on every backend elsewhere)",
-    )
+    return only_on(backend, "this benchmark's smoke run")
 
 
 def run_script(name, output_dir, *args):

