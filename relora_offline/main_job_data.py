@@ -122,12 +122,17 @@ def mixed_order(sources, steps, batch_size, seed=0):
 
 
 def _olmo_tokenizer(tokenizer, args):
-    """SmolLM2's `tokenizer.json`, or the keras-hub tokenizer wrapped."""
+    """The embedded model's `tokenizer.json` (SmolLM2's or Gemma 3's), or
+    the keras-hub tokenizer wrapped."""
     if args.tiny or args.preset:
         pad = getattr(tokenizer, "pad_token_id", None)
         return olmo_data.keras_hub_tokenizer(
             tokenizer, pad_token_id=0 if pad is None else int(pad)
         )
+    if args.model == "gemma3":
+        from relora_offline.gemma3 import gemma3_tokenizer
+
+        return gemma3_tokenizer()
     return olmo_data.smollm2_tokenizer()
 
 

