@@ -2,11 +2,10 @@
 
 - `mkdocs build --strict` succeeds: no broken link, no missing page, every
   API name resolves (skipped only where mkdocs is not installed; it is in
-  requirements.txt, so CI builds it).
+  requirements.txt, so CI builds it); on one backend, as the build does
+  not depend on it.
 - Every python block of every guide runs, in order, one namespace per
-  page: a page with backend-specific blocks on every backend, the others
-  each on one backend (`GUIDE_BACKEND`, spread so that each backend's run
-  takes about as long). A block may start with
+  page, on this process's backend. A block may start with
   `# docs-test: skip (why)` (it needs real weights or several processes)
   or `# docs-test: backends a, b` (backend-specific code); the skips are
   few and counted here.
@@ -34,19 +33,6 @@ import keras_relora
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 DOCS = ROOT / "docs"
 GUIDES = sorted(p.name for p in DOCS.glob("*.md"))
-# Guides whose blocks are backend-independent run on one backend each;
-# a guide not listed here (a new one, or one with `# docs-test: backends`
-# blocks) runs on every backend.
-GUIDE_BACKEND = {
-    "benchmarks.md": "jax",
-    "evaluation.md": "jax",
-    "getting-started.md": "tensorflow",
-    "huggingface.md": "torch",
-    "index.md": "torch",
-    "named-adapters.md": "tensorflow",
-    "reducer.md": "torch",
-    "variants.md": "jax",
-}
 # Blocks that no test runs: keep them few (real weights, several processes).
 MAX_SKIPPED = 4
 
@@ -110,25 +96,7 @@ def test_python_blocks_are_top_level_and_markers_known():
     )
 
 
-def _guide_param(page):
-    if page not in GUIDE_BACKEND:
-        return page
-    return pytest.param(
-        page, marks=only_on(GUIDE_BACKEND[page], f"docs/{page}")
-    )
-
-
-def test_guides_on_one_backend_have_no_backend_specific_blocks():
-    for page in GUIDE_BACKEND:
-        blocks = mb.code_blocks((DOCS / page).read_text(), mb.PYTHON)
-        for block in blocks:
-            directive = mb.directive(block)
-            assert directive.skip is not None or all(
-                directive.runs_on(b) for b in ("torch", "jax", "tensorflow")
-            ), f"docs/{page} has backend-specific blocks: run it everywhere"
-
-
-@pytest.mark.parametrize("page", [_guide_param(p) for p in GUIDES])
+@pytest.mark.parametrize("page", GUIDES)
 def test_guide_python_blocks_run(page, tmp_path, monkeypatch):
     blocks = mb.code_blocks((DOCS / page).read_text(), mb.PYTHON)
     backend = keras.config.backend()

@@ -1,12 +1,11 @@
 """Which backend runs a test that costs minutes.
 
 The library is tested on every backend by the tiny-model tests. A test
-that loads real weights, runs an example or a benchmark script in a
-subprocess, or runs a guide checks what does not depend on the backend
-that runs it (a conversion, a pipeline, an example's output, a guide's
-prose) at the cost of minutes per run: it runs on one backend, and these
-tests are spread over the three so that each backend's run takes about as
-long. `only_on` says which.
+that loads real weights or runs an example or a benchmark script in a
+subprocess checks what does not depend on the backend that runs it (a
+conversion, a pipeline, an example's output) at the cost of minutes per
+run: it runs on one backend, and these tests are spread over the three so
+that each backend's run takes about as long. `only_on` says which.
 """
 
 import keras
