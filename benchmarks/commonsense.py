@@ -440,11 +440,40 @@ def run_base(lm, data, args):
     }
 
 
-def train_row(row, seed, lm, data, args, rank=None, callbacks=()):
+def train_row(
+    row,
+    seed,
+    lm,
+    data,
+    args,
+    rank=None,
+    callbacks=(),
+    learning_rate=None,
+    reducer_kwargs=None,
+    checkpoints=(),
+    on_checkpoint=None,
+):
     """Adapts `lm` in place, trains, evaluates; returns the result dict.
 
-    `rank` overrides `args.rank`; `callbacks` run before the Reducer's.
+    Args:
+        rank: int or None. Overrides `args.rank`.
+        callbacks: Keras callbacks; they run before the Reducer's.
+        learning_rate: float, a `keras.optimizers.schedules.
+            LearningRateSchedule`, or None for `args.learning_rate`.
+        reducer_kwargs: dict or None. Arguments of the Reducer row's
+            `ReducerCallback`, over the defaults `interval=args.interval,
+            seed=seed, log_importance=False`.
+        checkpoints: training steps after which `on_checkpoint(step,
+            logits_fn)` is called (those at or past the last step are
+            not: the final model is scored anyway). `fit` then runs in
+            segments that end at these steps, on the same rows in the same
+            order; the optimizer, its learning-rate schedule and the
+            Reducer count their steps across the segments, as in one `fit`.
+            `logits_fn` (`olmo_scorer.keras_logits_fn(lm)`, made once per
+            row) also scores the final model.
     """
+    import math
+
     import keras
 
     import keras_relora
@@ -455,32 +484,53 @@ def train_row(row, seed, lm, data, args, rank=None, callbacks=()):
     rank = args.rank if rank is None else rank
     report = lm.enable_relora(rank=rank, **keras_relora.VARIANTS[variant])
     lm.compile(
-        optimizer=keras.optimizers.AdamW(args.learning_rate),
+        optimizer=keras.optimizers.AdamW(
+            args.learning_rate if learning_rate is None else learning_rate
+        ),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
     )
     callbacks = list(callbacks)
+    reducer = None
     if use_reducer:
-        callbacks.append(
-            keras_relora.ReducerCallback(
-                interval=args.interval, seed=seed, log_importance=False
-            )
+        reducer = keras_relora.ReducerCallback(
+            **{
+                "interval": args.interval,
+                "seed": seed,
+                "log_importance": False,
+                **(reducer_kwargs or {}),
+            }
         )
+        callbacks.append(reducer)
     x, y, weights = data["train"]
+    steps = math.ceil(len(y) / args.batch_size)
+    ends = sorted({int(c) for c in checkpoints if 0 < c < steps}) + [steps]
+    logits_fn = None
+    if checkpoints:
+        from relora_offline import olmo_scorer
+
+        logits_fn = olmo_scorer.keras_logits_fn(lm)
     seconds = {}
     with finetune.PeakRSS() as memory:
-        with finetune.timed(seconds, "train"):
-            history = lm.fit(
-                x,
-                y,
-                sample_weight=weights,
-                batch_size=args.batch_size,
-                epochs=1,
-                shuffle=False,  # `data["train"]` is in `mixed_order`.
-                callbacks=callbacks,
-                verbose=0,
-            )
+        start = 0
+        for end in ends:
+            rows = slice(start * args.batch_size, end * args.batch_size)
+            with finetune.timed(seconds, "train"):
+                history = lm.fit(
+                    {k: v[rows] for k, v in x.items()},
+                    y[rows],
+                    sample_weight=weights[rows],
+                    batch_size=args.batch_size,
+                    epochs=1,
+                    shuffle=False,  # `data["train"]` is in `mixed_order`.
+                    callbacks=callbacks,
+                    verbose=0,
+                )
+            if end < steps and on_checkpoint is not None:
+                with finetune.timed(seconds, "checkpoints"):
+                    on_checkpoint(end, logits_fn)
+            start = end
         with finetune.timed(seconds, "eval"):
-            scored = metrics(lm, data, args)
+            scored = metrics(lm, data, args, logits_fn)
     result = {
         "row": name,
         "seed": seed,
@@ -495,8 +545,20 @@ def train_row(row, seed, lm, data, args, rank=None, callbacks=()):
         "peak_rss_mb": memory.peak_mb,
         "max_rss_mb": finetune.max_rss_mb(),
     }
-    if use_reducer:
-        result["importance"] = callbacks[-1].importance.tolist()
+    if "checkpoints" in seconds:
+        result["checkpoint_seconds"] = seconds["checkpoints"]
+    if reducer is not None:
+        result["importance"] = reducer.importance.tolist()
+        result["reducer"] = {
+            "interval": reducer.interval,
+            "update_layers": int(
+                reducer.update_layers
+                or max(1, keras_relora.get_state(lm).num_blocks // 4)
+            ),
+            "probes_run": int(reducer.probes_run),
+            "update_counts": reducer.update_counts.tolist(),
+            "train_steps": int(reducer.train_steps),
+        }
     return result
 
 
