@@ -189,6 +189,20 @@ def time_stats(values):
     }
 
 
+def pyplot():
+    """`matplotlib.pyplot` on the file-only Agg backend, or `None` (with a
+    message) where matplotlib is not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot written")
+        return None
+    return plt
+
+
 def markdown_table(headers, rows):
     lines = [
         "| " + " | ".join(headers) + " |",

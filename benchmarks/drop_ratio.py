@@ -387,13 +387,8 @@ def summary(payload):
 
 
 def plot_curves(path, curves, args):
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no plot written")
+    plt = common.pyplot()
+    if plt is None:
         return None
     fig, ax = plt.subplots(figsize=(5, 4))
     for strategy, (ratios, means, stds) in curves.items():

@@ -231,13 +231,8 @@ def bar_plot(
     baseline=None,
 ):
     """Writes a bar chart PNG (needs matplotlib); returns `path` or None."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no plot written")
+    plt = common.pyplot()
+    if plt is None:
         return None
     fig, ax = plt.subplots(figsize=(1.0 + 1.1 * len(names), 4.0))
     ax.bar(range(len(names)), values, yerr=errors, capsize=4, color="tab:blue")

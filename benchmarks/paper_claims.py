@@ -1441,13 +1441,8 @@ def curve_table(curves):
 
 def plot_curve(path, curves, title):
     """The learning curves (macro held-out loss against steps) to `path`."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no plot written")
+    plt = common.pyplot()
+    if plt is None:
         return None
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, points in curves.items():
@@ -1549,13 +1544,8 @@ def figure5_summary(payload):
 
 
 def plot(path, curves, title):
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no plot written")
+    plt = common.pyplot()
+    if plt is None:
         return None
     keys = [
         (key, label)
