@@ -47,6 +47,10 @@ What differs, and why:
   counts the tokens the training loss counts (its `sample_weight`), which
   is the same rule; `"all"` counts every non-padding token even when
   training counts the answers only.
+* The probe batch's memory: IST's probe runs its 16 rows at once; here
+  they run `probe_chunk_size` rows at a time (default 4) and the loss
+  sums are added over the chunks: the same loss, at the peak memory of a
+  4-row forward pass.
 * Datasets: a `tf.data.Dataset` or torch `DataLoader` given as probe (or
   training) data is read in its own order and batch size (IST's own
   loader shuffles; shuffle yours).

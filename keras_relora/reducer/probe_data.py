@@ -7,6 +7,8 @@ from keras import ops
 from keras_relora.adapt.state import require_state
 
 DEFAULT_PROBE_BATCH = 16
+# Rows of a probe batch that run through the model at a time.
+DEFAULT_PROBE_CHUNK = 4
 # Separates the probe's draws from the other uses of the Reducer's seed.
 _SALT = 0x5EED0F
 
@@ -268,6 +270,20 @@ def _take(x, rows):
     if isinstance(x, (list, tuple)):
         return type(x)(_take(value, rows) for value in x)
     return np.take(_host(x), rows, axis=0)
+
+
+def slice_rows(x, rows):
+    """The rows `rows` (a slice) of a batch: arrays, lists of strings, or
+    dicts, lists and tuples of them; None stays None."""
+    if x is None:
+        return None
+    if _is_string_list(x):
+        return x[rows]
+    if isinstance(x, dict):
+        return {key: slice_rows(value, rows) for key, value in x.items()}
+    if isinstance(x, (list, tuple)):
+        return type(x)(slice_rows(value, rows) for value in x)
+    return x[rows]
 
 
 def _strings_to_python(batch):

@@ -19,7 +19,9 @@ from keras_relora.reducer import replicas
 from keras_relora.reducer.masked_update import MaskedUpdate
 from keras_relora.reducer.masked_update import core_optimizer
 from keras_relora.reducer.probe_data import DEFAULT_PROBE_BATCH
+from keras_relora.reducer.probe_data import DEFAULT_PROBE_CHUNK
 from keras_relora.reducer.probe_data import ProbeBatches
+from keras_relora.reducer.probe_data import slice_rows
 from keras_relora.reducer.reducer_state import reducer_state
 
 
@@ -137,6 +139,15 @@ class ReducerCallback(keras.callbacks.Callback):
             with training and needs `probe_data`).
         probe_batch_size: int. Rows of each probe batch drawn from arrays
             (IST's probe batch). Defaults to `16`.
+        probe_chunk_size: None or int. Rows of the probe batch that run
+            through the model at a time; the loss sums are added over the
+            chunks, so the probe loss is the whole batch's, while the
+            probe's peak memory is one chunk's (a causal LM's logits are
+            rows x tokens x vocabulary floats: 400 MB for 16 rows of 128
+            tokens of SmolLM2). `None` runs the whole batch at once. On
+            several devices of one process (a `tf.distribute` strategy
+            with several replicas, a `keras.distribution`) the batch runs
+            whole, split across the devices. Defaults to `4`.
         probe_tokens: `"weighted"` or `"all"`: the tokens the probe loss
             counts (see above). Defaults to `"weighted"`.
         seed: int. Seed of the sampling, stored with the model's Reducer
@@ -185,6 +196,7 @@ class ReducerCallback(keras.callbacks.Callback):
         score_lr=10.0,
         probe_data=None,
         probe_batch_size=DEFAULT_PROBE_BATCH,
+        probe_chunk_size=DEFAULT_PROBE_CHUNK,
         probe_tokens="weighted",
         seed=None,
         log_importance=True,
@@ -224,6 +236,14 @@ class ReducerCallback(keras.callbacks.Callback):
             1,
             "an int >= 1 (rows of a probe batch)",
         )
+        if probe_chunk_size is not None:
+            probe_chunk_size = int_arg(
+                "probe_chunk_size",
+                probe_chunk_size,
+                1,
+                "None (the whole probe batch at once) or an int >= 1 (rows "
+                "of the probe batch run through the model at a time)",
+            )
         choice_arg(
             "probe_tokens",
             probe_tokens,
@@ -251,6 +271,7 @@ class ReducerCallback(keras.callbacks.Callback):
         self.score_lr = float(score_lr)
         self.probe_data = probe_data
         self.probe_batch_size = int(probe_batch_size)
+        self.probe_chunk_size = probe_chunk_size
         self.probe_tokens = probe_tokens
         self.seed = seed
         self.log_importance = log_importance
@@ -523,19 +544,33 @@ class ReducerCallback(keras.callbacks.Callback):
         `sum(loss * w) / sum(w)` over the values of the compiled loss, with
         `w` the batch's `sample_weight` (`probe_tokens="weighted"`) or its
         inputs' `padding_mask` (`"all"`), or the plain mean without, on
-        the model's outputs in inference mode. The compiled predict step
-        computes the outputs: one trace per batch shape on JAX and
-        TensorFlow. Returns a Python float (NaN if the weights sum to 0).
+        the model's outputs in inference mode, `probe_chunk_size` rows at a
+        time. The compiled predict step computes the outputs: one trace
+        per chunk shape on JAX and TensorFlow. Returns a Python float (NaN
+        if the weights sum to 0).
         """
-        # Keras's own predict step (`replicas.predict_batch`): a keras-hub
-        # task's would run its preprocessor again on the preprocessed batch.
-        y_pred = replicas.predict_batch(self.model, x)
         if self.probe_tokens == "all":
             sample_weight = probe_loss.padding_mask(x)
-        sums = probe_loss.token_loss_sums(
-            self._loss_fn, y, y_pred, sample_weight
-        )
-        total, count = replicas.sum_across_processes(*sums)
+        rows = len(keras.tree.flatten(x)[0])
+        chunk = self.probe_chunk_size
+        if chunk is None or replicas.splits_batch(self.model):
+            chunk = rows
+        total = count = 0.0
+        for start in range(0, rows, chunk):
+            part = slice(start, start + chunk)
+            # Keras's own predict step (`replicas.predict_batch`): a
+            # keras-hub task's would run its preprocessor again on the
+            # preprocessed batch.
+            y_pred = replicas.predict_batch(self.model, slice_rows(x, part))
+            sums = probe_loss.token_loss_sums(
+                self._loss_fn,
+                slice_rows(y, part),
+                y_pred,
+                slice_rows(sample_weight, part),
+            )
+            del y_pred  # Before the next chunk's outputs exist.
+            total, count = total + sums[0], count + sums[1]
+        total, count = replicas.sum_across_processes(total, count)
         return total / count if count > 0 else float("nan")
 
     def _set_suppressed(self, blocks, factor):

@@ -45,6 +45,20 @@ def predict_batch(model, x):
     return keras.Model.predict_on_batch(model, x)
 
 
+def splits_batch(model):
+    """Whether this process splits a batch across several devices: a
+    `tf.distribute` strategy with several replicas (TensorFlow) or a
+    `keras.distribution` (JAX). Such a batch is not cut into chunks: a
+    chunk may not divide evenly across the devices."""
+    backend = keras.config.backend()
+    if backend == "tensorflow":
+        strategy = getattr(model, "distribute_strategy", None)
+        return strategy is not None and strategy.num_replicas_in_sync > 1
+    if backend == "jax":
+        return keras.distribution.distribution() is not None
+    return False
+
+
 def sum_across_processes(total, count):
     """`(total, count)` summed over the processes of a multi-process run.
 

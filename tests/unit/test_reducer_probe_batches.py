@@ -227,3 +227,42 @@ def test_probe_in_the_last_step_of_a_dataset_of_unknown_length():
         ops.convert_to_numpy(plain.optimizer.iterations)
     )
     model.fit(dataset, epochs=1, verbose=0)  # The optimizer state is whole.
+
+
+@pytest.mark.parametrize("chunk", [1, 3, None])
+def test_probe_chunks_give_the_whole_batch_loss(chunk, monkeypatch):
+    from keras_relora.reducer import replicas
+
+    keras.utils.set_random_seed(0)
+    lm = tm.llama3_causal_lm()
+    lm.enable_relora(rank=2, experts=1)
+    lm.compile(
+        optimizer="adam",
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    x, y, _ = tm.lm_data(batch=7, seq=6)
+    weights = np.zeros_like(y, dtype="float32")
+    for row in range(7):  # Rows count 1 to 6 tokens: chunks differ.
+        weights[row, : 1 + row % 6] = 1.0
+    losses = _token_losses(ops.convert_to_numpy(lm.predict_on_batch(x)), y)
+    expected = (losses * weights).sum() / weights.sum()
+    rows_seen = []
+    predict = replicas.predict_batch
+
+    def recording(model, batch):
+        rows_seen.append(len(batch["token_ids"]))
+        return predict(model, batch)
+
+    monkeypatch.setattr(replicas, "predict_batch", recording)
+    reducer = keras_relora.ReducerCallback(probe_chunk_size=chunk, seed=0)
+    reducer.set_model(lm)
+    reducer._loss_fn = probe_loss.loss_function(lm)
+    got = reducer._probe_loss(x, y, weights)
+    np.testing.assert_allclose(got, expected, rtol=1e-5)
+    assert rows_seen == {1: [1] * 7, 3: [3, 3, 1], None: [7]}[chunk]
+
+
+@pytest.mark.parametrize("value", [0, -2, 2.5, "4"])
+def test_probe_chunk_size_is_checked(value):
+    with pytest.raises(ValueError, match="probe_chunk_size"):
+        keras_relora.ReducerCallback(probe_chunk_size=value)
