@@ -378,3 +378,25 @@ def test_save_peft_refuses_what_peft_cannot_hold(tmp_path):
     ):
         keras_relora.save_peft(encoder, tmp_path / "adapter")
     assert not (tmp_path / "adapter").exists()
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_peft_round_trip_on_a_quantized_base(tmp_path, mode):
+    source, target = _causal_lm(), _causal_lm()
+    for s, t in zip(source.weights, target.weights, strict=True):
+        t.assign(s)
+    source.quantize(mode)
+    target.quantize(mode)
+    source.enable_relora(rank=2, **keras_relora.VARIANTS["lora"])
+    _randomize_b(source)
+    keras_relora.save_peft(source, tmp_path / "adapter")
+    config = json.loads(
+        (tmp_path / "adapter" / "adapter_config.json").read_text()
+    )
+    assert config["peft_type"] == "LORA" and config["r"] == 2
+    x = tm.token_batch()
+    target.enable_relora(rank=2, **keras_relora.VARIANTS["lora"])
+    keras_relora.load_peft(target, tmp_path / "adapter")
+    np.testing.assert_array_equal(
+        _keras_logits(target, x), _keras_logits(source, x)
+    )

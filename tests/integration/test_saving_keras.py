@@ -179,27 +179,28 @@ def test_formats_that_would_drop_adapters_refuse(tmp_path):
     assert keras_relora.get_state(loaded) is None
 
 
-def test_int8_quantized_base(tmp_path):
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_quantized_base(tmp_path, mode):
     x, _ = tm.dense_data()
     model = tm.functional_model()
     model(x)
-    model.quantize("int8")
+    model.quantize(mode)
     model.enable_relora(rank=2, experts=2)
     tm.randomize_adapters(model)
     y = to_numpy(model(x))
-    model.save(tmp_path / "int8.keras")
-    loaded = keras.models.load_model(tmp_path / "int8.keras")
+    model.save(tmp_path / f"{mode}.keras")
+    loaded = keras.models.load_model(tmp_path / f"{mode}.keras")
     np.testing.assert_array_equal(to_numpy(loaded(x)), y)
     # The adapter checkpoint loads onto the same quantized base too.
-    model.save_relora_weights(tmp_path / "int8.safetensors")
+    model.save_relora_weights(tmp_path / f"{mode}.safetensors")
     base = tm.functional_model()
     base(x)
-    base.quantize("int8")
+    base.quantize(mode)
     relora = {id(v) for v in keras_relora.get_state(model).variables().values()}
     source = [v for v in model.weights if id(v) not in relora]
     for variable, value in zip(base.weights, source, strict=False):
         variable.assign(value)
-    base.load_relora_weights(tmp_path / "int8.safetensors")
+    base.load_relora_weights(tmp_path / f"{mode}.safetensors")
     np.testing.assert_array_equal(to_numpy(base(x)), y)
 
 
