@@ -103,8 +103,7 @@ def _token_losses(logits, y):
     return log_z - picked  # (batch, tokens)
 
 
-@pytest.mark.parametrize("tokens", ["weighted", "all"])
-def test_probe_tokens(tokens):
+def adapted_lm():
     keras.utils.set_random_seed(0)
     lm = tm.llama3_causal_lm()
     lm.enable_relora(rank=2, experts=1)
@@ -112,6 +111,12 @@ def test_probe_tokens(tokens):
         optimizer="adam",
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
     )
+    return lm
+
+
+@pytest.mark.parametrize("tokens", ["weighted", "all"])
+def test_probe_tokens(tokens):
+    lm = adapted_lm()
     x, y, _ = tm.lm_data(batch=4, seq=6)
     x["padding_mask"][:, 4:] = 0  # Two padding tokens per row.
     weights = np.zeros_like(y, dtype="float32")
@@ -233,13 +238,7 @@ def test_probe_in_the_last_step_of_a_dataset_of_unknown_length():
 def test_probe_chunks_give_the_whole_batch_loss(chunk, monkeypatch):
     from keras_relora.reducer import replicas
 
-    keras.utils.set_random_seed(0)
-    lm = tm.llama3_causal_lm()
-    lm.enable_relora(rank=2, experts=1)
-    lm.compile(
-        optimizer="adam",
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-    )
+    lm = adapted_lm()
     x, y, _ = tm.lm_data(batch=7, seq=6)
     weights = np.zeros_like(y, dtype="float32")
     for row in range(7):  # Rows count 1 to 6 tokens: chunks differ.
