@@ -98,9 +98,10 @@ measured a median train step of 12.2-12.3 s (1 thread, another process
 beside it), five times the estimate below, and 72-86 min a row: about
 7 hours per seed. These sizes also train ~4 epochs over the 500 training
 rows (`lora`'s training loss 0.014, its held-out loss rising after step
-60). The estimate that chose them, from the 2026-12-02 03:30 run (RESULTS.md: 60 steps of 8 x 48
-tokens, 300 held-out documents per task, Figure 5 on 25; 2 processes of 1
-thread; 167.3 process-min, 26-32 per seed and process), in process-min:
+60). The estimate that chose them, from the 2026-12-02 03:30 run
+(RESULTS.md: 60 steps of 8 x 48 tokens, 300 held-out documents per
+task, Figure 5 on 25; 2 processes of 1 thread; 167.3 process-min, 26-32
+per seed and process), in process-min:
 - a train step: median 1.67-1.78 s at 8 x 48 tokens, so 2.33 s at 8 x 64
   (tokens scale it: 1.75 x 64 / 48); a Reducer probe: (2226 - 1743) ms x
   59 steps / 6 probes = 4.7 s at 48 tokens, so 6.3 s at 64;
