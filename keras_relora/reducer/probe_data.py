@@ -109,10 +109,7 @@ class ProbeBatches:
         """`(x, y, sample_weight)` of probe `index`, preprocessed, on host."""
         if self._arrays is not None:
             rows = self.rows(index)
-            batch = tuple(
-                None if part is None else _take(part, rows)
-                for part in self._arrays
-            )
+            batch = tuple(take_rows(part, rows) for part in self._arrays)
         elif self._cached is not None and self._cached[0] == index:
             batch = self._cached[1]
         else:
@@ -261,29 +258,18 @@ def _is_array_like(x):
     )
 
 
-def _take(x, rows):
-    """The samples `rows` of arrays or lists of strings."""
-    if _is_string_list(x):
-        return [x[int(row)] for row in rows]
-    if isinstance(x, dict):
-        return {key: _take(value, rows) for key, value in x.items()}
-    if isinstance(x, (list, tuple)):
-        return type(x)(_take(value, rows) for value in x)
-    return np.take(_host(x), rows, axis=0)
-
-
-def slice_rows(x, rows):
-    """The rows `rows` (a slice) of a batch: arrays, lists of strings, or
+def take_rows(x, rows):
+    """The samples `rows` (indices) of arrays or lists of strings, or of
     dicts, lists and tuples of them; None stays None."""
     if x is None:
         return None
     if _is_string_list(x):
-        return x[rows]
+        return [x[int(row)] for row in rows]
     if isinstance(x, dict):
-        return {key: slice_rows(value, rows) for key, value in x.items()}
+        return {key: take_rows(value, rows) for key, value in x.items()}
     if isinstance(x, (list, tuple)):
-        return type(x)(slice_rows(value, rows) for value in x)
-    return x[rows]
+        return type(x)(take_rows(value, rows) for value in x)
+    return np.take(_host(x), rows, axis=0)
 
 
 def _strings_to_python(batch):

@@ -21,7 +21,7 @@ from keras_relora.reducer.masked_update import core_optimizer
 from keras_relora.reducer.probe_data import DEFAULT_PROBE_BATCH
 from keras_relora.reducer.probe_data import DEFAULT_PROBE_CHUNK
 from keras_relora.reducer.probe_data import ProbeBatches
-from keras_relora.reducer.probe_data import slice_rows
+from keras_relora.reducer.probe_data import take_rows
 from keras_relora.reducer.reducer_state import reducer_state
 
 
@@ -557,16 +557,16 @@ class ReducerCallback(keras.callbacks.Callback):
             chunk = rows
         total = count = 0.0
         for start in range(0, rows, chunk):
-            part = slice(start, start + chunk)
+            part = np.arange(start, min(start + chunk, rows))
             # Keras's own predict step (`replicas.predict_batch`): a
             # keras-hub task's would run its preprocessor again on the
             # preprocessed batch.
-            y_pred = replicas.predict_batch(self.model, slice_rows(x, part))
+            y_pred = replicas.predict_batch(self.model, take_rows(x, part))
             sums = probe_loss.token_loss_sums(
                 self._loss_fn,
-                slice_rows(y, part),
+                take_rows(y, part),
                 y_pred,
-                slice_rows(sample_weight, part),
+                take_rows(sample_weight, part),
             )
             del y_pred  # Before the next chunk's outputs exist.
             total, count = total + sums[0], count + sums[1]

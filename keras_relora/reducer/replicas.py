@@ -37,11 +37,9 @@ def predict_batch(model, x):
     Returns:
         The outputs, as Keras's `predict_on_batch` returns them.
     """
-    if keras.config.backend() == "tensorflow":
-        strategy = getattr(model, "distribute_strategy", None)
-        if strategy is not None and strategy.num_replicas_in_sync > 1:
-            rows = len(keras.tree.flatten(x)[0])
-            return keras.Model.predict(model, x, batch_size=rows, verbose=0)
+    if keras.config.backend() == "tensorflow" and splits_batch(model):
+        rows = len(keras.tree.flatten(x)[0])
+        return keras.Model.predict(model, x, batch_size=rows, verbose=0)
     return keras.Model.predict_on_batch(model, x)
 
 
