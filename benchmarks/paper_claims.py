@@ -202,7 +202,7 @@ SIZES = {
         "fig5_per_task": 100,
         "random_draws": 5,
         "steps": 240,
-        "batch_size": 8,
+        "batch_size": 2,
         "sequence_length": 64,
         "eval_batch_size": 32,
         "interval": 10,
@@ -234,7 +234,7 @@ def parse_args(argv=None):
     finetune.add_common_args(
         parser, commonsense.TASKS, SIZES, full_seeds=FULL_SEEDS
     )
-    parser.set_defaults(learning_rate=2e-3)
+    parser.set_defaults(learning_rate=1e-3)
     parser.add_argument(
         "--only",
         default="",

@@ -28,7 +28,7 @@ PAPER_CLAIMS_SIZES = {
     "test_per_task": 250,
     "probe_per_task": 70,
     "train_per_task": 250,
-    "batch_size": 8,
+    "batch_size": 2,
     "sequence_length": 64,
 }
 
@@ -211,19 +211,21 @@ def test_build_data_on_the_real_tasks(real_tasks, commonsense, steps):
     args = argparse.Namespace(**PAPER_CLAIMS_SIZES, steps=steps)
     data = commonsense.build_data(args, real_tasks, seed=0)
     x, y, weights = data["train"]
-    assert y.shape == (steps * 8, args.sequence_length)
+    assert y.shape == (steps * 2, args.sequence_length)
     assert longest_run(data["train_tasks"]) <= args.batch_size
-    for start in range(0, len(y), 8):
+    # Every batch of 2 holds one row of each task.
+    for start in range(0, len(y), 2):
         assert np.bincount(
-            data["train_tasks"][start : start + 8], minlength=2
-        ).tolist() == [4, 4]
+            data["train_tasks"][start : start + 2], minlength=2
+        ).tolist() == [1, 1]
     names = list(real_tasks)
     for i, name in enumerate(names):
         split = data["splits"][name]
         trained = set(data["train_docs"][data["train_tasks"] == i].tolist())
-        # 60 steps use 240 of a task's 250 training rows, 240 steps all.
+        # 60 steps use 60 of a task's 250 training rows, 240 steps 240:
+        # no row is trained on twice.
         assert trained <= set(split["train"].tolist())
-        assert len(trained) == min(250, steps * 4)
+        assert len(trained) == steps
         assert not trained & set(data["test"][name].tolist())
         assert not trained & set(split["probe"].tolist())
         assert not set(split["probe"].tolist()) & set(split["test"].tolist())
