@@ -58,7 +58,8 @@ def _status_kib(field):
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def child(row, steps, threads):
+def _adapted_lm(row, steps, threads):
+    """SmolLM2 with `relora_multi`, compiled, and `steps` random batches."""
     common.pin_threads_env(threads)
     import keras
     import keras_hub
@@ -89,6 +90,69 @@ def child(row, steps, threads):
         "padding_mask": np.ones((rows, SEQ), "int32"),
     }
     y = np.roll(x["token_ids"], -1, axis=1)
+    return lm, x, y
+
+
+def xla_memory(threads):
+    """JAX: the buffers XLA plans for one compiled train step, `plain`
+    against `reducer` (its masked update of B inside the step).
+
+    Each model runs one step of `fit` (the Reducer installs its update
+    there), then its `train_step` is compiled as Keras's JAX trainer
+    compiles it (`jax.jit`, the state donated) and XLA's
+    `memory_analysis()` gives the temporary buffers and the arguments.
+    Not a resident-set measurement: what the step itself allocates.
+    """
+    import jax
+    import keras
+
+    import keras_relora
+
+    if keras.config.backend() != "jax":
+        raise SystemExit("--xla-memory needs KERAS_BACKEND=jax")
+    out = {}
+    for row in ("plain", "reducer"):
+        lm, x, y = _adapted_lm(row, 1, threads)
+        callbacks = []
+        if row == "reducer":
+            callbacks.append(keras_relora.ReducerCallback(interval=100, seed=0))
+        lm.fit(x, y, batch_size=BATCH, verbose=0, callbacks=callbacks)
+        state = tuple(
+            [v.value for v in variables]
+            for variables in (
+                lm.trainable_variables,
+                lm.non_trainable_variables,
+                lm.optimizer.variables,
+                lm.metrics_variables,
+            )
+        )
+        step = jax.jit(lm.train_step, donate_argnums=0)
+        analysis = step.lower(state, (x, y)).compile().memory_analysis()
+        out[row] = {
+            "temp_mib": analysis.temp_size_in_bytes / 2**20,
+            "argument_mib": analysis.argument_size_in_bytes / 2**20,
+            "output_mib": analysis.output_size_in_bytes / 2**20,
+            "alias_mib": analysis.alias_size_in_bytes / 2**20,
+        }
+        keras_relora.unload(lm)
+    print(
+        common.markdown_table(
+            ["row", *out["plain"]],
+            [
+                [row, *(f"{v:,.1f}" for v in d.values())]
+                for row, d in out.items()
+            ],
+        )
+    )
+    common.emit_result(out)
+
+
+def child(row, steps, threads):
+    import keras
+
+    import keras_relora
+
+    lm, x, y = _adapted_lm(row, steps, threads)
     lm.predict_on_batch({k: v[:BATCH] for k, v in x.items()})
     callbacks = []
     reducer = None
@@ -338,13 +402,21 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--rows", default=",".join(ROWS))
     p.add_argument("--timing-rounds", type=int, default=4)
+    p.add_argument(
+        "--xla-memory",
+        action="store_true",
+        help="JAX: XLA's planned buffers of the compiled train step, "
+        "plain vs reducer (no training run)",
+    )
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
 if __name__ == "__main__":
     parsed = parse_args()
-    if parsed.child == "timing":
+    if parsed.xla_memory:
+        xla_memory(parsed.threads)
+    elif parsed.child == "timing":
         timing_child(parsed.steps, parsed.timing_rounds, parsed.threads)
     elif parsed.child:
         child(parsed.child, parsed.steps, parsed.threads)

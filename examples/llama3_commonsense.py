@@ -104,6 +104,7 @@ def main(argv=None):
         seed=args.seed,
         log_importance=False,
     )
+    meter = main_job.TrainMeter()  # Step times and peak memory.
     with clock.phase("train"):
         history = lm.fit(
             data.x,
@@ -112,7 +113,7 @@ def main(argv=None):
             batch_size=args.batch_size,
             epochs=1,
             shuffle=False,  # The order mixes the tasks in every batch.
-            callbacks=[reducer],
+            callbacks=[reducer, meter.callback()],
             verbose=1,
         )
     losses = history.history["loss"]
@@ -140,25 +141,30 @@ def main(argv=None):
     )
 
     clock.section("Merge")
-    with clock.phase("merge and save"):
-        try:
-            merged, merge_error = keras_relora.merge_relora(
-                lm,
-                calibration_data=data.calibration,
-                batch_size=args.eval_batch_size,
-                return_error=True,
-            )
-            merged.preprocessor = preprocessor
-            merged.save_to_preset(args.paths["merged"])
-        except ValueError as e:
-            merged, merge_error = None, {"failed": str(e)}
-        main_job.report_merge(merged, merge_error.get("failed"), args)
-    failures = [] if merged else ["merge"]
+    merged, merge_error = None, {"skipped": f"{args.quantize} base"}
+    if args.quantize:
+        # `merge_relora` refuses quantized kernels: merge on the float base.
+        print(f"Skipped on the {args.quantize} base: merge on the float base.")
+    else:
+        with clock.phase("merge and save"):
+            try:
+                merged, merge_error = keras_relora.merge_relora(
+                    lm,
+                    calibration_data=data.calibration,
+                    batch_size=args.eval_batch_size,
+                    return_error=True,
+                )
+                merged.preprocessor = preprocessor
+                merged.save_to_preset(args.paths["merged"])
+            except ValueError as e:
+                merged, merge_error = None, {"failed": str(e)}
+            main_job.report_merge(merged, merge_error.get("failed"), args)
+    failures = [] if merged or args.quantize else ["merge"]
 
     exported = False
-    if args.export or not merged:
+    if args.export or failures:
         clock.section("Export")
-        if not merged:
+        if failures:
             print("The merge failed: exporting the live adapters instead.")
         with clock.phase("export"):
             exported = main_job.export_saved_model(
@@ -178,6 +184,8 @@ def main(argv=None):
         "importance": reducer.importance.tolist(),
         "merge_error": merge_error,
         "failures": failures,
+        "weights_mib": main_job.weight_bytes(lm) / 2**20,
+        **meter.results(),
         **evaluation.results(before, after, summary),
     }
     paths = args.paths

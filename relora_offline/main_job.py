@@ -13,6 +13,7 @@ import importlib
 import json
 import os
 import time
+import warnings
 
 import numpy as np
 
@@ -103,6 +104,13 @@ def parse_args(argv=None, doc=""):
     source.add_argument("--test-per-task", type=int, help="held-out examples")
     source.add_argument(
         "--dtype", help="the model's dtype policy, e.g. bfloat16"
+    )
+    source.add_argument(
+        "--quantize",
+        choices=("int8", "int4"),
+        help="quantize the base in place (`model.quantize`) before adding "
+        "the adapters: float adapters train on the frozen quantized "
+        "kernels; the merge is skipped (merge on the float base)",
     )
     train = parser.add_argument_group("ReLoRA and training")
     train.add_argument(
@@ -324,11 +332,84 @@ def load_causal_lm(args):
         load = getattr(importlib.import_module(module), loader)
         kwargs = {} if args.dtype is None else {"dtype": args.dtype}
         lm = load(sequence_length=args.sequence_length, **kwargs)
+    if args.quantize:
+        with warnings.catch_warnings():
+            # Keras names every layer without weights to quantize.
+            warnings.filterwarnings(
+                "ignore", message="Layer .* does not have a `quantize`"
+            )
+            lm.backbone.quantize(args.quantize)  # Not the preprocessor.
+        name = f"{name}, {args.quantize} base"
     print(
         f"{name}: {lm.backbone.count_params():,} parameters, "
-        f"{lm.backbone.num_layers} blocks"
+        f"{lm.backbone.num_layers} blocks, weights "
+        f"{weight_bytes(lm) / 2**20:.1f} MiB"
     )
     return lm, name
+
+
+def weight_bytes(model):
+    """Bytes of the model's variables as stored (int8/int4 kernels and
+    their scales for a quantized layer; int4 values packed two a byte)."""
+    total = 0
+    for v in model.weights:
+        bits = int("".join(c for c in str(v.dtype) if c.isdigit()) or 8)
+        total += int(np.prod(v.shape)) * max(bits, 8) // 8
+    return total
+
+
+class TrainMeter:
+    """A `keras.callbacks.Callback` factory's state: the time of every
+    training step, and (on Linux) the resident memory when `fit` starts
+    and its peak during `fit` (`VmHWM`, reset at the start through
+    `/proc/self/clear_refs`)."""
+
+    def __init__(self):
+        self.ends = []
+        self.rss_start = self.rss_peak = None
+
+    def callback(self):
+        import keras
+
+        meter = self
+
+        class Meter(keras.callbacks.Callback):
+            def on_train_begin(self, logs=None):
+                meter.rss_start = _status_mib("VmRSS")
+                if meter.rss_start is not None:
+                    with open("/proc/self/clear_refs", "w") as f:
+                        f.write("5")  # Resets VmHWM.
+                meter.ends = [time.perf_counter()]
+
+            def on_train_batch_end(self, batch, logs=None):
+                meter.ends.append(time.perf_counter())
+
+            def on_train_end(self, logs=None):
+                meter.rss_peak = _status_mib("VmHWM")
+
+        return Meter()
+
+    def results(self):
+        """`{"median_step_s", "rss_fit_start_mib", "rss_fit_peak_mib"}`:
+        the median step after the first (which compiles)."""
+        steps = np.diff(self.ends)[1:]
+        return {
+            "median_step_s": float(np.median(steps)) if len(steps) else None,
+            "rss_fit_start_mib": self.rss_start,
+            "rss_fit_peak_mib": self.rss_peak,
+        }
+
+
+def _status_mib(field):
+    """A `/proc/self/status` memory field in MiB (None off Linux)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
 
 
 # -- outputs ------------------------------------------------------------------
