@@ -14,13 +14,16 @@ the same for every row and seed), and 250 training documents drawn by the
 training seed from the rest; the three never overlap. A training row is a
 document's context plus its gold continuation (loss on the
 continuation); every batch mixes the tasks (`commonsense.mixed_order`).
-240 steps of 8 x 64 tokens: at 64 tokens 99.3% of SST-2's and 96.1% of
+240 steps of 2 x 64 tokens, one row of each task a step: 240 of a task's
+250 training rows, each seen once (at 8 rows a step the same run made ~4
+passes, and `lora` trained past its best held-out loss by step 60). At
+64 tokens 99.3% of SST-2's and 96.1% of
 ARC-Easy's documents fit whole (measured over all their documents with
 SmolLM2's tokenizer; at 48 tokens, 85% and 89%); each run measures the
 share of its own training rows (`commonsense.untruncated_fraction`) and
 prints it in its report, flagged below `MIN_UNTRUNCATED`. AdamW with the
 same schedule shape for every row (`warmup_cosine`): linear warmup over
-the first 10% of a row's steps to `--learning-rate` (2e-3), cosine decay
+the first 10% of a row's steps to `--learning-rate` (1e-3), cosine decay
 to 10% of it at the row's last step. Rank 8, alpha = rank, no dropout,
 default targets (q, k, v, up, down); 2 training seeds.
 
@@ -91,45 +94,15 @@ idle while TensorFlow traces a row's train step (single-threaded Python,
 ~70-90 s a row). Step times are then of one thread per process, with
 another process running beside it.
 
-Time budget: 2 hours on 2 cores, `--jobs 2`, TensorFlow (the fastest
-backend for this model on 2 CPU cores). NOT MET at these sizes: the first
-run at them (commit 9b8a4bb, RESULTS.md "stopped after three rows")
-measured a median train step of 12.2-12.3 s (1 thread, another process
-beside it), five times the estimate below, and 72-86 min a row: about
-7 hours per seed. These sizes also train ~4 epochs over the 500 training
-rows (`lora`'s training loss 0.014, its held-out loss rising after step
-60). The estimate that chose them, from the 2026-12-02 03:30 run
-(RESULTS.md: 60 steps of 8 x 48 tokens, 300 held-out documents per
-task, Figure 5 on 25; 2 processes of 1 thread; 167.3 process-min, 26-32
-per seed and process), in process-min:
-- a train step: median 1.67-1.78 s at 8 x 48 tokens, so 2.33 s at 8 x 64
-  (tokens scale it: 1.75 x 64 / 48); a Reducer probe: (2226 - 1743) ms x
-  59 steps / 6 probes = 4.7 s at 48 tokens, so 6.3 s at 64;
-- a row there: 119.0 / 18 = 6.6 min = tracing (~1.5, the first step) +
-  59 steps (1.7) + scoring 600 documents (3.4: 0.34 s a document);
-  gold-continuation-only scoring (`gold_nll`) ~1/3 of that, 0.11 s;
-- a full row now: 1.5 + 239 x 2.33 s (9.3) + 500 documents x 0.34 s
-  (2.8) + 3 curve points x 200 documents x 0.11 s (1.1) = 14.7;
-  `relora_multi+reducer` + 24 probes x 6.3 s (2.5) = 17.2;
-  `relora_multi_quarter`: 1.5 + 59 x 2.33 s (2.3) + 2.8 + 0.4 = 7.0;
-- Figure 5: (31 leave-one-block-out + 18 drop evaluations) x 200
-  documents x 0.11 s = 18.0 (at the 03:30 run's Figure 5 rate, 14.1 min
-  for 31 x 50 gold-only and 34 x 50 full evaluations, 13% more: 20.3);
-- per process, loading the model and counting `lora_matched`: ~1;
-  zero-shot: 2.8 once;
-- per seed, group 1 (`relora_multi+reducer` with Figure 5,
-  `relora_multi_rst`): 17.2 + 18.0 + 14.7 + 1 = 50.9; group 2 (`lora`,
-  `hydralora`, `relora_multi`, `relora_multi_quarter`): 3 x 14.7 + 7.0 +
-  1 = 52.1 (+2.8 zero-shot on seed 0);
-- 2 seeds: 2 x 50.9 + 2 x 52.1 + 2.8 = 208.8 process-min on 2 cores;
-  queued, the two workers end at 50.9 + 52.1 = 103.0 and 54.9 + 50.9 =
-  105.8 min; with merging and rendering ~107 min (~112 at the slower
-  Figure 5 rate): inside 2 hours with ~10% to spare. The steps are 47%
-  of the process time (2 x (5 x 9.3 + 2.3) = 97.6 process-min): steps
-  25% slower than 2.33 s would take the run to 2 hours, and the machine
-  has run the same 48-token step (2 threads) at 803-1351 ms on different
-  days (RESULTS.md). If the first `lora` row's median step is above ~2.9 s,
-  lower `--test-per-task` or `--fig5-per-task` (not the steps).
+Time budget: about 2 hours on 2 cores, `--jobs 2`, TensorFlow (the
+fastest backend for this model on 2 CPU cores). Measured in the run of
+commit 612cf22 (RESULTS.md, "fair run"), one thread per process with
+another process beside it: a train step 1.0-1.1 s; a row (tracing, 240
+steps, 3 curve points of 200 documents, final scoring of 500) 9-12 min;
+the Reducer row 16 min (24 probes of 16 rows); Figure 5 (31
+leave-one-block-out and 18 drop evaluations of 200 documents) ~45 min;
+zero-shot 2.8 min. An earlier design (8 x 64 tokens a step, commit
+9b8a4bb, "stopped after three rows") took 72-86 min a row.
 
 The full run writes `paper_claims.json`, `paper_claims.png` (Figure 5)
 and `paper_claims_curve.png` to `--output-dir` and appends its section to
@@ -962,17 +935,17 @@ def row_data(data, name, args):
 
 def row_groups(rows, jobs):
     """`rows` split into `jobs` groups of about equal work, in `ROWS`'
-    order. Costs, from the module docstring's estimate at the full sizes
-    (14.7 process-min a row of `--steps` steps): a row costs 0.3 (tracing,
-    scoring) plus 0.7 times its share of the steps (the quarter row
-    0.475), the Figure 5 row 2.4 times a full row (17.2 min of training
-    with its probes and 18 min of Figure 5). Each row goes to the group
-    with the least work so far, heaviest first; the lightest group comes
-    first (the first seed's takes the zero-shot row)."""
+    order. Costs, measured in the run of commit 612cf22 (a row of
+    `--steps` steps ~10 process-min): a row costs 0.3 (tracing, scoring)
+    plus 0.7 times its share of the steps (the quarter row 0.475), the
+    Figure 5 row 5 times a full row (16 min of training with its probes
+    and 37 min of Figure 5). Each row goes to the group with the least
+    work so far, heaviest first; the lightest group comes first (the
+    first seed's takes the zero-shot row)."""
 
     def cost(name):
         base = 0.3 + 0.7 / STEP_FRACTION.get(name, 1)
-        return 2.4 * base if name == FIG5_ROW else base
+        return 5.0 * base if name == FIG5_ROW else base
 
     groups = [[] for _ in range(min(jobs, len(rows)))]
     for row in sorted(rows, key=lambda r: -cost(r[0])):

@@ -135,15 +135,16 @@ def test_row_groups_split_the_rows_by_work(claims):
     for group in groups:
         assert group == [r for r in rows if r in group]
     names = [[r[0] for r in g] for g in groups]
-    # Figure 5's row (2.4) plus one full row vs three full rows and the
-    # quarter row (0.3 + 0.7 / 4): 3.4 vs 3.475, the lighter group first.
-    assert names[0] == ["relora_multi+reducer", "relora_multi_rst"]
-    assert names[1] == [
+    # Figure 5's row (5.0) alone vs four full rows and the quarter row
+    # (0.3 + 0.7 / 4): 5.0 vs 4.475, the lighter group first.
+    assert names[0] == [
         "lora",
         "hydralora",
         "relora_multi",
+        "relora_multi_rst",
         "relora_multi_quarter",
     ]
+    assert names[1] == ["relora_multi+reducer"]
     everything = claims.row_groups(list(claims.ROWS), 2)
     assert sorted(r for g in everything for r in g) == sorted(claims.ROWS)
     assert len(claims.row_groups(rows[:2], 8)) == 2
