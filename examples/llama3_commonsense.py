@@ -104,7 +104,7 @@ def main(argv=None):
         seed=args.seed,
         log_importance=False,
     )
-    meter = main_job.TrainMeter()  # Step times and peak memory.
+    meter = main_job.train_meter()  # Step times and peak memory.
     with clock.phase("train"):
         history = lm.fit(
             data.x,
@@ -113,7 +113,7 @@ def main(argv=None):
             batch_size=args.batch_size,
             epochs=1,
             shuffle=False,  # The order mixes the tasks in every batch.
-            callbacks=[reducer, meter.callback()],
+            callbacks=[reducer, meter],
             verbose=1,
         )
     losses = history.history["loss"]
@@ -141,9 +141,9 @@ def main(argv=None):
     )
 
     clock.section("Merge")
-    merged, merge_error = None, {"skipped": f"{args.quantize} base"}
     if args.quantize:
         # `merge_relora` refuses quantized kernels: merge on the float base.
+        merged, merge_error = None, {"skipped": f"{args.quantize} base"}
         print(f"Skipped on the {args.quantize} base: merge on the float base.")
     else:
         with clock.phase("merge and save"):

@@ -358,46 +358,44 @@ def weight_bytes(model):
     return total
 
 
-class TrainMeter:
-    """A `keras.callbacks.Callback` factory's state: the time of every
-    training step, and (on Linux) the resident memory when `fit` starts
-    and its peak during `fit` (`VmHWM`, reset at the start through
-    `/proc/self/clear_refs`)."""
+def train_meter():
+    """A `keras.callbacks.Callback` that times every training step and (on
+    Linux) reads the resident memory when `fit` starts and its peak during
+    `fit` (`VmHWM`, reset at the start through `/proc/self/clear_refs`);
+    `.results()` gives them."""
+    import keras
 
-    def __init__(self):
-        self.ends = []
-        self.rss_start = self.rss_peak = None
+    class TrainMeter(keras.callbacks.Callback):
+        def __init__(self):
+            super().__init__()
+            self.ends = []
+            self.rss_start = self.rss_peak = None
 
-    def callback(self):
-        import keras
+        def on_train_begin(self, logs=None):
+            self.rss_start = _status_mib("VmRSS")
+            if self.rss_start is not None:
+                with open("/proc/self/clear_refs", "w") as f:
+                    f.write("5")  # Resets VmHWM.
+            self.ends = [time.perf_counter()]
 
-        meter = self
+        def on_train_batch_end(self, batch, logs=None):
+            self.ends.append(time.perf_counter())
 
-        class Meter(keras.callbacks.Callback):
-            def on_train_begin(self, logs=None):
-                meter.rss_start = _status_mib("VmRSS")
-                if meter.rss_start is not None:
-                    with open("/proc/self/clear_refs", "w") as f:
-                        f.write("5")  # Resets VmHWM.
-                meter.ends = [time.perf_counter()]
+        def on_train_end(self, logs=None):
+            self.rss_peak = _status_mib("VmHWM")
 
-            def on_train_batch_end(self, batch, logs=None):
-                meter.ends.append(time.perf_counter())
+        def results(self):
+            """`{"median_step_s", "rss_fit_start_mib", "rss_fit_peak_mib"}`:
+            the median step after the first (which compiles)."""
+            steps = np.diff(self.ends)[1:]
+            median = float(np.median(steps)) if len(steps) else None
+            return {
+                "median_step_s": median,
+                "rss_fit_start_mib": self.rss_start,
+                "rss_fit_peak_mib": self.rss_peak,
+            }
 
-            def on_train_end(self, logs=None):
-                meter.rss_peak = _status_mib("VmHWM")
-
-        return Meter()
-
-    def results(self):
-        """`{"median_step_s", "rss_fit_start_mib", "rss_fit_peak_mib"}`:
-        the median step after the first (which compiles)."""
-        steps = np.diff(self.ends)[1:]
-        return {
-            "median_step_s": float(np.median(steps)) if len(steps) else None,
-            "rss_fit_start_mib": self.rss_start,
-            "rss_fit_peak_mib": self.rss_peak,
-        }
+    return TrainMeter()
 
 
 def _status_mib(field):
