@@ -212,6 +212,13 @@ def main(argv=None):
     keras_relora.unload(lm)
 
     # 4. merge_relora -> export_to_transformers -> AutoModelForCausalLM.
+    # The base's variables other than kernels (embedding, norms), before
+    # the adapters add theirs.
+    norms_before = {
+        v.path: keras.ops.convert_to_numpy(v)
+        for v in lm.backbone.weights
+        if not v.path.endswith("/kernel")
+    }
     lm.enable_relora(rank=8, experts=4)
     state = keras_relora.get_state(lm)
     trainable = sum(int(np.prod(v.shape)) for v in lm.trainable_weights)
@@ -223,11 +230,6 @@ def main(argv=None):
     )
     _randomize(lm, seed=2, scale=0.01)
     live = _keras_logits(lm, x)
-    norms_before = {
-        v.path: keras.ops.convert_to_numpy(v)
-        for v in lm.backbone.weights
-        if not v.path.endswith("/kernel")
-    }
     merged, error = keras_relora.merge_relora(lm, x, return_error=True)
     for path, value in norms_before.items():
         np.testing.assert_array_equal(

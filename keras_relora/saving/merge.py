@@ -1,6 +1,7 @@
 """`merge_relora`: fold the adapters into the base kernels of a new model."""
 
 import contextlib
+import tempfile
 
 import keras
 import numpy as np
@@ -130,6 +131,7 @@ def _merge(model, state, calibration_data, batch_size, verbose, return_error):
     gates = _mean_gates(model, routed, batches) if routed else {}
     merged = _rebuild_base(model)
     _copy_weights(model, merged, state, gates)
+    _copy_tokenizer_assets(model, merged)
     error = None
     if batches is not None:
         error = _measure(model, merged, batches)
@@ -282,6 +284,27 @@ def _rebuild_base(model):
             "adapters (`model.save(...)`, `model.export(...)`)."
         )
     return merged
+
+
+def _copy_tokenizer_assets(model, merged):
+    """Gives the merged model's tokenizer the original's vocabulary.
+
+    A keras-hub tokenizer keeps its vocabulary (and merges, or
+    SentencePiece proto) as assets, not in its config: the tokenizer that
+    the rebuilt model's config makes is empty, and `generate`,
+    `save_to_preset` or `export_to_transformers` of the merged model
+    would fail on it. The assets go through the tokenizer's own
+    `save_assets`/`load_assets`, as `.keras` saving moves them.
+    """
+    source = getattr(getattr(model, "preprocessor", None), "tokenizer", None)
+    target = getattr(getattr(merged, "preprocessor", None), "tokenizer", None)
+    if source is None or target is None:
+        return
+    if not (hasattr(source, "save_assets") and hasattr(target, "load_assets")):
+        return
+    with tempfile.TemporaryDirectory() as folder:
+        source.save_assets(folder)
+        target.load_assets(folder)
 
 
 def _delta(adapter, gates):

@@ -95,6 +95,35 @@ def test_merge_keeps_tied_embeddings_through_a_preset(tmp_path):
     np.testing.assert_array_equal(to_numpy(restored(x)), to_numpy(merged(x)))
 
 
+def test_merge_keeps_the_tokenizer_through_a_preset(tmp_path):
+    # A keras-hub tokenizer's vocabulary is an asset, not config: the
+    # rebuilt model's tokenizer must get it, or the merged task cannot
+    # preprocess text, generate or be saved as a preset.
+    lm = tm.llama3_causal_lm_with_preprocessor(tm.byte_tokenizer(), 16)
+    lm.enable_relora(rank=2, experts=1)
+    tm.randomize_adapters(lm)
+    merged = keras_relora.merge_relora(lm)
+    text = ["a cat do dogs"]
+    expected = lm.preprocessor(text)[0]  # (x, y, sample_weight)
+    got = merged.preprocessor(text)[0]
+    assert merged.preprocessor.tokenizer is not lm.preprocessor.tokenizer
+    for key in ("token_ids", "padding_mask"):
+        np.testing.assert_array_equal(
+            to_numpy(got[key]), to_numpy(expected[key])
+        )
+    x = {k: v[:, :8] for k, v in expected.items()}
+    np.testing.assert_allclose(
+        to_numpy(merged(x)), to_numpy(lm(x)), rtol=1e-5, atol=1e-5
+    )
+    preset = str(tmp_path / "preset")
+    merged.save_to_preset(preset)
+    restored = keras_hub.models.CausalLM.from_preset(preset)
+    np.testing.assert_array_equal(
+        to_numpy(restored.preprocessor(text)[0]["token_ids"]),
+        to_numpy(expected["token_ids"]),
+    )
+
+
 @pytest.fixture(scope="module")
 def routed():
     x, _ = tm.dense_data(batch=16)
