@@ -39,7 +39,7 @@ test: $(STAMP)
 	VENV=$(VENV) BACKENDS="$(BACKENDS)" bash scripts/run_tests.sh
 
 demo: $(STAMP)
-	KERAS_BACKEND=$${KERAS_BACKEND:-jax} $(VENV)/bin/python \
+	KERAS_BACKEND=$${KERAS_BACKEND:-torch} $(VENV)/bin/python \
 		examples/llama3_commonsense.py $(ARGS)
 
 docs: $(STAMP)

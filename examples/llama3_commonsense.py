@@ -98,9 +98,12 @@ def main(argv=None):
     evaluation.report(before)
 
     clock.section("Training")
+    # Each probe reads one training batch's worth of rows (IST reads 16):
+    # its 3 trials then cost about one train step each.
     reducer = keras_relora.ReducerCallback(
         update_layers=args.update_layers,
         interval=args.interval,
+        probe_batch_size=args.batch_size,
         seed=args.seed,
         log_importance=False,
     )
