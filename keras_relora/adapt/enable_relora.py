@@ -22,7 +22,7 @@ from keras_relora.adapt import model_class
 from keras_relora.adapt import named_adapters
 from keras_relora.adapt import targets as targets_lib
 from keras_relora.adapt.named_adapters import check_adapter_name
-from keras_relora.adapt.report import count_params
+from keras_relora.adapt.report import count_base_params
 from keras_relora.adapt.report import report
 from keras_relora.adapt.state import AdapterGroup
 from keras_relora.adapt.state import ReloraState
@@ -204,7 +204,7 @@ def enable_relora(
             model, train_layers, [layer for _, layer, _ in chosen]
         )
         kept = {id(v) for v in trained.values()}
-        base_params = count_params(model.weights)
+        base_params = count_base_params(model, model.weights)
         frozen = [v for v in model.weights if v.trainable and id(v) not in kept]
     else:
         # A further adapter: the base is frozen and `train_layers` set.
@@ -213,8 +213,8 @@ def enable_relora(
             for group in existing.named.values()
             for v in group.variables().values()
         }
-        base_params = count_params(
-            [v for v in model.weights if id(v) not in adapter_ids]
+        base_params = count_base_params(
+            model, [v for v in model.weights if id(v) not in adapter_ids]
         )
         train_layers = existing.settings["train_layers"]
         trained, frozen = existing.trained, []

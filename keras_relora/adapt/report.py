@@ -2,12 +2,67 @@
 
 import math
 
+from keras_relora import _keras_internals
 from keras_relora.adapt.state import require_state
+
+# Variables that Keras's `quantize` adds beside a weight (scales, zero
+# points, group indices, amax histories): how to read the weight, not
+# parameters of the model.
+QUANTIZATION_SUFFIXES = ("_scale", "_zero", "_amax_history")
+
+
+def _is_quantization_variable(name):
+    return name == "g_idx" or name.endswith(QUANTIZATION_SUFFIXES)
 
 
 def count_params(variables):
     """The number of scalars in `variables` (an iterable of variables)."""
     return sum(math.prod(int(d) for d in v.shape) for v in variables)
+
+
+def count_base_params(model, variables):
+    """Parameters of `model` held by `variables`, as its float model has them.
+
+    A layer quantized by Keras (`model.quantize(mode)`) counts its weight
+    as the float weight it stands for: an int4 weight packs two values in
+    a byte (so its stored shape is about half), and the scales, zero
+    points and amax histories that quantizing adds are not parameters.
+    Other variables count their scalars, as `count_params`.
+    """
+    quantized = {
+        layer.path: layer
+        for layer in _keras_internals.flatten_layers(model)
+        if getattr(layer, "quantization_mode", None)
+    }
+    total = 0
+    for variable in variables:
+        owner, _, name = variable.path.rpartition("/")
+        layer = quantized.get(owner)
+        if layer is None:
+            total += count_params([variable])
+        elif _is_quantization_variable(name):
+            continue
+        elif layer.quantization_mode == "int4":
+            total += math.prod(_int4_float_shape(layer, name, variable))
+        else:
+            total += count_params([variable])
+    return total
+
+
+def _int4_float_shape(layer, name, variable):
+    """The float shape of a weight that int4 quantizing packed."""
+    if name == "kernel":
+        shape = getattr(layer, "original_kernel_shape", None)  # EinsumDense
+        if shape is not None:
+            return tuple(int(d) for d in shape)
+        if hasattr(layer, "units"):  # Dense: packed along the last axis.
+            return (int(variable.shape[0]), int(layer.units))
+    if name == "embeddings" and hasattr(layer, "input_dim"):
+        return (int(layer.input_dim), int(layer.output_dim))
+    if name == "reverse_embeddings" and hasattr(layer, "input_dim"):
+        return (int(layer.output_dim), int(layer.input_dim))
+    # A layer this function does not know: two values per stored byte.
+    return (2 * count_params([variable]),)
 
 
 def report(model, base_params=None):
@@ -21,8 +76,11 @@ class ReloraReport:
 
     Attributes:
         trainable_params: int. Parameters the optimizer updates.
-        total_params: int. All parameters, base and adapters.
-        base_params: int. Parameters of the model before adaptation.
+        total_params: int. All parameters, base and adapters (counted as
+            `base_params` is).
+        base_params: int. Parameters of the model before adaptation (a
+            quantized layer's weight counted as its float weight, its
+            scales left out: `count_base_params`).
         adapter_params: int. Parameters `enable_relora` added.
         trainable_percent: float. `100 * trainable_params / base_params`,
             the figure the LoRA papers report.
@@ -73,7 +131,7 @@ class ReloraReport:
                     row[kind] += count_params([variable])
         for row in roles.values():
             adapter_params += row["a"] + row["b"] + row["router"]
-        total = count_params(model.weights)
+        total = count_base_params(model, model.weights)
         if base_params is None:
             # Only adapter weights (and the non-trainable suppression
             # scalars) were added by enable_relora.

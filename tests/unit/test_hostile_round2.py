@@ -502,6 +502,23 @@ def test_quantized_base_trains_adapters_only(mode):
     tm.assert_unchanged(lm, before, ignore=adapter_paths)
 
 
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_quantized_base_reports_the_float_parameter_count(mode):
+    # An int4 kernel stores two values per byte (about half its float
+    # shape) and quantizing adds scales: the report counts the float
+    # model's parameters, as a float base's report does.
+    float_report = _lm().enable_relora(rank=2, experts=2)
+    lm = _lm()
+    lm.quantize(mode)
+    stored = sum(int(np.prod(v.shape)) for v in lm.weights)
+    assert stored != float_report.base_params
+    got = lm.enable_relora(rank=2, experts=2)
+    assert got.base_params == float_report.base_params
+    assert got.total_params == float_report.total_params
+    assert got.trainable_params == float_report.trainable_params
+    assert got.trainable_percent == float_report.trainable_percent
+
+
 # Keras's own LoRA and `enable_relora` on one model.
 
 
