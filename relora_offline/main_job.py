@@ -319,6 +319,7 @@ def tiny_causal_lm(sequence_length):
 
 def load_causal_lm(args):
     """`(causal_lm, description)`: `--tiny`, `--preset` or SmolLM2."""
+    import keras
     import keras_hub
 
     if args.tiny:
@@ -338,7 +339,17 @@ def load_causal_lm(args):
             warnings.filterwarnings(
                 "ignore", message="Layer .* does not have a `quantize`"
             )
-            lm.backbone.quantize(args.quantize)  # Not the preprocessor.
+            # Not the preprocessor. With int8, the token embedding (the
+            # tied head) stays float: Keras's int8 head passes no gradient.
+            filters = None
+            if args.quantize == "int8":
+
+                def filters(layer):
+                    return not isinstance(
+                        layer, keras.layers.ReversibleEmbedding
+                    )
+
+            lm.backbone.quantize(args.quantize, filters=filters)
         name = f"{name}, {args.quantize} base"
     print(
         f"{name}: {lm.backbone.count_params():,} parameters, "

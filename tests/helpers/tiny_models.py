@@ -52,6 +52,44 @@ def llama3_causal_lm_with_preprocessor(
     return keras_hub.models.Llama3CausalLM(backbone, preprocessor)
 
 
+def quantize(model, mode):
+    """`model.quantize(mode)`, the way `enable_relora` accepts it.
+
+    With int8, `ReversibleEmbedding` layers stay float: Keras's int8
+    `ReversibleEmbedding` gives its inputs no gradient in its reverse call
+    (a language model's head), and `enable_relora` refuses it.
+    """
+    filters = None
+    if mode == "int8":
+
+        def filters(layer):
+            return not isinstance(layer, keras.layers.ReversibleEmbedding)
+
+    model.quantize(mode, filters=filters)
+
+
+def input_gradient(fn, x):
+    """`d sum(fn(x)) / dx` as numpy, on the running backend."""
+    backend = keras.config.backend()
+    if backend == "jax":
+        import jax
+
+        return np.asarray(jax.grad(lambda v: fn(v).sum())(x))
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        v = tf.constant(x)
+        with tf.GradientTape() as tape:
+            tape.watch(v)
+            total = tf.reduce_sum(fn(v))
+        return tape.gradient(total, v).numpy()
+    import torch
+
+    v = torch.tensor(x, requires_grad=True)
+    fn(v).sum().backward()
+    return v.grad.numpy()
+
+
 def byte_tokenizer():
     """A Llama 3 tokenizer over the 256 byte-level symbols (no files)."""
     printable = [

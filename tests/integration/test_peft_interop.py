@@ -385,8 +385,8 @@ def test_peft_round_trip_on_a_quantized_base(tmp_path, mode):
     source, target = _causal_lm(), _causal_lm()
     for s, t in zip(source.weights, target.weights, strict=True):
         t.assign(s)
-    source.quantize(mode)
-    target.quantize(mode)
+    tm.quantize(source, mode)
+    tm.quantize(target, mode)
     source.enable_relora(rank=2, **keras_relora.VARIANTS["lora"])
     _randomize_b(source)
     keras_relora.save_peft(source, tmp_path / "adapter")

@@ -281,7 +281,7 @@ def test_mixed_bfloat16_backbone_trains():
 
 def test_int8_quantized_backbone_trains():
     lm = tm.llama3_causal_lm()
-    lm.quantize("int8")
+    tm.quantize(lm, "int8")
     lm.enable_relora(rank=R, experts=M)
     x, y, w = tm.lm_data()
     base = ops.convert_to_numpy(lm(x))
