@@ -282,17 +282,19 @@ def plot_line(plot):
     return f"- plot: `{repo_path(plot)}`, data: `{repo_path(plot)[:-4]}.json`\n"
 
 
-def load_runs(paths, merge_results):
+def load_runs(paths, merge_results, out=None):
     """`(payload, path)` of runs' JSON files (comma-separated paths).
 
     With several files, the first one's payload gets the wall times summed
-    and the commands and starting load averages of all runs;
-    `merge_results(payload, payloads)` joins the results themselves, and
-    the merged payload is written over the first file. `path` is that file.
+    and the commands and starting load averages of all runs, and
+    `merge_results(payload, payloads)` joins the results themselves. The
+    input files are never written: the merged payload goes to `out`, by
+    default `merged_<name>` beside the first file. `path` is the file the
+    payload is in (`out`, or the single input file).
     """
-    path = paths.split(",")[0]
+    inputs = paths.split(",")
     payloads = []
-    for each in paths.split(","):
+    for each in inputs:
         with open(each) as f:
             payloads.append(json.load(f))
     payload = payloads[0]
@@ -303,8 +305,18 @@ def load_runs(paths, merge_results):
         payload["environment"]["loadavg_start"] = [
             p["environment"]["loadavg_start"] for p in payloads
         ]
-        common.write_json(path, payload)
-    return payload, path
+        if out is None:
+            folder, name = os.path.split(inputs[0])
+            out = os.path.join(folder, f"merged_{name}")
+    if out is None:
+        return payload, inputs[0]
+    if any(os.path.abspath(out) == os.path.abspath(p) for p in inputs):
+        raise ValueError(
+            f"The merged runs would overwrite an input file: {out!r}. "
+            "Pass another output path."
+        )
+    common.write_json(out, payload)
+    return payload, out
 
 
 def publish(payload, table, plot, report_markdown, append):

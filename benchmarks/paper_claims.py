@@ -964,7 +964,6 @@ def run_seed_processes(argv, args):
     end). Then merges their JSON files as `--from-json` does into
     `<output-dir>/paper_claims.json` and renders the report with the
     wall time of the whole run."""
-    import shutil
     import subprocess
 
     start = time.perf_counter()
@@ -1016,13 +1015,11 @@ def run_seed_processes(argv, args):
         for child in running:  # only after a failure
             child.terminate()
             child.wait()
-    paths[0] = shutil.copy(
-        paths[0], os.path.join(args.output_dir, "paper_claims.json")
-    )
     return render(
         ",".join(paths),
         append=not args.no_append,
         wall_seconds=time.perf_counter() - start,
+        out=os.path.join(args.output_dir, "paper_claims.json"),
     )
 
 
@@ -1595,8 +1592,8 @@ def merge_runs(payload, payloads):
     ]
 
 
-def render(paths, append, wall_seconds=None):
-    payload, path = finetune.load_runs(paths, merge_runs)
+def render(paths, append, wall_seconds=None, out=None):
+    payload, path = finetune.load_runs(paths, merge_runs, out)
     if wall_seconds is not None:
         payload["process_seconds"] = payload["total_seconds"]
         payload["total_seconds"] = wall_seconds

@@ -227,7 +227,7 @@ def test_commonsense_report_names_the_run_size():
     )
 
 
-def test_load_runs_merges_and_rewrites_the_first_file(tmp_path):
+def test_load_runs_merges_into_a_new_file(tmp_path):
     finetune = benchmark_module("finetune")
     commonsense = benchmark_module("commonsense")
     settings = dict(vars(commonsense.parse_args(["--only", "lora"])))
@@ -247,10 +247,13 @@ def test_load_runs_merges_and_rewrites_the_first_file(tmp_path):
     second.write_text(
         json.dumps(run(["base (zero-shot)", "lora"], 1, 5.0, "y"))
     )
+    inputs = {p: p.read_bytes() for p in (first, second)}
     payload, path = finetune.load_runs(
         f"{first},{second}", commonsense.merge_runs
     )
-    assert path == str(first)
+    # The inputs are never written (a run may still be writing them).
+    assert {p: p.read_bytes() for p in inputs} == inputs
+    assert path == str(tmp_path / "merged_a.json")
     assert [(r["row"], r["seed"]) for r in payload["results"]] == [
         ("base (zero-shot)", 1),
         ("lora", 0),
@@ -262,7 +265,19 @@ def test_load_runs_merges_and_rewrites_the_first_file(tmp_path):
     assert payload["command"] == "x`; `y"
     assert payload["environment"]["loadavg_start"] == [1.0, 0.5]
     assert payload["environment"]["commit"] == ["x", "y"]
-    assert json.loads(first.read_text()) == payload
+    assert json.loads((tmp_path / "merged_a.json").read_text()) == payload
+    # An explicit output path, but never an input file.
+    out = tmp_path / "out" / "all.json"
+    out.parent.mkdir()
+    assert finetune.load_runs(
+        f"{first},{second}", commonsense.merge_runs, str(out)
+    )[1] == str(out)
+    assert json.loads(out.read_text())["total_seconds"] == 15.0
+    with pytest.raises(ValueError, match="would overwrite an input file"):
+        finetune.load_runs(
+            f"{first},{second}", commonsense.merge_runs, str(second)
+        )
+    assert {p: p.read_bytes() for p in inputs} == inputs
     # Runs of other sizes do not merge into one table.
     other = run(["lora"], 2, 1.0, "z")
     other["settings"]["steps"] = 7

@@ -547,6 +547,11 @@ def test_paper_claims_quick(tmp_path, claims):
         "seed1_part1",
     ]
     assert 0 < payload["total_seconds"] < payload["process_seconds"]
+    # The part files keep their own rows: the merge wrote a new file.
+    with open(tmp_path / "seed0_part0" / "paper_claims.json") as f:
+        part = json.load(f)
+    assert {r["seed"] for r in part["results"]} <= {0, None}
+    assert "process_seconds" not in part
     rows = [(r["row"], r["seed"]) for r in payload["results"]]
     assert rows == [("zero-shot", None)] + [
         (name, seed) for seed in (0, 1) for name in names
