@@ -228,6 +228,22 @@ def emit_result(result):
     print(RESULT_TAG + json.dumps(result), flush=True)
 
 
+def status_kib(field):
+    """A field of `/proc/self/status` in KiB, e.g. `VmRSS`, `VmHWM`."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def reset_peak():
+    """Resets `VmHWM`, the peak resident set, to the current one (Linux;
+    raises `OSError` where `/proc/self/clear_refs` cannot be written)."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
 def write_json(path, data):
     if path:
         with open(path, "w") as f:

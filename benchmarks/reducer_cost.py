@@ -53,19 +53,6 @@ ROWS = ("plain", "reducer", "reducer_snapshot", "b_frozen", "timing")
 BATCH, SEQ, RANK, INTERVAL = 4, 128, 8, 10
 
 
-def _status_kib(field):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def _reset_peak():
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # Resets VmHWM, the peak resident set.
-
-
 def _adapted_lm(row, steps, threads):
     """SmolLM2 with `relora_multi`, compiled, and `steps` random batches."""
     common.pin_threads_env(threads)
@@ -177,14 +164,14 @@ def child(row, steps, threads):
         def on_train_batch_end(self, batch, logs=None):
             ends.append(time.perf_counter())
             if batch == 0:  # Tracing and compiling end with the first step.
-                first_step_peak.append(_status_kib("VmHWM"))
-                _reset_peak()
+                first_step_peak.append(common.status_kib("VmHWM"))
+                common.reset_peak()
 
     callbacks.append(Stamp())
-    base = _status_kib("VmRSS")
-    _reset_peak()
+    base = common.status_kib("VmRSS")
+    common.reset_peak()
     lm.fit(x, y, batch_size=BATCH, epochs=1, verbose=0, callbacks=callbacks)
-    later_peak = _status_kib("VmHWM")
+    later_peak = common.status_kib("VmHWM")
     peak = max(first_step_peak[0], later_peak)
     gaps = [b - a for a, b in zip(ends, ends[1:], strict=False)]
     # Gap i ends at step i + 2; probes run after steps INTERVAL, 2*INTERVAL.
@@ -336,7 +323,7 @@ def report(args, env, results):
     # Repeated rows are compared with the median of the `plain` rows.
     plain = (
         {
-            key: statistics.median(r.get(key, float("nan")) for r in plain_rows)
+            key: statistics.median(r[key] for r in plain_rows)
             for key in ("growth_mib", "later_growth_mib")
         }
         if plain_rows
@@ -348,7 +335,7 @@ def report(args, env, results):
             continue
         probe = r["probe_step_ms"]
         amortised = _amortised(r["steady_ms"], probe)
-        later = r.get("later_growth_mib", float("nan"))
+        later = r["later_growth_mib"]
         rows.append(
             [
                 r["row"],

@@ -225,24 +225,15 @@ def make_tokens(args, vocab, steps):
 # -- memory -------------------------------------------------------------------
 
 
-def _status_kib(field):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"no {field} in /proc/self/status")
-
-
 def measure_peak(fn):
     """Runs `fn()`; returns (its result, peak RSS growth in MiB)."""
     try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # Resets VmHWM to the current RSS.
+        common.reset_peak()
     except OSError:
         return fn(), None
-    before = _status_kib("VmRSS")
+    before = common.status_kib("VmRSS")
     result = fn()
-    return result, (_status_kib("VmHWM") - before) / 1024
+    return result, (common.status_kib("VmHWM") - before) / 1024
 
 
 # -- PEFT ---------------------------------------------------------------------
