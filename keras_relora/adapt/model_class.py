@@ -49,6 +49,7 @@ import numpy as np
 
 from keras_relora import _atomic_writes
 from keras_relora import _keras_internals
+from keras_relora.adapt.int4_embeddings import weight_only_int4_embeddings
 from keras_relora.adapt.state import adapted_model
 from keras_relora.adapt.state import get_state
 from keras_relora.adapt.state import holders
@@ -323,7 +324,11 @@ def relora_config(model):
     base.pop("compile_config", None)
     base.pop("shared_object_id", None)
     add_tied_embeddings(base, omitted_tied_embeddings(model))
-    return {"base": base, "relora": named_config(state, model)}
+    relora = named_config(state, model)
+    weight_only = weight_only_int4_embeddings(model)
+    if weight_only:
+        relora["weight_only_int4_embeddings"] = weight_only
+    return {"base": base, "relora": relora}
 
 
 def named_config(state, model):

@@ -15,6 +15,7 @@ import keras
 
 from keras_relora.adapt import targets as targets_lib
 from keras_relora.adapt.enable_relora import enable_relora
+from keras_relora.adapt.int4_embeddings import restore_weight_only_int4
 from keras_relora.adapt.model_class import FORMAT_VERSION
 from keras_relora.adapt.named_adapters import set_adapter
 from keras_relora.adapt.state import adapted_model
@@ -64,6 +65,9 @@ class ReloraModel:
                 "`model.save_relora_weights(path)` and load them into a "
                 "built base model."
             )
+        restore_weight_only_int4(
+            model, config["relora"].get("weight_only_int4_embeddings", [])
+        )
         enable_from_config(model, config["relora"])
         return model
 

@@ -52,6 +52,47 @@ def llama3_causal_lm_with_preprocessor(
     return keras_hub.models.Llama3CausalLM(backbone, preprocessor)
 
 
+def gemma3_backbone(seed=0, **config):
+    """A 6-block random Gemma 3 text backbone that keeps what sets Gemma 3
+    apart: tied embeddings, the embedding scale, query/key norms, the four
+    block norms (random, non-zero scales), and five sliding-window blocks
+    then a global one (window 4). `config` overrides the constructor's
+    arguments (e.g. `final_logit_soft_cap`)."""
+    kwargs = dict(
+        vocabulary_size=VOCAB,
+        image_size=None,
+        num_layers=6,
+        num_query_heads=2,
+        num_key_value_heads=1,
+        hidden_dim=8,
+        intermediate_dim=16,
+        head_dim=4,
+        query_head_dim_normalize=True,
+        use_query_key_norm=True,
+        use_post_ffw_norm=True,
+        use_post_attention_norm=True,
+        use_sliding_window_attention=True,
+        sliding_window_size=4,
+        vision_encoder=None,
+    )
+    backbone = keras_hub.models.Gemma3Backbone(**{**kwargs, **config})
+    # Gemma's RMS norms scale by `1 + scale`, initialized to 0: random
+    # scales make a dropped or misplaced norm weight visible.
+    rng = np.random.default_rng(seed)
+    for variable in backbone.weights:
+        if variable.path.endswith("/scale"):
+            variable.assign(
+                rng.normal(0, 0.5, variable.shape).astype("float32")
+            )
+    return backbone
+
+
+def gemma3_causal_lm(seed=0, **config):
+    return keras_hub.models.Gemma3CausalLM(
+        backbone=gemma3_backbone(seed, **config), preprocessor=None
+    )
+
+
 def quantize(model, mode):
     """`model.quantize(mode)`, the way `enable_relora` accepts it.
 

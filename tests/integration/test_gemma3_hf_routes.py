@@ -21,6 +21,7 @@ import os
 import keras
 import numpy as np
 import pytest
+import tiny_models as tm
 
 import keras_relora
 
@@ -50,40 +51,8 @@ SOFT_CAPS = {"final_logit_soft_cap": 2.0}
 ATOL = 1e-4
 
 
-def _backbone(soft_caps=False, seed=0):
-    backbone = keras_hub.models.Gemma3Backbone(
-        vocabulary_size=VOCAB,
-        image_size=None,
-        num_layers=6,
-        num_query_heads=2,
-        num_key_value_heads=1,
-        hidden_dim=8,
-        intermediate_dim=16,
-        head_dim=4,
-        query_head_dim_normalize=True,
-        use_query_key_norm=True,
-        use_post_ffw_norm=True,
-        use_post_attention_norm=True,
-        use_sliding_window_attention=True,
-        sliding_window_size=4,
-        vision_encoder=None,
-        **(SOFT_CAPS if soft_caps else {}),
-    )
-    # Gemma's RMS norms scale by `1 + scale`, initialized to 0: random
-    # scales make a dropped or misplaced norm weight visible.
-    rng = np.random.default_rng(seed)
-    for variable in backbone.weights:
-        if variable.path.endswith("/scale"):
-            variable.assign(
-                rng.normal(0, 0.5, variable.shape).astype("float32")
-            )
-    return backbone
-
-
 def _causal_lm(soft_caps=False, seed=0):
-    return keras_hub.models.Gemma3CausalLM(
-        backbone=_backbone(soft_caps, seed), preprocessor=None
-    )
+    return tm.gemma3_causal_lm(seed=seed, **(SOFT_CAPS if soft_caps else {}))
 
 
 def _batch(seed=0):

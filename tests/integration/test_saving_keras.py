@@ -204,6 +204,23 @@ def test_quantized_base(tmp_path, mode):
     np.testing.assert_array_equal(to_numpy(base(x)), y)
 
 
+def test_int4_tied_head_round_trip(tmp_path):
+    # Keras rebuilds an int4 `ReversibleEmbedding` from a file with an
+    # activation quantizer that `quantize("int4")` does not give it: the
+    # adapted model's file keeps the head weight-only, as it was saved.
+    lm = tm.llama3_causal_lm(tie_word_embeddings=True)
+    tm.quantize(lm, "int4")
+    lm.enable_relora(rank=2, experts=2)
+    tm.randomize_adapters(lm)
+    x = tm.token_batch()
+    y = to_numpy(lm(x))
+    lm.save(tmp_path / "int4.keras")
+    loaded = keras.models.load_model(tmp_path / "int4.keras")
+    assert loaded.backbone.token_embedding.quantization_mode == "int4"
+    assert loaded.backbone.token_embedding.inputs_quantizer is None
+    np.testing.assert_array_equal(to_numpy(loaded(x)), y)
+
+
 @pytest.mark.parametrize("holder", ["task", "backbone"])
 def test_tied_embeddings_round_trip(tmp_path, holder):
     # keras-hub 0.32's Llama `get_config` omits `tie_word_embeddings`
