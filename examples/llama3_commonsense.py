@@ -49,6 +49,7 @@ import sys
 import keras
 
 import keras_relora
+from relora_offline import causal_lm_logits
 from relora_offline import main_job
 from relora_offline import main_job_data
 
@@ -73,17 +74,31 @@ def main(argv=None):
     report = lm.enable_relora(rank=args.rank, experts=args.experts)
     print(report)
     lm.preprocessor = None  # The arrays are already tokenized.
+    # Greedy answers, and (with --data) the answers' loss over full logits.
     lm.compile(
-        optimizer=keras.optimizers.AdamW(args.learning_rate),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         weighted_metrics=[
-            keras.metrics.SparseCategoricalAccuracy(name="answer_token_acc"),
             # Weighted by the answer mask: the mean over answer tokens.
             keras.metrics.SparseCategoricalCrossentropy(
                 from_logits=True, name="answer_nll"
             ),
         ],
         sampler="greedy",
+        jit_compile=args.jit_compile,
+    )
+    # Training fits the same layers with the vocabulary projection and the
+    # loss at the answer tokens only (`data.x["positions"]`), not at every
+    # position of every row.
+    trainer = causal_lm_logits.position_logits_model(lm)
+    trainer.compile(
+        optimizer=keras.optimizers.AdamW(args.learning_rate),
+        # The mean over answer tokens.
+        loss=keras.losses.SparseCategoricalCrossentropy(
+            from_logits=True, reduction="mean_with_sample_weight"
+        ),
+        weighted_metrics=[
+            keras.metrics.SparseCategoricalAccuracy(name="answer_token_acc")
+        ],
         jit_compile=args.jit_compile,
     )
 
@@ -103,13 +118,14 @@ def main(argv=None):
     reducer = keras_relora.ReducerCallback(
         update_layers=args.update_layers,
         interval=args.interval,
+        probe_data=(data.x, data.y, data.sample_weight),
         probe_batch_size=args.batch_size,
         seed=args.seed,
         log_importance=False,
     )
     meter = main_job.train_meter()  # Step times and peak memory.
     with clock.phase("train"):
-        history = lm.fit(
+        history = trainer.fit(
             data.x,
             data.y,
             sample_weight=data.sample_weight,
@@ -122,7 +138,8 @@ def main(argv=None):
     losses = history.history["loss"]
     print(
         f"trained {data.steps} steps in {clock.phases['train'][0]:.0f} s "
-        f"(the first step includes compiling); final loss {losses[-1]:.4f}"
+        f"(the first step includes compiling); answer-token loss "
+        f"{losses[-1]:.4f}"
     )
 
     clock.section(f"Held-out {evaluation.metric}, after training")

@@ -1,6 +1,9 @@
-"""Logits of a keras-hub `CausalLM` where a scorer reads them, and no more.
+"""Logits of a keras-hub `CausalLM` where a scorer or a loss reads them.
 
-Two ways to run the model, both one compiled function per input shape:
+For training with a loss on a few tokens per row (the answers),
+`position_logits_model` computes the vocabulary projection only at the
+positions that `weighted_positions` keeps. For scoring, two ways to run
+the model, both one compiled function per input shape:
 
 * per sequence (`__call__`): each row is a whole sequence; the vocabulary
   projection is computed only at the gathered `positions`;
@@ -44,6 +47,12 @@ class KerasLogits:
             `Model.compile` takes it.
         share_context: `"auto"` (when `shares_context(causal_lm)`) or a
             bool. With `False`, only the per-sequence call is offered.
+
+    Attributes:
+        fixed_shapes: bool. Whether each new input shape costs a
+            compilation or a trace (JAX, TensorFlow, torch with
+            `jit_compile`); if not (torch eager), a scorer gains nothing
+            from padding to few shapes.
     """
 
     def __init__(self, causal_lm, jit_compile="auto", share_context="auto"):
@@ -61,7 +70,7 @@ class KerasLogits:
             )
         self.shares_context = bool(share_context)
         self._keras = keras
-        self._sequence_model = _sequence_model(causal_lm)
+        self._sequence_model = position_logits_model(causal_lm)
         self._context_models = {}
         if self.shares_context:
             # One model per input structure (with and without continuation
@@ -72,6 +81,13 @@ class KerasLogits:
         if jit_compile != "auto":
             for model in (self._sequence_model, *self._context_models.values()):
                 model.jit_compile = bool(jit_compile)
+        # Whether each new input shape costs a compilation: always on
+        # TensorFlow (a traced function per shape) and JAX, on torch only
+        # with `jit_compile`. Scorers pad to few shapes only if so.
+        self.fixed_shapes = (
+            keras.config.backend() != "torch"
+            or self._sequence_model.jit_compile
+        )
 
     def __call__(self, token_ids, padding_mask, positions):
         """`(batch, positions, vocabulary)` float32 logits.
@@ -126,18 +142,30 @@ class KerasLogits:
         return np.asarray(self._keras.ops.convert_to_numpy(x), "float32")
 
 
-def _sequence_model(causal_lm):
+def position_logits_model(causal_lm):
+    """A model over `causal_lm`'s layers with logits only at `positions`.
+
+    `{"token_ids", "padding_mask", "positions"}` -> `(batch, positions,
+    vocabulary)` float32 logits: the backbone runs on the whole sequence,
+    and the vocabulary projection (the tied or separate head) only on the
+    hidden states at `positions`. The weights are the `CausalLM`'s.
+
+    Fit it instead of the `CausalLM` when the loss reads few positions
+    (the answer tokens, `weighted_positions`): the projection onto the
+    vocabulary and the loss then run on those positions only. Its
+    `backbone` is the `CausalLM`'s, so `keras_relora.get_state` and a
+    `keras_relora.ReducerCallback` (given `probe_data`) find the adapters
+    of an adapted `CausalLM`.
+    """
     import keras
 
-    backbone = causal_lm.backbone
-
-    class SequenceLogits(keras.Model):
+    class PositionLogits(keras.Model):
         def __init__(self):
             super().__init__()
-            self.causal_lm = causal_lm
+            self.backbone = causal_lm.backbone
 
         def call(self, inputs):
-            hidden = backbone(
+            hidden = self.backbone(
                 {
                     "token_ids": inputs["token_ids"],
                     "padding_mask": inputs["padding_mask"],
@@ -146,10 +174,53 @@ def _sequence_model(causal_lm):
             hidden = keras.ops.take_along_axis(
                 hidden, inputs["positions"][:, :, None], axis=1
             )  # (batch, positions, hidden)
-            logits = backbone.token_embedding(hidden, reverse=True)
+            logits = self.backbone.token_embedding(hidden, reverse=True)
             return keras.ops.cast(logits, "float32")
 
-    return SequenceLogits()
+    return PositionLogits()
+
+
+def weighted_positions(y, sample_weight, width=None):
+    """Per-token training arrays cut to the positions with a weight.
+
+    Args:
+        y: `(rows, length)` int targets (the next token at each position).
+        sample_weight: `(rows, length)` loss weights, 0 where the loss
+            does not read (the prompt, the padding).
+        width: int or `None`. Positions kept per row; defaults to the most
+            weighted positions of any row. A row with more raises.
+
+    Returns:
+        A tuple `(positions, y, sample_weight)` of `(rows, width)` arrays:
+        each row's weighted positions in order, then position 0 with
+        target 0 and weight 0. With `position_logits_model`, the weighted
+        sum of the loss is the same as on the full arrays.
+    """
+    y, sample_weight = np.asarray(y), np.asarray(sample_weight)
+    if y.shape != sample_weight.shape or y.ndim != 2:
+        raise ValueError(
+            "`y` and `sample_weight` must both be `(rows, length)`. "
+            f"Received: y.shape={y.shape}, "
+            f"sample_weight.shape={sample_weight.shape}"
+        )
+    counts = (sample_weight != 0).sum(axis=1)
+    most = int(counts.max()) if len(counts) else 0
+    width = max(most, 1) if width is None else int(width)
+    if most > width:
+        raise ValueError(
+            f"A row has {most} weighted positions, more than `width`="
+            f"{width}. Pass width >= {most} or width=None."
+        )
+    rows = len(y)
+    positions = np.zeros((rows, width), "int32")
+    targets = np.zeros((rows, width), y.dtype)
+    weights = np.zeros((rows, width), sample_weight.dtype)
+    for i in range(rows):
+        (at,) = np.nonzero(sample_weight[i])
+        positions[i, : len(at)] = at
+        targets[i, : len(at)] = y[i, at]
+        weights[i, : len(at)] = sample_weight[i, at]
+    return positions, targets, weights
 
 
 def _context_model(causal_lm, with_rows):

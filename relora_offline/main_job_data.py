@@ -23,6 +23,7 @@ import math
 
 import numpy as np
 
+from relora_offline import causal_lm_logits
 from relora_offline import commonsense
 from relora_offline import olmo_data
 from relora_offline import olmo_scorer
@@ -73,10 +74,15 @@ def build(args, tokenizer, preprocessor):
         "on the answer tokens only"
         + ("; every batch mixes the tasks" if len(set(sources)) > 1 else "")
     )
+    # Training reads the logits at the answer tokens only: the rows keep
+    # their tokens, and the targets and weights those positions.
+    positions, y, sample_weight = causal_lm_logits.weighted_positions(
+        y[order], sample_weight[order]
+    )
     return JobData(
-        x={k: v[order] for k, v in x.items()},
-        y=y[order],
-        sample_weight=sample_weight[order],
+        x={**{k: v[order] for k, v in x.items()}, "positions": positions},
+        y=y,
+        sample_weight=sample_weight,
         sources=sources[order],
         calibration=calibration,
         steps=steps,

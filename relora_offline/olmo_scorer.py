@@ -12,7 +12,8 @@ Cost: a multiple-choice document's 2-4 answers share its context, and the
 metric reads only `lm_logits[i][ctx_len - 1 : ctx_len + cont_len - 1]`.
 With a Llama-family keras-hub model (`keras_logits_fn`'s default) each
 context runs once, padded on the left to a multiple of `bucket` (so JAX and
-TensorFlow compile one function per length), and each answer runs from the
+TensorFlow compile one function per length; torch without `jit_compile`
+pads nothing), and each answer runs from the
 context's key/value cache; the vocabulary projection is computed only
 after each context's last token and at the answers' tokens. Other models
 (and transformers, the reference) run each answer as a whole sequence:
@@ -146,7 +147,9 @@ def score_task(
         bucket: int. Lengths are rounded up to a multiple of it. Defaults
             to `16` (SmolLM2 with adapters on JAX, 2 CPU cores: compiling a
             new shape cost ~7 CPU s, a call of 32 x 64 tokens ~7 CPU s and
-            of 32 x 128 ~18, so padding costs more than compiling).
+            of 32 x 128 ~18, so padding costs more than compiling). With a
+            `logits_fn` whose `fixed_shapes` is false (torch eager), calls
+            are not padded: no bucket, no padding rows.
         name: str or `None`. Stored in the result.
 
     Returns:
@@ -221,16 +224,18 @@ def _check_sizes(batch_size, bucket):
             )
 
 
-def _continuation_logits(logits_fn, task, samples, batch_size, bucket):
+def _continuation_logits(
+    logits_fn, task, samples, batch_size, bucket, multiple, fixed
+):
     """Yields `(batch, logits)`: the task's collated batches of `samples`
-    (sorted by length, trimmed, padded to `batch_size` rows for few
-    shapes) and the logits at each row's continuation positions, a torch
-    tensor `(rows, width, vocabulary)`."""
+    (sorted by length, trimmed; with `fixed`, padded to `batch_size` rows
+    for few shapes) and the logits at each row's continuation positions, a
+    torch tensor `(rows, width, vocabulary)`."""
     import torch
 
     samples = sorted(samples, key=lambda s: len(s["query"]))
     # One width of gathered positions for the whole call: one shape less.
-    width = _round_up(max(s["cont_len"] for s in samples), 8)
+    width = _round_up(max(s["cont_len"] for s in samples), multiple)
     pad = task.tokenizer.pad_token_id
     for start in range(0, len(samples), batch_size):
         batch = task.collate_fn(samples[start : start + batch_size])
@@ -241,9 +246,10 @@ def _continuation_logits(logits_fn, task, samples, batch_size, bucket):
         )
         cont_len = batch["cont_len"].numpy()
         ctx_len = batch["ctx_len"].numpy()
-        token_ids = np.full((batch_size, length), pad, "int32")
-        padding_mask = np.zeros((batch_size, length), "int32")
-        positions = np.zeros((batch_size, width), "int32")
+        size = batch_size if fixed else rows
+        token_ids = np.full((size, length), pad, "int32")
+        padding_mask = np.zeros((size, length), "int32")
+        positions = np.zeros((size, width), "int32")
         token_ids[:rows] = batch["input_ids"].numpy()[:, :length]
         for i, q in enumerate(queries):
             padding_mask[i, :q] = 1
@@ -254,15 +260,19 @@ def _continuation_logits(logits_fn, task, samples, batch_size, bucket):
         yield batch, torch.from_numpy(np.ascontiguousarray(logits))
 
 
-def _shared_context_logits(logits_fn, task, samples, batch_size, bucket):
+def _shared_context_logits(
+    logits_fn, task, samples, batch_size, bucket, multiple, fixed
+):
     """As `_continuation_logits`, with each context run once.
 
     Samples that share a context (a document's answers) form a group: a
     call runs `batch_size` contexts (padded on the left to a multiple of
     `bucket`) and, from their key/value cache, every continuation of two
     or more tokens (its tokens but the last, padded on the right to a
-    multiple of 8). A one-token continuation is scored from its context's
-    last logits alone. Yields one collated batch per group.
+    multiple of `multiple`). With `fixed`, the contexts and the
+    continuations are padded to a multiple of `batch_size` rows. A
+    one-token continuation is scored from its context's last logits
+    alone. Yields one collated batch per group.
     """
     import torch
 
@@ -274,7 +284,7 @@ def _shared_context_logits(logits_fn, task, samples, batch_size, bucket):
         groups.items(),
         key=lambda g: (
             _round_up(len(g[0][1]), bucket),
-            _round_up(max(int(s["cont_len"]) for s in g[1]) - 1, 8),
+            _round_up(max(int(s["cont_len"]) for s in g[1]) - 1, multiple),
             len(g[0][1]),
         ),
     )
@@ -282,8 +292,9 @@ def _shared_context_logits(logits_fn, task, samples, batch_size, bucket):
     for start in range(0, len(groups), batch_size):
         chunk = groups[start : start + batch_size]
         length = _round_up(max(len(key[1]) for key, _ in chunk), bucket)
-        context_ids = np.full((batch_size, length), pad, "int32")
-        context_mask = np.zeros((batch_size, length), "int32")
+        size = batch_size if fixed else len(chunk)
+        context_ids = np.full((size, length), pad, "int32")
+        context_mask = np.zeros((size, length), "int32")
         rows, owners = [], []
         for g, ((_, context), members) in enumerate(chunk):
             context_ids[g, length - len(context) :] = context
@@ -294,8 +305,8 @@ def _shared_context_logits(logits_fn, task, samples, batch_size, bucket):
                     owners.append(g)
         row_ids = row_context = None
         if rows:
-            row_length = _round_up(max(len(r) for r in rows), 8)
-            num_rows = _round_up(len(rows), batch_size)
+            row_length = _round_up(max(len(r) for r in rows), multiple)
+            num_rows = _round_up(len(rows), batch_size if fixed else 1)
             row_ids = np.full((num_rows, row_length), pad, "int32")
             row_context = np.zeros((num_rows,), "int32")
             for r, (tokens, g) in enumerate(zip(rows, owners, strict=True)):
@@ -318,11 +329,16 @@ def _shared_context_logits(logits_fn, task, samples, batch_size, bucket):
 
 
 def _logits_batches(logits_fn, task, samples, batch_size, bucket):
+    # Padding to few shapes pays only where each shape compiles.
+    fixed = getattr(logits_fn, "fixed_shapes", True)
+    bucket, multiple = (bucket, 8) if fixed else (1, 1)
     if getattr(logits_fn, "shares_context", False):
         return _shared_context_logits(
-            logits_fn, task, samples, batch_size, bucket
+            logits_fn, task, samples, batch_size, bucket, multiple, fixed
         )
-    return _continuation_logits(logits_fn, task, samples, batch_size, bucket)
+    return _continuation_logits(
+        logits_fn, task, samples, batch_size, bucket, multiple, fixed
+    )
 
 
 def _summed_nll(batch, logits):

@@ -306,22 +306,32 @@ def test_main_job_training_order_mixes_the_tasks_in_every_batch(tmp_path):
     )
     tokenizer = main_job.byte_level_tokenizer()
     data = main_job_data.build(args, tokenizer, None)
-    assert data.y.shape == (480, 48) and data.sources.shape == (480,)
+    assert data.x["token_ids"].shape == (480, 48)
+    assert data.sources.shape == (480,)
+    width = data.y.shape[1]
+    assert data.x["positions"].shape == data.sample_weight.shape == (480, width)
     for batch in data.sources.reshape(60, 8):
         assert np.bincount(batch, minlength=2).tolist() == [4, 4]
-    # `sources` names the task each row was built from.
+    # `sources` names the task each row was built from, and each row keeps
+    # its document's answer tokens: the targets and weights of the full
+    # arrays at the weighted positions, in order.
     evaluation = data.evaluation
     for i, name in enumerate(args.tasks):
-        x, _, _ = olmo_data.gold_training_arrays(
+        x, y, weight = olmo_data.gold_training_arrays(
             evaluation.tasks[name],
             evaluation.splits[name][0],
             48,
             evaluation.tasks[name].tokenizer.pad_token_id,
         )
-        rows = {tuple(r) for r in x["token_ids"]}
-        assert all(
-            tuple(r) in rows for r in data.x["token_ids"][data.sources == i]
-        )
+        rows = {tuple(r): j for j, r in enumerate(x["token_ids"])}
+        for row in np.flatnonzero(data.sources == i):
+            j = rows[tuple(data.x["token_ids"][row])]
+            (at,) = np.nonzero(weight[j])
+            n = len(at)
+            np.testing.assert_array_equal(data.x["positions"][row, :n], at)
+            np.testing.assert_array_equal(data.y[row, :n], y[j, at])
+            np.testing.assert_array_equal(data.sample_weight[row, :n], 1.0)
+            assert not data.sample_weight[row, n:].any()
 
 
 @pytest.mark.parametrize("other", ["--tiny", "--preset=llama3_8b_en"])

@@ -181,6 +181,8 @@ def test_each_context_once_equals_each_sequence(sharp_lm, name):
     _, doc_ids = olmo_data.split_documents(task, 0, 4, seed=4)
     shared = olmo_scorer.keras_logits_fn(lm)
     assert shared.shares_context
+    # Only torch eager runs any shape without compiling it.
+    assert shared.fixed_shapes == (keras.config.backend() != "torch")
     calls = []
     context_logits = shared.context_logits
     shared.context_logits = lambda *a: calls.append(a) or context_logits(*a)
@@ -214,6 +216,15 @@ def test_each_context_once_equals_each_sequence(sharp_lm, name):
     assert contexts == len(distinct)
     if name != "winogrande":
         assert contexts == len(doc_ids) < len(samples)
+    # Padded to few shapes (JAX, TensorFlow) or not (torch eager): the
+    # same results.
+    shared.fixed_shapes = not shared.fixed_shapes
+    flipped = olmo_scorer.score_task(shared, task, doc_ids, batch_size=3)
+    np.testing.assert_array_equal(flipped.predictions, expected.predictions)
+    np.testing.assert_allclose(flipped.gold_nll, expected.gold_nll, rtol=1e-4)
+    np.testing.assert_allclose(
+        flipped.choice_scores, expected.choice_scores, rtol=1e-4
+    )
 
 
 def test_share_context_needs_a_llama_backbone():
