@@ -21,6 +21,13 @@ MODES = ["int8", "int4"]
 KWARGS = {"rank": 2, "experts": 2}
 
 
+def _quantized(mode):
+    """A quantized tiny Gemma 3."""
+    lm = tm.gemma3_causal_lm()
+    tm.quantize(lm, mode)
+    return lm
+
+
 def _pair(mode):
     """Two quantized tiny Gemma 3 models with the same base weights."""
     source, target = tm.gemma3_causal_lm(), tm.gemma3_causal_lm(seed=1)
@@ -43,7 +50,7 @@ def _batch():
 
 @pytest.mark.parametrize("mode", MODES)
 def test_quantized_gemma3_trains_the_adapters_only(mode):
-    lm, _ = _pair(mode)
+    lm = _quantized(mode)
     lm.enable_relora(**KWARGS)
     state = keras_relora.get_state(lm)
     assert len(state.adapters) == 6 * 5  # q, k, v, up, down in 6 blocks.
@@ -111,7 +118,7 @@ def test_quantized_gemma3_peft_folder_round_trip(tmp_path, mode):
 
 @pytest.mark.parametrize("mode", MODES)
 def test_quantized_gemma3_merge_is_refused(mode):
-    lm, _ = _pair(mode)
+    lm = _quantized(mode)
     lm.enable_relora(**KWARGS)
     before = tm.snapshot(lm)
     with pytest.raises(
@@ -124,7 +131,7 @@ def test_quantized_gemma3_merge_is_refused(mode):
 
 
 def test_int4_head_of_another_model_is_refused_on_load():
-    lm, _ = _pair("int4")
+    lm = _quantized("int4")
     lm.enable_relora(**KWARGS)
     config = keras.saving.serialize_keras_object(lm)
     paths = config["config"]["relora"]["weight_only_int4_embeddings"]
