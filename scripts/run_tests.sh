@@ -1,12 +1,19 @@
 #!/usr/bin/env bash
-# Runs the test suite once per backend, each in its own process
-# (KERAS_BACKEND is fixed per process). By default the backends run side by
-# side (JOBS=3), each pytest with one thread and its own log in $LOG_DIR
-# (one line per test, the 30 slowest tests at the end);
-# the logs are printed one after the other at the end. JOBS=1 runs them
-# one at a time with the output live. Extra arguments go to pytest, e.g.
-# `bash scripts/run_tests.sh -m "not slow"`. Exits non-zero if any backend
-# fails.
+# Runs the test suite once per backend (KERAS_BACKEND is fixed per process).
+#
+# Each backend's suite is cut in two parts, each its own pytest process:
+# `unit` (`-m "not slow"`: tests/unit) and `slow` (`-m slow`: integration,
+# benchmarks, examples). The six parts go through a queue, JOBS at a time
+# (default 3, side by side, one thread each), the longest first, so that no
+# core idles while one backend's whole suite finishes alone. Each part
+# writes its own log in $LOG_DIR (one line per test, the 30 slowest tests at
+# the end); the logs are printed one after the other at the end. JOBS=1
+# runs the parts one at a time with the output live.
+#
+# Extra arguments go to pytest, e.g. `bash scripts/run_tests.sh -k merge`;
+# with extra arguments each backend runs in one process (no parts), so that
+# a `-m` or a path given here is not combined with the parts' own.
+# Exits non-zero if any part fails.
 set -u
 VENV=${VENV:-.venv}
 BACKENDS=${BACKENDS:-"torch jax tensorflow"}
@@ -16,66 +23,88 @@ export TF_CPP_MIN_LOG_LEVEL=${TF_CPP_MIN_LOG_LEVEL:-2}
 export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-$PWD/.jax_cache}
 export JAX_PLATFORMS=cpu
 if [ "$JOBS" -gt 1 ]; then
-  # Side by side, the backends share the cores: one thread each.
+  # Side by side, the processes share the cores: one thread each.
   export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 else
   export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 fi
 mkdir -p "$LOG_DIR"
 
+# The queue: "backend:part" items, the longest parts first (measured on
+# 2 cores: each backend's slow part takes longer than its unit part, and
+# JAX's and TensorFlow's parts longer than torch's).
+queue=()
+if [ "$#" -eq 0 ]; then
+  for part in slow unit; do
+    for backend in jax tensorflow torch; do
+      case " $BACKENDS " in *" $backend "*) queue+=("$backend:$part") ;; esac
+    done
+  done
+else
+  for backend in $BACKENDS; do queue+=("$backend:all"); done
+fi
+
 # If the run is stopped from outside (a CI time limit), show where each
-# backend was before dying: the logs are otherwise printed only at the end.
+# part was before dying: the logs are otherwise printed only at the end.
 on_term() {
   trap - TERM INT
-  for backend in $BACKENDS; do
-    echo "=== KERAS_BACKEND=$backend, stopped; last lines of $LOG_DIR/$backend.log ==="
-    tail -n 40 "$LOG_DIR/$backend.log" 2>/dev/null
+  for item in "${queue[@]}"; do
+    echo "=== ${item/:/ }, stopped; last lines of $LOG_DIR/${item/:/-}.log ==="
+    tail -n 40 "$LOG_DIR/${item/:/-}.log" 2>/dev/null
   done
   kill $(jobs -p) 2>/dev/null
   exit 143
 }
 trap on_term TERM INT
 
-run_backend() {  # backend -> writes $LOG_DIR/<backend>.{log,rc,seconds}
-  local backend=$1 start rc
+run_part() {  # backend part -> writes $LOG_DIR/<backend>-<part>.{log,rc,seconds}
+  local backend=$1 part=$2 start rc name="$LOG_DIR/$1-$2" select=()
+  case $part in  # the pytest arguments that select the part
+    unit) select=(-m "not slow") ;;
+    slow) select=(-m slow) ;;
+  esac
   start=$(date +%s)
   KERAS_BACKEND=$backend "$VENV/bin/python" -m pytest -v -rfE \
-    --durations=30 "${@:2}"
+    --durations=30 "${select[@]}" "${@:3}"
   rc=$?
-  echo "$rc" >"$LOG_DIR/$backend.rc"
-  echo $(($(date +%s) - start)) >"$LOG_DIR/$backend.seconds"
+  echo "$rc" >"$name.rc"
+  echo $(($(date +%s) - start)) >"$name.seconds"
   return $rc
 }
 
 start=$(date +%s)
 running=0
-for backend in $BACKENDS; do
-  rm -f "$LOG_DIR/$backend.rc" "$LOG_DIR/$backend.seconds"
+for item in "${queue[@]}"; do
+  backend=${item%%:*} part=${item##*:}
+  name="$LOG_DIR/$backend-$part"
+  rm -f "$name.rc" "$name.seconds"
   if [ "$JOBS" -gt 1 ]; then
-    echo "=== KERAS_BACKEND=$backend started, log: $LOG_DIR/$backend.log ==="
-    run_backend "$backend" "$@" >"$LOG_DIR/$backend.log" 2>&1 &
+    echo "=== KERAS_BACKEND=$backend $part started, log: $name.log ==="
+    run_part "$backend" "$part" "$@" >"$name.log" 2>&1 &
     running=$((running + 1))
     if [ "$running" -ge "$JOBS" ]; then
       wait -n
       running=$((running - 1))
     fi
   else
-    echo "=== KERAS_BACKEND=$backend ==="
-    run_backend "$backend" "$@" 2>&1 | tee "$LOG_DIR/$backend.log"
+    echo "=== KERAS_BACKEND=$backend $part ==="
+    run_part "$backend" "$part" "$@" 2>&1 | tee "$name.log"
   fi
 done
 wait
 
 status=0
 summary=""
-for backend in $BACKENDS; do
+for item in "${queue[@]}"; do
+  backend=${item%%:*} part=${item##*:}
+  name="$LOG_DIR/$backend-$part"
   if [ "$JOBS" -gt 1 ]; then
-    echo "=== KERAS_BACKEND=$backend ($LOG_DIR/$backend.log) ==="
-    cat "$LOG_DIR/$backend.log"
+    echo "=== KERAS_BACKEND=$backend $part ($name.log) ==="
+    cat "$name.log"
   fi
-  rc=$(cat "$LOG_DIR/$backend.rc" 2>/dev/null || echo "no exit status")
-  seconds=$(cat "$LOG_DIR/$backend.seconds" 2>/dev/null || echo "?")
-  summary="$summary\n$backend: exit $rc in ${seconds}s"
+  rc=$(cat "$name.rc" 2>/dev/null || echo "no exit status")
+  seconds=$(cat "$name.seconds" 2>/dev/null || echo "?")
+  summary="$summary\n$backend $part: exit $rc in ${seconds}s"
   [ "$rc" != 0 ] && status=1
 done
 printf "=== summary ===%b\nwall time: %ss (JOBS=%s)\n" "$summary" \

@@ -9,6 +9,7 @@ Every test outside `unit/` is marked `slow`: `pytest -m "not slow"` runs
 the unit tests alone.
 """
 
+import gc
 import os
 import pathlib
 import sys
@@ -37,6 +38,19 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.slow)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _no_explicit_gc_collect():
+    # Keras runs a full `gc.collect()` each time a layer deletes a variable
+    # (`Layer.__delattr__`): `quantize` deletes every float kernel, 43 in a
+    # tiny Gemma 3, and late in a run each collection scans millions of
+    # objects (~1 s). Explicit collections do nothing in the tests and
+    # their fixtures; the interpreter's automatic collections still free
+    # the memory.
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(gc, "collect", lambda generation=2: 0)
+        yield
+
+
 @pytest.fixture(autouse=True)
 def _seed_and_policy():
     keras.utils.set_random_seed(0)
@@ -47,10 +61,6 @@ def _seed_and_policy():
 def pytest_collection_finish(session):
     # Every test module is imported now (TensorFlow, torch, JAX, keras-hub,
     # transformers...): keep their millions of objects out of the garbage
-    # collector's scans. Keras runs a full `gc.collect()` each time a layer
-    # deletes a variable (`quantize` does it once per kernel), and a full
-    # collection over what the imports left took ~0.7 s on 2 cores.
-    import gc
-
+    # collector's automatic scans.
     gc.collect()
     gc.freeze()

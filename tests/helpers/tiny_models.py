@@ -5,9 +5,6 @@ No downloads: every model here is built from a config small enough to train
 a few steps on CPU in a second or two.
 """
 
-import contextlib
-import gc
-
 import keras
 import keras_hub
 import numpy as np
@@ -102,9 +99,6 @@ def quantize(model, mode):
     With int8, `ReversibleEmbedding` layers stay float: Keras's int8
     `ReversibleEmbedding` gives its inputs no gradient in its reverse call
     (a language model's head), and `enable_relora` refuses it.
-
-    Runs without Keras's `gc.collect()` per replaced kernel
-    (`no_gc_collect`): the quantized model is the same.
     """
     filters = None
     if mode == "int8":
@@ -112,26 +106,7 @@ def quantize(model, mode):
         def filters(layer):
             return not isinstance(layer, keras.layers.ReversibleEmbedding)
 
-    with no_gc_collect():
-        model.quantize(mode, filters=filters)
-
-
-@contextlib.contextmanager
-def no_gc_collect():
-    """Makes `gc.collect()` do nothing inside the block.
-
-    A Keras layer runs a full collection each time it deletes a variable
-    (`Layer.__delattr__`): `quantize` deletes every float kernel, 43 in a
-    tiny Gemma 3. Late in a test run each collection scans ~2 million
-    objects (~1 s); skipped, the memory is freed by the next automatic
-    collection instead.
-    """
-    collect = gc.collect
-    gc.collect = lambda generation=2: 0
-    try:
-        yield
-    finally:
-        gc.collect = collect
+    model.quantize(mode, filters=filters)
 
 
 def input_gradient(fn, x):
