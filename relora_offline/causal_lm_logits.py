@@ -11,7 +11,9 @@ the model, both one compiled function per input shape:
   the continuations run from the contexts' key/value cache, as keras-hub's
   `call_with_cache` does for generation. A multiple-choice document's
   context is shared by its 2-4 answers, so this computes it once instead
-  of once per answer.
+  of once per answer. The continuations' log-probabilities of their next
+  tokens are computed in the model: only those leave it, not a vocabulary
+  of logits per token.
 
 Contexts are padded on the left, so that every context of a batch ends at
 the same position and the continuations start at one cache index. Rotary
@@ -106,7 +108,9 @@ class KerasLogits:
         )
         return self._numpy(out)
 
-    def context_logits(self, context_ids, context_mask, row_ids, row_context):
+    def context_logits(
+        self, context_ids, context_mask, row_ids, row_context, row_targets
+    ):
         """Each context once, then continuation rows from its cache.
 
         Args:
@@ -116,12 +120,15 @@ class KerasLogits:
                 tokens after its context (padded on the right), or `None`
                 (or 0 rows) when only the contexts are run.
             row_context: `(rows,)` int, the context of each row.
+            row_targets: `(rows, row_length)` int, the token whose
+                log-probability is read after each row token (any valid
+                id on padding).
 
         Returns:
-            A tuple `(last, rows)` of float32 numpy logits: `last`
-            `(contexts, vocabulary)` after each context's last token, and
-            `rows` `(rows, row_length, vocabulary)` after each row token
-            (`None` without rows).
+            A tuple `(last, rows)` of float32 numpy arrays: `last`
+            `(contexts, vocabulary)`, the logits after each context's last
+            token, and `rows` `(rows, row_length)`, the log-probability of
+            `row_targets` after each row token (`None` without rows).
         """
         if not self.shares_context:
             raise ValueError(
@@ -132,7 +139,11 @@ class KerasLogits:
         inputs = {"context_ids": context_ids, "context_mask": context_mask}
         with_rows = row_ids is not None and len(row_ids) > 0
         if with_rows:
-            inputs.update(row_ids=row_ids, row_context=row_context)
+            inputs.update(
+                row_ids=row_ids,
+                row_context=row_context,
+                row_targets=row_targets,
+            )
         out = self._context_models[with_rows].predict_on_batch(inputs)
         if with_rows:
             return self._numpy(out["last"]), self._numpy(out["rows"])
@@ -293,7 +304,10 @@ def _context_model(causal_lm, with_rows):
                     )
             out = {"last": project(x[:, -1, :])}
             if with_rows:
-                out["rows"] = project(y)
+                logits = project(y)  # (rows, row_length, vocabulary)
+                targets = ops.cast(inputs["row_targets"], "int32")
+                read = ops.take_along_axis(logits, targets[..., None], axis=-1)
+                out["rows"] = read[..., 0] - ops.logsumexp(logits, axis=-1)
             return out
 
     return ContextLogits()

@@ -13,14 +13,16 @@ metric reads only `lm_logits[i][ctx_len - 1 : ctx_len + cont_len - 1]`.
 With a Llama-family keras-hub model (`keras_logits_fn`'s default) each
 context runs once, padded on the left to a multiple of `bucket` (so JAX and
 TensorFlow compile one function per length; torch without `jit_compile`
-pads nothing), and each answer runs from the
-context's key/value cache; the vocabulary projection is computed only
-after each context's last token and at the answers' tokens. Other models
-(and transformers, the reference) run each answer as a whole sequence:
-the task's collated batches trimmed to their longest query, rounded up to
-a multiple of `bucket`. Either way the metric gets those rows with
-`ctx_len` set to 1, so it reads exactly the rows it would have read in the
-full logits.
+pads nothing), and each answer runs from the context's key/value cache;
+the vocabulary projection is computed only after each context's last
+token and at the answers' tokens, and only the answer tokens'
+log-probabilities leave the model (the metric gets them as two-way
+logits, the token and every other token, which it reads as it reads the
+full ones). Other models (and transformers, the reference) run each answer
+as a whole sequence: the task's collated batches trimmed to their longest
+query, rounded up to a multiple of `bucket`. Either way the metric gets
+those rows with `ctx_len` set to 1, so it reads exactly the rows it would
+have read in the full logits.
 
 Example:
 
@@ -272,10 +274,9 @@ def _shared_context_logits(
     multiple of `multiple`). With `fixed`, the contexts and the
     continuations are padded to a multiple of `batch_size` rows. A
     one-token continuation is scored from its context's last logits
-    alone. Yields one collated batch per group.
+    alone. Yields one collated batch per group, in the two-way form of
+    `_two_way`.
     """
-    import torch
-
     groups = collections.defaultdict(list)
     for s in samples:
         context = tuple(s["query"][: int(s["ctx_len"])])
@@ -301,38 +302,73 @@ def _shared_context_logits(
             context_mask[g, length - len(context) :] = 1
             for s in members:
                 if int(s["cont_len"]) > 1:
-                    rows.append(s["query"][int(s["ctx_len"]) :])
+                    rows.append(s)
                     owners.append(g)
-        row_ids = row_context = None
+        row_ids = row_context = row_targets = None
         if rows:
-            row_length = _round_up(max(len(r) for r in rows), multiple)
+            row_length = _round_up(
+                max(int(s["cont_len"]) for s in rows) - 1, multiple
+            )
             num_rows = _round_up(len(rows), batch_size if fixed else 1)
             row_ids = np.full((num_rows, row_length), pad, "int32")
+            row_targets = np.zeros((num_rows, row_length), "int32")
             row_context = np.zeros((num_rows,), "int32")
-            for r, (tokens, g) in enumerate(zip(rows, owners, strict=True)):
-                row_ids[r, : len(tokens)] = tokens
+            for r, (s, g) in enumerate(zip(rows, owners, strict=True)):
+                # The row runs the continuation's tokens but the last; each
+                # reads the log-probability of the token after it.
+                continuation = s["continuation"]
+                row_ids[r, : len(continuation) - 1] = continuation[:-1]
+                row_targets[r, : len(continuation) - 1] = continuation[1:]
                 row_context[r] = g
-        last, row_logits = logits_fn.context_logits(
-            context_ids, context_mask, row_ids, row_context
+        last, row_log_probs = logits_fn.context_logits(
+            context_ids, context_mask, row_ids, row_context, row_targets
         )
+        last = last - _logsumexp(last)  # Log-probabilities.
         r = 0
         for g, (_, members) in enumerate(chunk):
             width = max(int(s["cont_len"]) for s in members)
-            logits = np.zeros((len(members), width, last.shape[-1]), "float32")
+            log_probs = np.zeros((len(members), width), "float32")
             for i, s in enumerate(members):
-                logits[i, 0] = last[g]
                 n = int(s["cont_len"])
+                log_probs[i, 0] = last[g, s["continuation"][0]]
                 if n > 1:
-                    logits[i, 1:n] = row_logits[r, : n - 1]
+                    log_probs[i, 1:n] = row_log_probs[r, : n - 1]
                     r += 1
-            yield task.collate_fn(members), torch.from_numpy(logits)
+            yield _two_way(task.collate_fn(members), log_probs)
+
+
+def _logsumexp(x):
+    top = x.max(axis=-1, keepdims=True)
+    return top + np.log(np.exp(x - top).sum(axis=-1, keepdims=True))
+
+
+def _two_way(batch, log_probs):
+    """`(batch, logits)` that `ICLMetric` reads as it reads full logits.
+
+    The metric reads only the log-probability of each continuation token
+    (`cross_entropy` at the token). Two classes, the token and every other
+    token, with log-probabilities `log p` and `log(1 - p)`, carry exactly
+    that: the batch's continuation tokens become class 0, and the metric's
+    log-softmax over the two classes returns `log p`.
+    """
+    import torch
+
+    with np.errstate(divide="ignore"):  # log(0) = -inf where p = 1.
+        other = np.log(-np.expm1(log_probs))
+    logits = np.stack([log_probs, other], axis=-1)
+    continuation = torch.zeros_like(batch["continuation"])
+    return dict(batch, continuation=continuation), torch.from_numpy(logits)
 
 
 def _logits_batches(logits_fn, task, samples, batch_size, bucket):
     # Padding to few shapes pays only where each shape compiles.
     fixed = getattr(logits_fn, "fixed_shapes", True)
     bucket, multiple = (bucket, 8) if fixed else (1, 1)
-    if getattr(logits_fn, "shares_context", False):
+    # A `fast_mc` task scores answer letters from full logits (`choice_ids`):
+    # it runs each sequence whole.
+    if getattr(logits_fn, "shares_context", False) and not getattr(
+        task, "fast_mc", False
+    ):
         return _shared_context_logits(
             logits_fn, task, samples, batch_size, bucket, multiple, fixed
         )

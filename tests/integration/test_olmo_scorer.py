@@ -210,14 +210,17 @@ def test_each_context_once_equals_each_sequence(sharp_lm, name):
     per_token = expected.gold_nll.sum() / expected.gold_tokens.sum()
     assert per_token - np.log(tokenizer.vocab_size) > 0.5
     # Each document's context ran once (WinoGrande: a context per answer).
-    contexts = sum(int(mask.any(axis=1).sum()) for _, mask, _, _ in calls)
+    contexts = sum(int(mask.any(axis=1).sum()) for _, mask, *_ in calls)
     samples = [s for s in task.samples if s["doc_id"] in set(doc_ids)]
     distinct = {(s["doc_id"], tuple(s["ctx"])) for s in samples}
     assert contexts == len(distinct)
     if name != "winogrande":
         assert contexts == len(doc_ids) < len(samples)
     # Padded to few shapes (JAX, TensorFlow) or not (torch eager): the
-    # same results.
+    # same results. Shown on a task without and one with continuation
+    # rows: unpadded, JAX and TensorFlow compile every shape of the call.
+    if name not in ("sst2", "arc_easy"):
+        return
     shared.fixed_shapes = not shared.fixed_shapes
     flipped = olmo_scorer.score_task(shared, task, doc_ids, batch_size=3)
     np.testing.assert_array_equal(flipped.predictions, expected.predictions)
@@ -244,7 +247,7 @@ def test_share_context_needs_a_llama_backbone():
         olmo_scorer.keras_logits_fn(lm, share_context=True)
     per_sequence = olmo_scorer.keras_logits_fn(lm, share_context=False)
     with pytest.raises(ValueError, match="share_context=False"):
-        per_sequence.context_logits(None, None, None, None)
+        per_sequence.context_logits(None, None, None, None, None)
 
 
 def test_gold_training_arrays_are_the_scored_tokens(tiny_pair):

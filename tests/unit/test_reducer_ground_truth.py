@@ -74,7 +74,13 @@ def test_importance_finds_the_planted_blocks(seed):
         optimizer=keras.optimizers.Adam(0.05), loss="mse", weighted_metrics=[]
     )
     reducer = keras_relora.ReducerCallback(
-        update_layers=NUM_BLOCKS, interval=2, seed=seed
+        update_layers=NUM_BLOCKS,
+        interval=2,
+        seed=seed,
+        # Each trial's 16 rows in one call, not in 4-row chunks: the same
+        # probe loss (tests/unit/test_reducer_probe_batches.py) in a
+        # quarter of the calls.
+        probe_chunk_size=None,
     )
     lm.fit(x, teacher, batch_size=64, epochs=40, verbose=0, callbacks=[reducer])
     trained = logits_mse(lm, x, teacher)
