@@ -33,6 +33,10 @@ $(STAMP): pyproject.toml requirements.txt
 	$(VENV)/bin/python -c "import os, site; \
 		open(os.path.join(site.getsitepackages()[0], 'relora_dev.pth'), \
 		'w').write(os.getcwd() + '\\n')"
+	# The main job's model: SmolLM2's GGUF converted once (~30 s) into the
+	# cache ($$KERAS_RELORA_CACHE, else ~/.cache/keras_relora).
+	$(VENV)/bin/python -c "from relora_offline import smollm2; \
+		print(smollm2.convert_smollm2())"
 	touch $@
 
 test: $(STAMP)

@@ -1,18 +1,19 @@
 #!/usr/bin/env bash
 # Runs the test suite once per backend (KERAS_BACKEND is fixed per process).
 #
-# Each backend's suite is cut in two parts, each its own pytest process:
-# `unit` (`-m "not slow"`: tests/unit) and `slow` (`-m slow`: integration,
-# benchmarks, examples). The six parts go through a queue, JOBS at a time
-# (default 3, side by side, one thread each), the longest first, so that no
-# core idles while one backend's whole suite finishes alone. Each part
-# writes its own log in $LOG_DIR (one line per test, the 30 slowest tests at
-# the end); the logs are printed one after the other at the end. JOBS=1
-# runs the parts one at a time with the output live.
+# Each backend's suite is cut in three parts, each its own pytest process:
+# `integration` (tests/integration), `scripts` (tests/benchmarks and
+# tests/examples) and `unit` (tests/unit). The nine parts go through a
+# queue, JOBS at a time (default 3, side by side, one thread each), the
+# longest first, so that no core idles while one backend's suite finishes
+# alone. Each part writes its own log in $LOG_DIR (one line per test, the
+# 30 slowest tests at the end) and a JUnit XML file with every test's time;
+# the logs are printed one after the other at the end. JOBS=1 runs the
+# parts one at a time with the output live.
 #
 # Extra arguments go to pytest, e.g. `bash scripts/run_tests.sh -k merge`;
 # with extra arguments each backend runs in one process (no parts), so that
-# a `-m` or a path given here is not combined with the parts' own.
+# a path given here is not combined with the parts' own.
 # Exits non-zero if any part fails.
 set -u
 VENV=${VENV:-.venv}
@@ -30,12 +31,12 @@ else
 fi
 mkdir -p "$LOG_DIR"
 
-# The queue: "backend:part" items, the longest parts first (measured on
-# 2 cores: each backend's slow part takes longer than its unit part, and
-# JAX's and TensorFlow's parts longer than torch's).
+# The queue: "backend:part" items, the longest first (measured on 2 cores,
+# three processes side by side: JAX's integration tests took the longest,
+# then TensorFlow's; every backend's unit tests took the least).
 queue=()
 if [ "$#" -eq 0 ]; then
-  for part in slow unit; do
+  for part in integration scripts unit; do
     for backend in jax tensorflow torch; do
       case " $BACKENDS " in *" $backend "*) queue+=("$backend:$part") ;; esac
     done
@@ -59,13 +60,14 @@ trap on_term TERM INT
 
 run_part() {  # backend part -> writes $LOG_DIR/<backend>-<part>.{log,rc,seconds}
   local backend=$1 part=$2 start rc name="$LOG_DIR/$1-$2" select=()
-  case $part in  # the pytest arguments that select the part
-    unit) select=(-m "not slow") ;;
-    slow) select=(-m slow) ;;
+  case $part in  # the test folders of the part
+    integration) select=(tests/integration) ;;
+    scripts) select=(tests/benchmarks tests/examples) ;;
+    unit) select=(tests/unit) ;;
   esac
   start=$(date +%s)
   KERAS_BACKEND=$backend "$VENV/bin/python" -m pytest -v -rfE \
-    --durations=30 "${select[@]}" "${@:3}"
+    --durations=30 --junitxml="$name.xml" "${select[@]}" "${@:3}"
   rc=$?
   echo "$rc" >"$name.rc"
   echo $(($(date +%s) - start)) >"$name.seconds"

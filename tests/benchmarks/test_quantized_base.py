@@ -12,6 +12,7 @@ import pytest
 from benchmark_scripts import BENCHMARKS
 from benchmark_scripts import ROOT
 from benchmark_scripts import benchmark_module
+from benchmark_scripts import smoke_backend
 
 from relora_offline import main_job
 
@@ -104,6 +105,9 @@ def test_table_rows_from_results(quantized):
     )
 
 
+# The benchmark's smoke run on one backend: quantized bases train on every
+# backend in tests/unit (int8 and int4); this run on JAX took ~240 s.
+@smoke_backend("torch")
 def test_tiny_main_job_on_float_and_int4_bases(tmp_path):
     process = subprocess.run(
         [

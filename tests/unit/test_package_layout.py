@@ -311,3 +311,22 @@ def test_wheel_packages_are_the_library_only():
     assert "keras_relora" in found
     assert all(p.split(".")[0] == "keras_relora" for p in found), found
     assert "relora_offline" in setuptools.find_packages(str(root))
+
+
+def test_make_test_runs_every_test_file():
+    """`scripts/run_tests.sh` runs the suite in parts by folder: a test file
+    outside those folders would never run."""
+    import re
+
+    root = PACKAGE.parent
+    script = (root / "scripts" / "run_tests.sh").read_text()
+    folders = set(re.findall(r"\b(tests/[a-z_]+)\b", script))
+    assert folders == {
+        "tests/unit",
+        "tests/integration",
+        "tests/benchmarks",
+        "tests/examples",
+    }
+    tests = {p.relative_to(root) for p in (root / "tests").rglob("test_*.py")}
+    outside = [p for p in tests if f"tests/{p.parts[1]}" not in folders]
+    assert not outside, outside
