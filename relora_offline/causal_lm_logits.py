@@ -11,9 +11,9 @@ the model, both one compiled function per input shape:
   the continuations run from the contexts' key/value cache, as keras-hub's
   `call_with_cache` does for generation. A multiple-choice document's
   context is shared by its 2-4 answers, so this computes it once instead
-  of once per answer. The continuations' log-probabilities of their next
-  tokens are computed in the model: only those leave it, not a vocabulary
-  of logits per token.
+  of once per answer. It returns log-probabilities, computed in the
+  model: of every token after each context, and of each continuation's
+  next token only, not a vocabulary of logits per continuation token.
 
 Contexts are padded on the left, so that every context of a batch ends at
 the same position and the continuations start at one cache index. Rotary
@@ -125,9 +125,9 @@ class KerasLogits:
                 id on padding).
 
         Returns:
-            A tuple `(last, rows)` of float32 numpy arrays: `last`
-            `(contexts, vocabulary)`, the logits after each context's last
-            token, and `rows` `(rows, row_length)`, the log-probability of
+            A tuple `(last, rows)` of float32 numpy log-probabilities:
+            `last` `(contexts, vocabulary)`, of every token after each
+            context's last token, and `rows` `(rows, row_length)`, of
             `row_targets` after each row token (`None` without rows).
         """
         if not self.shares_context:
@@ -302,7 +302,7 @@ def _context_model(causal_lm, with_rows):
                         self_attention_cache=cache,
                         self_attention_cache_update_index=length,
                     )
-            out = {"last": project(x[:, -1, :])}
+            out = {"last": ops.log_softmax(project(x[:, -1, :]), axis=-1)}
             if with_rows:
                 logits = project(y)  # (rows, row_length, vocabulary)
                 targets = ops.cast(inputs["row_targets"], "int32")

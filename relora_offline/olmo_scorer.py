@@ -15,14 +15,15 @@ context runs once, padded on the left to a multiple of `bucket` (so JAX and
 TensorFlow compile one function per length; torch without `jit_compile`
 pads nothing), and each answer runs from the context's key/value cache;
 the vocabulary projection is computed only after each context's last
-token and at the answers' tokens, and only the answer tokens'
-log-probabilities leave the model (the metric gets them as two-way
-logits, the token and every other token, which it reads as it reads the
-full ones). Other models (and transformers, the reference) run each answer
-as a whole sequence: the task's collated batches trimmed to their longest
-query, rounded up to a multiple of `bucket`. Either way the metric gets
-those rows with `ctx_len` set to 1, so it reads exactly the rows it would
-have read in the full logits.
+token and at the answers' tokens, and log-probabilities leave the model:
+of the vocabulary after each context, and of each answer token after it
+only (the metric gets them as two-way logits, the token and every other
+token, which it reads as it reads the full ones). Other models (and
+transformers, the reference) run each answer as a whole sequence: the
+task's collated batches trimmed to their longest query, rounded up to a
+multiple of `bucket`. Either way the metric gets those rows with `ctx_len`
+set to 1, so it reads exactly the rows it would have read in the full
+logits.
 
 Example:
 
@@ -273,9 +274,9 @@ def _shared_context_logits(
     or more tokens (its tokens but the last, padded on the right to a
     multiple of `multiple`). With `fixed`, the contexts and the
     continuations are padded to a multiple of `batch_size` rows. A
-    one-token continuation is scored from its context's last logits
-    alone. Yields one collated batch per group, in the two-way form of
-    `_two_way`.
+    one-token continuation is scored from its context's last
+    log-probabilities alone. Yields one collated batch per group, in the
+    two-way form of `_two_way`.
     """
     groups = collections.defaultdict(list)
     for s in samples:
@@ -323,7 +324,6 @@ def _shared_context_logits(
         last, row_log_probs = logits_fn.context_logits(
             context_ids, context_mask, row_ids, row_context, row_targets
         )
-        last = last - _logsumexp(last)  # Log-probabilities.
         r = 0
         for g, (_, members) in enumerate(chunk):
             width = max(int(s["cont_len"]) for s in members)
@@ -335,11 +335,6 @@ def _shared_context_logits(
                     log_probs[i, 1:n] = row_log_probs[r, : n - 1]
                     r += 1
             yield _two_way(task.collate_fn(members), log_probs)
-
-
-def _logsumexp(x):
-    top = x.max(axis=-1, keepdims=True)
-    return top + np.log(np.exp(x - top).sum(axis=-1, keepdims=True))
 
 
 def _two_way(batch, log_probs):
