@@ -20,6 +20,7 @@ print(lm.generate(prompt, max_length=64))
 ```
 """
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -48,6 +49,53 @@ _INSTALL_HINT = (
 DEFAULT_SYSTEM_PROMPT = (
     "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
 )
+
+
+def convert_once(root, dirname, write_folder, is_complete):
+    """Writes `<root>/<dirname>` with `write_folder(tmp)`, once.
+
+    A complete folder (`is_complete(folder)`) is reused. Otherwise the
+    folder is written in a temporary directory renamed into place, so no
+    process ever sees a half-written one, under an exclusive lock on
+    `<folder>.lock` (POSIX `flock`; none without `fcntl`): processes
+    converting the same model side by side take turns, and the ones that
+    waited find the folder complete.
+
+    Returns:
+        str. The path of the folder.
+    """
+    folder = os.path.join(root, dirname)
+    if is_complete(folder):
+        return folder
+    os.makedirs(root, exist_ok=True)
+    with contextlib.ExitStack() as stack:
+        try:
+            import fcntl
+        except ImportError:
+            fcntl = None
+        if fcntl is not None:
+            lock = stack.enter_context(open(folder + ".lock", "w"))
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        if is_complete(folder):  # Written while this process waited.
+            return folder
+        tmp = tempfile.mkdtemp(prefix=f".{dirname}-", dir=root)
+        try:
+            write_folder(tmp)
+            # `mkdtemp` makes a private folder; the cache is readable by all.
+            os.chmod(tmp, 0o755)
+            for name in os.listdir(tmp):
+                os.chmod(os.path.join(tmp, name), 0o644)
+            if os.path.isdir(folder) and not is_complete(folder):
+                shutil.rmtree(folder, ignore_errors=True)
+            try:
+                os.rename(tmp, folder)
+            except OSError:
+                # Another process finished first; keep its folder.
+                if not is_complete(folder):
+                    raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return folder
 
 
 def default_cache_dir():
@@ -188,9 +236,9 @@ def convert_smollm2(cache_dir=None):
     (dequantized to float32); its weights (without the tied `lm_head`) go
     to `model.safetensors`, its config to `config.json` and its tokenizer
     to `tokenizer.json` and `tokenizer_config.json`. The conversion runs
-    once (about 10 s, 540 MB on disk): a complete folder is reused, and the
-    folder is written in a temporary directory renamed into place, so
-    concurrent processes never see a half-written one.
+    once (about 25 s on 2 cores, 540 MB on disk); see `convert_once`: a
+    complete folder is reused, and processes converting side by side take
+    turns.
 
     Args:
         cache_dir: str or `None`. Root folder of the cache; the model goes to
@@ -201,29 +249,15 @@ def convert_smollm2(cache_dir=None):
         str. The path of the converted folder.
     """
     root = os.path.abspath(os.path.expanduser(cache_dir or default_cache_dir()))
-    folder = os.path.join(root, MODEL_DIRNAME)
-    if _is_complete(folder):
-        return folder
+    if _is_complete(os.path.join(root, MODEL_DIRNAME)):
+        return os.path.join(root, MODEL_DIRNAME)
     gguf_path = smollm2_gguf_path()
-    os.makedirs(root, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{MODEL_DIRNAME}-", dir=root)
-    try:
-        _write_folder(tmp, gguf_path)
-        # `mkdtemp` makes a private folder; the cache is readable by all.
-        os.chmod(tmp, 0o755)
-        for name in os.listdir(tmp):
-            os.chmod(os.path.join(tmp, name), 0o644)
-        if os.path.isdir(folder) and not _is_complete(folder):
-            shutil.rmtree(folder, ignore_errors=True)
-        try:
-            os.rename(tmp, folder)
-        except OSError:
-            # Another process finished first; keep its folder.
-            if not _is_complete(folder):
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return folder
+    return convert_once(
+        root,
+        MODEL_DIRNAME,
+        lambda tmp: _write_folder(tmp, gguf_path),
+        _is_complete,
+    )
 
 
 def load_smollm2(cache_dir=None, dtype=None, sequence_length=1024):

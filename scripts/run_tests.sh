@@ -21,7 +21,6 @@ BACKENDS=${BACKENDS:-"torch jax tensorflow"}
 JOBS=${JOBS:-3}
 LOG_DIR=${LOG_DIR:-test-logs}
 export TF_CPP_MIN_LOG_LEVEL=${TF_CPP_MIN_LOG_LEVEL:-2}
-export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-$PWD/.jax_cache}
 export JAX_PLATFORMS=cpu
 if [ "$JOBS" -gt 1 ]; then
   # Side by side, the processes share the cores: one thread each.

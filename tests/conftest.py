@@ -18,6 +18,24 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 
 TESTS = pathlib.Path(__file__).resolve().parent
+
+# JAX compiles every function of every test model, and the models are
+# tiny: compiling takes most of a JAX test's time, running it almost none.
+# Set before Keras imports JAX, and inherited by the scripts the tests run
+# in subprocesses:
+# - XLA's LLVM back end without optimization (compiles about twice as
+#   fast; the same HLO, so the same numbers up to float round-off);
+# - JAX's persistent cache keeps every compilation, not only those over
+#   1 s: the same tiny model and shapes recur across tests and processes.
+_XLA_FLAG = "--xla_backend_optimization_level=0"
+if _XLA_FLAG not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (
+        os.environ.get("XLA_FLAGS", "") + " " + _XLA_FLAG
+    ).strip()
+os.environ.setdefault(
+    "JAX_COMPILATION_CACHE_DIR", str(TESTS.parent / ".jax_cache")
+)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 sys.path.insert(0, str(TESTS / "helpers"))
 
 import keras  # noqa: E402

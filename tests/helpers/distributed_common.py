@@ -6,6 +6,8 @@ Imported by `distributed_tf.py`, `distributed_torch.py` and
 imports keras only inside functions.
 """
 
+import os
+
 import numpy as np
 
 CONFIG = {
@@ -20,6 +22,20 @@ STEPS = 4
 BATCH = 8  # The global batch: every replica gets BATCH // replicas rows.
 SEQ = 8
 REDUCER = {"update_layers": 1, "suppress_layers": 2, "interval": 2, "seed": 7}
+
+
+def xla_flags(device_count=None):
+    """`XLA_FLAGS` for a subprocess: this process's flags (the test run's
+    compiler settings) without a host device count (XLA reads it once, at
+    start-up), and `device_count` CPU devices if given."""
+    flags = [
+        flag
+        for flag in os.environ.get("XLA_FLAGS", "").split()
+        if not flag.startswith("--xla_force_host_platform_device_count")
+    ]
+    if device_count:
+        flags.append(f"--xla_force_host_platform_device_count={device_count}")
+    return " ".join(flags)
 
 
 def data():

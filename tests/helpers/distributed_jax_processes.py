@@ -136,8 +136,8 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         start_file = os.path.join(tmp, "start.npz")
         np.savez(start_file, **{str(i): v for i, v in enumerate(one["start"])})
-        env = dict(os.environ, JAX_PLATFORMS="cpu")
-        env.pop("XLA_FLAGS", None)  # One CPU device per process.
+        # One CPU device per process.
+        env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=dc.xla_flags())
         workers = [
             subprocess.Popen(
                 [

@@ -9,6 +9,8 @@ import os
 import subprocess
 import sys
 
+from distributed_common import xla_flags
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -18,8 +20,8 @@ def run_script(name, backend, timeout=600):
         KERAS_BACKEND=backend,
         OMP_NUM_THREADS="1",
         TF_CPP_MIN_LOG_LEVEL="2",
+        XLA_FLAGS=xla_flags(),  # The script sets its own device count.
     )
-    env.pop("XLA_FLAGS", None)
     process = subprocess.run(
         [sys.executable, os.path.join(HERE, name)],
         env=env,

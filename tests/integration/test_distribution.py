@@ -11,6 +11,7 @@ import sys
 
 import keras
 import pytest
+from distributed_common import xla_flags
 
 HELPERS = os.path.join(
     os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "helpers"
@@ -28,7 +29,7 @@ def result():
         os.environ,
         KERAS_BACKEND="jax",
         JAX_PLATFORMS="cpu",
-        XLA_FLAGS="--xla_force_host_platform_device_count=8",
+        XLA_FLAGS=xla_flags(device_count=8),
     )
     process = subprocess.run(
         [sys.executable, os.path.join(HELPERS, "distributed_fit.py")],
