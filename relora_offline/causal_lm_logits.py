@@ -174,6 +174,10 @@ def position_logits_model(causal_lm):
         def __init__(self):
             super().__init__()
             self.backbone = causal_lm.backbone
+            # No weights of its own: built. Otherwise JAX's `predict` and
+            # `predict_on_batch` first run an unbuilt model eagerly, op by
+            # op, compiling each op for each new shape.
+            self.built = True
 
         def call(self, inputs):
             hidden = self.backbone(
@@ -252,6 +256,7 @@ def _context_model(causal_lm, with_rows):
         def __init__(self):
             super().__init__()
             self.causal_lm = causal_lm
+            self.built = True  # No weights of its own (PositionLogits).
 
         def call(self, inputs):
             context = inputs["context_ids"]  # (contexts, length)

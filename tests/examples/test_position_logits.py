@@ -115,3 +115,35 @@ def test_fitting_it_trains_the_causal_lm_adapters_with_the_reducer():
     # The Reducer probed and scored the CausalLM's blocks.
     assert reducer.importance.shape == (4,)
     assert not np.allclose(reducer.importance, reducer.importance[0])
+
+
+def test_scoring_models_run_once_per_call_without_an_eager_build():
+    """The scoring models add no weights to the `CausalLM`: built from the
+    start, their first `predict_on_batch` runs `call` once (the trace, or
+    torch's eager run), not first an eager pass to build them (on JAX an
+    op-by-op run that compiles every op)."""
+    lm = tm.llama3_causal_lm()
+    logits = causal_lm_logits.KerasLogits(lm)
+    calls = []
+    for model in (logits._sequence_model, *logits._context_models.values()):
+        assert model.built
+        original = model.call
+        model.call = lambda inputs, original=original: (
+            calls.append(1) or original(inputs)
+        )
+    x = tm.token_batch(batch=2, seq=8, seed=0)
+    positions = np.array([[7, 3], [5, 6]], "int32")
+    got = logits(x["token_ids"], x["padding_mask"], positions)
+    assert len(calls) == 1
+    full = keras.ops.convert_to_numpy(lm(x))
+    np.testing.assert_allclose(
+        got, np.take_along_axis(full, positions[:, :, None], 1), atol=1e-5
+    )
+    context_mask = np.ones((2, 8), "int32")
+    logits.context_logits(x["token_ids"], context_mask, None, None, None)
+    assert len(calls) == 2
+    rows = x["token_ids"][:, :3]
+    logits.context_logits(
+        x["token_ids"], context_mask, rows, np.array([0, 1]), rows
+    )
+    assert len(calls) == 3

@@ -188,8 +188,7 @@ def test_each_context_once_equals_each_sequence(sharp_lm, name):
     shared.context_logits = lambda *a: calls.append(a) or context_logits(*a)
     got = olmo_scorer.score_task(shared, task, doc_ids, batch_size=3)
     expected = olmo_scorer.score_task(
-        # The reference without XLA: one compilation less per shape.
-        olmo_scorer.keras_logits_fn(lm, jit_compile=False, share_context=False),
+        olmo_scorer.keras_logits_fn(lm, share_context=False),
         task,
         doc_ids,
         batch_size=3,
