@@ -234,13 +234,10 @@ def convert_gemma3(cache_dir=None):
         str. The path of the converted folder.
     """
     root = _cache_root(cache_dir)
-    if _is_complete(os.path.join(root, MODEL_DIRNAME)):
-        return os.path.join(root, MODEL_DIRNAME)
-    gguf_path = gemma3_gguf_path(root)
     return convert_once(
         root,
         MODEL_DIRNAME,
-        lambda tmp: _write_folder(tmp, gguf_path),
+        lambda tmp: _write_folder(tmp, gemma3_gguf_path(root)),
         _is_complete,
     )
 

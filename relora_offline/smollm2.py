@@ -20,12 +20,16 @@ print(lm.generate(prompt, max_length=64))
 ```
 """
 
-import contextlib
 import importlib.util
 import json
 import os
 import shutil
 import tempfile
+
+try:
+    import fcntl  # The conversion lock; POSIX only.
+except ImportError:
+    fcntl = None
 
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MODEL_DIRNAME = "smollm2-135m-instruct"
@@ -68,13 +72,8 @@ def convert_once(root, dirname, write_folder, is_complete):
     if is_complete(folder):
         return folder
     os.makedirs(root, exist_ok=True)
-    with contextlib.ExitStack() as stack:
-        try:
-            import fcntl
-        except ImportError:
-            fcntl = None
+    with open(folder + ".lock", "w") as lock:
         if fcntl is not None:
-            lock = stack.enter_context(open(folder + ".lock", "w"))
             fcntl.flock(lock, fcntl.LOCK_EX)
         if is_complete(folder):  # Written while this process waited.
             return folder
@@ -249,13 +248,10 @@ def convert_smollm2(cache_dir=None):
         str. The path of the converted folder.
     """
     root = os.path.abspath(os.path.expanduser(cache_dir or default_cache_dir()))
-    if _is_complete(os.path.join(root, MODEL_DIRNAME)):
-        return os.path.join(root, MODEL_DIRNAME)
-    gguf_path = smollm2_gguf_path()
     return convert_once(
         root,
         MODEL_DIRNAME,
-        lambda tmp: _write_folder(tmp, gguf_path),
+        lambda tmp: _write_folder(tmp, smollm2_gguf_path()),
         _is_complete,
     )
 
